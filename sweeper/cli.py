@@ -1,0 +1,208 @@
+"""The ``sweeper`` command line: argument parsing only; the work happens in the modules it calls.
+
+User errors (a bad setting, a missing dataset) print one clear message per problem and exit 2, with no
+traceback; anything else is a bug or a real failure and surfaces with its real traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from sweeper.config import ConfigError
+from sweeper.console import console, error_console
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Ray Tune sweeps of PyTorch image classifiers, with MLflow tracking that "
+                       "explains why deep plain nets stall.")
+
+EXIT_USAGE = 2
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn the errors a user can fix into messages and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                error_console.print(f"[red]error:[/red] {problem}")
+        except Exception as exc:
+            from sweeper.data import DatasetUnavailable  # lazy: torch is slow to import
+
+            if not isinstance(exc, DatasetUnavailable):
+                raise
+            error_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE)
+
+    return wrapper
+
+
+def _split_args(args: List[str]) -> tuple[Optional[Path], List[str]]:
+    """`debug [FILE] [key=value ...]`: the first argument is a file unless it contains '='."""
+    if args and "=" not in args[0]:
+        return Path(args[0]), list(args[1:])
+    return None, list(args)
+
+
+@app.command()
+@user_errors
+def debug(
+    args: List[str] = typer.Argument(None, metavar="[FILE] [KEY=VALUE]...",
+                                     help="A search-space file and/or trial settings."),
+    sample: int = typer.Option(0, help="Which sample of the space to draw (a seed)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the sweep's max_epochs)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, help="Save a checkpoint here after every epoch."),
+    resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint directory."),
+    diagnostics: bool = typer.Option(True, help="Per-layer health metrics and stall detection."),
+) -> None:
+    """Run one trial in the foreground, without Ray: real tracebacks, pdb works."""
+    from sweeper.local import run_debug
+
+    file, overrides = _split_args(args or [])
+    result = run_debug(file, overrides, sample=sample, epochs=epochs, device=device,
+                       checkpoint_dir=checkpoint_dir, resume=resume, diagnostics=diagnostics)
+    if result.outcome not in ("completed",):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def validate(
+    files: List[Path] = typer.Argument(..., help="Search-space files."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="KEY=VALUE override (repeatable)."),
+) -> None:
+    """Check search-space files (every problem at once) and dry-run one model of each on the CPU."""
+    from sweeper.local import validate_files
+
+    if not validate_files(files, overrides):
+        raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+@user_errors
+def launch(
+    file: Path = typer.Argument(..., help="Search-space file."),
+    overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                          help="Run-level overrides, e.g. dataset=digits width=1/8."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS)."),
+    local: bool = typer.Option(False, "--local", help="Start a fresh Ray on this machine."),
+    storage: Optional[str] = typer.Option(None, help="Results: a directory or s3://, gs:// URI."),
+    name: Optional[str] = typer.Option(None, help="Sweep name (default: the file's)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for --local Ray (default: all)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan, run nothing."),
+    fresh: bool = typer.Option(False, "--fresh", help="Never resume an existing sweep of this name."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final summary."),
+) -> None:
+    """Run a sweep on Ray Tune; a sweep of the same name that exists is resumed."""
+    from sweeper.local import print_plan
+    from sweeper.spaces import dry_run as build_once
+    from sweeper.spaces import load_sweep, parse_overrides
+
+    sweep, text = load_sweep(file, overrides or [])
+    if storage is not None:
+        sweep = sweep.replace(storage=storage)
+    if name is not None:
+        sweep = sweep.replace(name=name)
+    build_once(sweep)
+    if dry_run:
+        print_plan(sweep)
+        return
+    from sweeper.tuner import launch as run_sweep
+
+    result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
+                       overrides=parse_overrides(overrides or []), restore=not fresh)
+    _print_summary(result)
+    if result.outcomes.get("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def resume(
+    name: str = typer.Argument(..., help="Sweep name."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    local: bool = typer.Option(False, "--local", help="Start a fresh Ray on this machine."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for --local Ray."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Resume a stopped or crashed sweep from its saved state (the file it was launched with)."""
+    from sweeper.local import saved_sweep
+    from sweeper.tuner import launch as run_sweep
+
+    sweep, text, overrides = saved_sweep(name, storage)
+    result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
+                       overrides=overrides, restore=True)
+    _print_summary(result)
+
+
+@app.command()
+@user_errors
+def status(
+    name: str = typer.Argument(..., help="Sweep name."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+) -> None:
+    """Table of the sweep's trials: config, outcome, epochs, best metric, stop reason."""
+    from sweeper.local import print_status
+
+    print_status(name, storage)
+
+
+@app.command()
+@user_errors
+def export(
+    name: str = typer.Argument(..., help="Sweep name."),
+    format: str = typer.Option("parquet", "--format", "-f", help="parquet, csv or json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file stem."),
+    epochs: bool = typer.Option(False, "--epochs", help="Also one row per (trial, epoch)."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+) -> None:
+    """Write one row per trial (and per epoch) with pyarrow."""
+    from sweeper.export import export as write
+    from sweeper.local import existing_record
+
+    record = existing_record(name, storage)
+    for path in write(record, out or Path(name), fmt=format, epochs=epochs):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def stop(
+    name: str = typer.Argument(..., help="Sweep name."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+) -> None:
+    """Ask a running sweep to save its state and exit; `sweeper launch`/`resume` continues it."""
+    from sweeper.tuner import stop_sweep
+
+    console.print(stop_sweep(name, storage))
+
+
+def _print_summary(result) -> None:
+    from sweeper.console import fmt
+
+    outcomes = ", ".join(f"{n} {k}" for k, n in sorted(result.outcomes.items()))
+    console.print(f"sweep {result.name!r}: {result.trials} trials ({outcomes}); "
+                  f"{result.epochs} epochs run; results in {result.experiment_dir}")
+    if result.best:
+        console.print(f"best: {result.best['name']} "
+                      + " ".join(f"{k}={fmt(v)}" for k, v in result.best["best"].items()
+                                 if k in ("val_accuracy", "val_loss", "epoch")))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

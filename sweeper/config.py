@@ -1,0 +1,349 @@
+"""The trial configuration: one frozen dataclass per layer of the program.
+
+A trial arrives as a flat dict with dotted keys (``{"model.arch": "vgg16", "optim.lr": 0.01}``) from a
+search space, a Ray Tune sample or the command line. :func:`TrialConfig.from_flat` turns it into nested,
+validated, immutable objects and reports **every** problem at once, each naming the field, the value and
+what is allowed. Defaults live here and nowhere else.
+
+Names of architectures, datasets and inits are checked against the registries, which are imported
+lazily so that this module stays importable without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DiagnosticsConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrialConfig",
+    "parse_value",
+]
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; ``problems`` lists each as a sentence."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "vgg11"
+    # Weight layers of a plain VGG stack (convs + 3, as the paper counts); only for arch='vgg'.
+    # 11/13/16/19 give the paper's configurations A/B/D/E exactly.
+    depth: int | None = None
+    batch_norm: bool = False
+    width: float = 1.0  # channel multiplier; 1/8 keeps deep VGGs fast on a CPU
+    head: str = "compact"  # 'paper': 4096-4096-N with dropout; 'compact': global pool + linear
+    dropout: float = 0.5  # on the paper head's FC1/FC2, as in the VGG recipe
+    stem: str = "cifar"  # ResNet: 'cifar' (3x3, no max-pool) or 'imagenet' (7x7/2 + max-pool)
+    aux_heads: bool = True  # GoogLeNet's two auxiliary classifiers
+    aux_weight: float = 0.3  # GoogLeNet paper: loss = main + 0.3 * (aux1 + aux2)
+    init: str = "he"
+    # std of N(0, std^2) for init='normal'. 0.01 is the common (Caffe) reading of the VGG paper and
+    # vanishes; the paper's literal "variance 1e-2" is std 0.1, which explodes at full width.
+    init_std: float = 0.01
+    init_mode: str = "fan_in"  # he: fan_in preserves forward signal, fan_out preserves gradients
+    # 'uniform' or 'normal'; None = the scheme's own default (xavier: uniform, he: normal).
+    init_distribution: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    dir: str | None = None  # where real datasets live (or are downloaded to)
+    download: bool = False  # real datasets only; offline by default
+    resolution: int | None = None  # None: the dataset's native size (digits/synthetic/cifar: 32)
+    val_fraction: float = 0.1  # carved from the training split with the trial's seed
+    batch_size: int = 64
+    limit: int | None = None  # use only the first N training examples (quick runs)
+    crop_padding: int = 4  # random crop after zero-padding by this many pixels; 0 disables
+    # Random horizontal flip; None = the dataset's own choice (off for digits: a mirrored 2 is no 2).
+    flip: bool | None = None
+    # AlexNet/VGG "random RGB colour shift": std of alpha_i in PCA lighting noise; 0 disables.
+    color_shift: float = 0.1
+    synthetic_size: int = 2048  # examples generated for name='synthetic'
+    synthetic_classes: int = 10
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # 'sgd' (momentum, as the VGG recipe) or 'adam'
+    lr: float = 0.01  # torchvision's references: 0.1 is too high for BN-free VGG
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "plateau"  # 'plateau' (VGG: /10 when val accuracy stalls), 'cosine', 'step', 'constant'
+    plateau_patience: int = 2  # epochs without val-accuracy gain before /10
+    step_size: int = 10  # epochs between decays for schedule='step'
+    gamma: float = 0.1  # decay factor for 'plateau' and 'step'
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    enabled: bool = True
+    probe_size: int = 64  # examples in the fixed probe batch
+    # Stall = training loss within `stall_tolerance` of ln(num_classes) for `stall_epochs` epochs.
+    stall_tolerance: float = 0.05
+    stall_epochs: int = 3
+    stop_on_stall: bool = False
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    epochs: int = 10
+    seed: int = 0  # drives init, split, shuffling and augmentation
+    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:N'
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # on CUDA; ignored on CPU
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "TrialConfig":
+        """Build from dotted keys; raise ConfigError listing every unknown key and bad value."""
+        problems: list[str] = []
+        sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in flat.items():
+            section, _, name = key.rpartition(".")
+            if section:
+                if section not in _SECTIONS:
+                    problems.append(_unknown(key, _all_keys()))
+                    continue
+                target, owner = sections[section], _SECTIONS[section]
+            else:
+                target, owner = top, cls
+            if name not in _field_types(owner) or name in _SECTIONS:
+                problems.append(_unknown(key, _all_keys()))
+                continue
+            try:
+                target[name] = _coerce(key, value, _field_types(owner)[name])
+            except ValueError as exc:
+                problems.append(str(exc))
+        # Values that parsed are validated even when others did not: every problem at once.
+        cfg = cls(**{name: _SECTIONS[name](**vals) for name, vals in sections.items()}, **top)
+        problems += cfg.problems()
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    @classmethod
+    def from_nested(cls, nested: Mapping[str, Any]) -> "TrialConfig":
+        return cls.from_flat(_flatten(nested))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys to values, in field order: the inverse of from_flat."""
+        return _flatten(dataclasses.asdict(self))
+
+    def replace(self, **flat: Any) -> "TrialConfig":
+        """A copy with some dotted keys changed (e.g. ``cfg.replace(**{"optim.lr": 0.1})``)."""
+        merged = self.to_flat()
+        merged.update(flat)
+        return type(self).from_flat(merged)
+
+    # ---- validation -----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        from sweeper.data import DATASETS
+        from sweeper.inits import INITS
+        from sweeper.models import ARCHITECTURES
+
+        p: list[str] = []
+        m, d, o, g = self.model, self.data, self.optim, self.diagnostics
+        _choice(p, "model.arch", m.arch, ARCHITECTURES)
+        _choice(p, "model.init", m.init, INITS)
+        _choice(p, "model.head", m.head, ["compact", "paper"])
+        _choice(p, "model.stem", m.stem, ["cifar", "imagenet"])
+        _choice(p, "model.init_mode", m.init_mode, ["fan_in", "fan_out"])
+        if m.init_distribution is not None:
+            _choice(p, "model.init_distribution", m.init_distribution, ["normal", "uniform"])
+        _positive(p, "model.width", m.width)
+        _positive(p, "model.init_std", m.init_std)
+        _in_range(p, "model.dropout", m.dropout, 0.0, 1.0, hi_open=True)
+        _at_least(p, "model.aux_weight", m.aux_weight, 0.0)
+        if m.arch == "vgg":
+            if m.depth is None:
+                p.append("model.depth is required for model.arch='vgg' (weight layers, e.g. 11, 16, 30)")
+            elif m.depth < 8:
+                p.append(f"model.depth={m.depth!r} is too shallow: a plain VGG stack needs >= 8 "
+                         "weight layers (5 convs, one per stage, + 3 FC)")
+        elif m.depth is not None:
+            p.append(f"model.depth={m.depth!r} applies only to model.arch='vgg' "
+                     f"(model.arch={m.arch!r} fixes its own depth); remove it")
+
+        _choice(p, "data.name", d.name, DATASETS)
+        if d.resolution is not None:
+            _at_least(p, "data.resolution", d.resolution, 8)
+        _in_range(p, "data.val_fraction", d.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        _at_least(p, "data.batch_size", d.batch_size, 1)
+        if d.limit is not None:
+            _at_least(p, "data.limit", d.limit, 2)
+        _at_least(p, "data.crop_padding", d.crop_padding, 0)
+        _at_least(p, "data.color_shift", d.color_shift, 0.0)
+        _at_least(p, "data.synthetic_size", d.synthetic_size, 20)
+        _at_least(p, "data.synthetic_classes", d.synthetic_classes, 2)
+
+        _choice(p, "optim.name", o.name, ["adam", "sgd"])
+        _positive(p, "optim.lr", o.lr)
+        _in_range(p, "optim.momentum", o.momentum, 0.0, 1.0, hi_open=True)
+        _at_least(p, "optim.weight_decay", o.weight_decay, 0.0)
+        _choice(p, "optim.schedule", o.schedule, ["constant", "cosine", "plateau", "step"])
+        _at_least(p, "optim.plateau_patience", o.plateau_patience, 0)
+        _at_least(p, "optim.step_size", o.step_size, 1)
+        _in_range(p, "optim.gamma", o.gamma, 0.0, 1.0, lo_open=True)
+        _in_range(p, "optim.label_smoothing", o.label_smoothing, 0.0, 1.0, hi_open=True)
+
+        _at_least(p, "diagnostics.probe_size", g.probe_size, 1)
+        _positive(p, "diagnostics.stall_tolerance", g.stall_tolerance)
+        _at_least(p, "diagnostics.stall_epochs", g.stall_epochs, 1)
+
+        _at_least(p, "epochs", self.epochs, 1)
+        _at_least(p, "seed", self.seed, 0)
+        if not (self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            p.append(f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+        return p
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "diagnostics": DiagnosticsConfig,
+}
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _all_keys() -> list[str]:
+    keys = [f"{s}.{n}" for s, c in _SECTIONS.items() for n in _field_types(c)]
+    return keys + [n for n in _field_types(TrialConfig) if n not in _SECTIONS]
+
+
+def _unknown(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown setting {key!r}{hint} (settings are 'section.name', e.g. 'model.arch', 'optim.lr')"
+
+
+def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """Best-effort literal for a command-line value: int, float, bool, None, else the string."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false", "yes", "no", "on", "off"):
+        return low in ("true", "yes", "on")
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if "/" in text:  # fractions such as width=1/8
+        num, _, den = text.partition("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return text
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert value to the field's type (accepting command-line strings); ValueError names the key."""
+    optional = False
+    if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(typ))
+        typ = args[0]
+    if isinstance(value, str) and typ is not str:
+        value = parse_value(value)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key}=None is not allowed: expected {typ.__name__}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{key}={value!r} is not a boolean (true/false)")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(f"{key}={value!r} is not an integer")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={value!r} is not a finite number")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r} is not a string")
+        return value
+    return value
+
+
+def _choice(p: list[str], key: str, value: Any, allowed: Any) -> None:
+    names = sorted(allowed)
+    if value not in names:
+        p.append(f"{key}={value!r} is not one of {names}")
+
+
+def _positive(p: list[str], key: str, value: float) -> None:
+    if not value > 0:
+        p.append(f"{key}={value!r} must be > 0")
+
+
+def _at_least(p: list[str], key: str, value: float, lo: float) -> None:
+    if value < lo:
+        p.append(f"{key}={value!r} must be >= {lo}")
+
+
+def _in_range(p: list[str], key: str, value: float, lo: float, hi: float, *,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        p.append(f"{key}={value!r} must be in {lb}{lo}, {hi}{rb}")

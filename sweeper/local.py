@@ -1,0 +1,189 @@
+"""Foreground work that needs no Ray: ``sweeper debug`` (one trial) and ``sweeper validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from sweeper.config import ConfigError, TrialConfig
+from sweeper.console import EpochPrinter, config_table, console, error_console, fmt
+
+__all__ = ["debug_config", "run_debug", "validate_files"]
+
+
+def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
+                 epochs: int | None = None, device: str | None = None) -> TrialConfig:
+    """The trial config ``sweeper debug`` runs: a sample of the file's space, or settings alone."""
+    from sweeper.spaces import load_sweep, parse_overrides, sample_config
+
+    if file is not None:
+        sweep, _ = load_sweep(file, overrides)
+        flat = sample_config(sweep, seed=sweep.seed + sample)
+    else:
+        flat = parse_overrides(overrides)
+        if "max_epochs" in flat:  # the sweep-level name works here too
+            flat["epochs"] = flat.pop("max_epochs")
+    if epochs is not None:
+        flat["epochs"] = epochs
+    if device is not None:
+        flat["device"] = device
+    return TrialConfig.from_flat(flat)
+
+
+def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
+              epochs: int | None = None, device: str | None = None,
+              checkpoint_dir: Path | None = None, resume: Path | None = None,
+              diagnostics: bool = True):
+    from sweeper.train import fit, resolve_device
+
+    cfg = debug_config(file, overrides, sample=sample, epochs=epochs, device=device)
+    if not diagnostics:
+        cfg = cfg.replace(**{"diagnostics.enabled": False})
+    defaults = TrialConfig().to_flat()
+    console.print(config_table(cfg.to_flat(), title=f"trial config (sample {sample})",
+                               defaults=defaults))
+    console.print(f"device: {resolve_device(cfg.device)}")
+    printer = EpochPrinter()
+
+    def report(metrics, save):
+        printer(metrics)
+        if checkpoint_dir is not None:
+            save(checkpoint_dir)
+
+    result = fit(cfg, report=report, resume_from=resume, hooks=_hooks(cfg))
+    style = "green" if result.outcome == "completed" else "yellow"
+    summary = f"outcome: {result.outcome}"
+    if result.reason:
+        summary += f" ({result.reason})"
+    if "initial_loss" in result.initial:
+        summary += f"; loss at step 0: {fmt(result.initial['initial_loss'])}"
+    console.print(summary, style=style)
+    if checkpoint_dir is not None:
+        console.print(f"checkpoint: {checkpoint_dir}")
+    return result
+
+
+def _hooks(cfg: TrialConfig) -> list:
+    if not cfg.diagnostics.enabled:
+        return []
+    try:
+        from sweeper.diagnostics import Diagnostics
+    except ImportError:  # diagnostics land with the tracking work
+        return []
+    return [Diagnostics(cfg.diagnostics)]
+
+
+def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
+    """Load, validate and dry-run each file; print a summary; True when all are valid."""
+    from sweeper.spaces import dry_run, grid_cells, load_sweep, trial_count
+
+    ok = True
+    for file in files:
+        try:
+            sweep, _ = load_sweep(file, overrides)
+            cfg = dry_run(sweep)
+        except ConfigError as exc:
+            ok = False
+            error_console.print(f"[red]{file}: {len(exc.problems)} problem(s)[/red]")
+            for problem in exc.problems:
+                error_console.print(f"  - {problem}")
+            continue
+        cells = grid_cells(sweep)
+        console.print(f"[green]{file}: ok[/green] -- sweep {sweep.name!r}: {len(cells)} grid "
+                      f"cell(s) x {sweep.num_samples} sample(s) = {trial_count(sweep)} trials, "
+                      f"search={sweep.search}, scheduler={sweep.scheduler}, "
+                      f"max_epochs={sweep.max_epochs}; dry run built {cfg.model.arch}")
+    return ok
+
+
+def print_plan(sweep) -> None:
+    """`launch --dry-run`: the grid, the sampled axes and the trial count."""
+    from rich.table import Table
+
+    from sweeper.spaces import grid_cells, trial_count
+
+    cells = grid_cells(sweep)
+    sampled = {k: repr(v) for k, v in sweep.space.items()
+               if callable(getattr(v, "sample", None))}
+    console.print(f"sweep {sweep.name!r}: {len(cells)} grid cell(s) x {sweep.num_samples} "
+                  f"sample(s) = {trial_count(sweep)} trials; search={sweep.search}, "
+                  f"scheduler={sweep.scheduler} (grace {sweep.grace_period}, reduction "
+                  f"{sweep.reduction_factor}), max_epochs={sweep.max_epochs}")
+    if sweep.question:
+        console.print(sweep.question.splitlines()[0], style="italic")
+    if cells and cells[0]:
+        table = Table(title="grid", title_justify="left")
+        table.add_column("#")
+        for key in cells[0]:
+            table.add_column(key)
+        for i, cell in enumerate(cells):
+            table.add_row(str(i), *(fmt(v) for v in cell.values()))
+        console.print(table)
+    for key, text in sampled.items():
+        console.print(f"sampled per trial: {key} ~ {text}")
+
+
+def existing_record(name: str, storage: str | None):
+    from sweeper.tuner import record_for, storage_root
+
+    record = record_for(name, storage)
+    if not record.exists():
+        raise ConfigError([f"no sweep named {name!r} under {storage_root(storage)} "
+                           "(pass --storage where it was launched)"])
+    return record
+
+
+def saved_sweep(name: str, storage: str | None):
+    """The Sweep as it was launched: the saved file text with the saved overrides."""
+    import tempfile
+
+    from sweeper.spaces import load_sweep
+
+    record = existing_record(name, storage)
+    meta = record.meta()
+    text = (record.dir / "sweep_file.py").read_text()
+    items = [f"{k}={v}" for k, v in meta.get("overrides", {}).items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.py"
+        path.write_text(text)
+        sweep, _ = load_sweep(path, items)
+    sweep = sweep.replace(name=name, storage=storage or sweep.storage)
+    return sweep, text, meta.get("overrides", {})
+
+
+def print_status(name: str, storage: str | None) -> None:
+    from rich.table import Table
+
+    record = existing_record(name, storage)
+    meta = record.meta()
+    trials = record.trials()
+    metric = meta.get("metric", "val_accuracy")
+    driver = record.driver()
+    state = f"running (pid {driver['pid']} on {driver['host']})" if driver else "not running"
+    counts: dict[str, int] = {}
+    for t in trials:
+        key = t.get("outcome") or t.get("status", "?")
+        counts[key] = counts.get(key, 0) + 1
+    console.print(f"sweep {name!r}: {state}; {len(trials)}/{meta.get('planned_trials', '?')} "
+                  f"trials started; " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    varying = _varying_keys([t.get("config", {}) for t in trials])
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("trial")
+    for key in varying:
+        table.add_column(key.split(".")[-1])
+    for col in ("outcome", "epochs", f"best {metric}", "stop reason"):
+        table.add_column(col)
+    for t in trials:
+        best = (t.get("best") or {}).get(metric)
+        table.add_row(t.get("name", t["trial_id"]),
+                      *(fmt(t.get("config", {}).get(k)) for k in varying),
+                      t.get("outcome") or t.get("status", "?"), str(t.get("epochs", 0)),
+                      fmt(best) if best is not None else "-", (t.get("reason") or "")[:70])
+    console.print(table)
+
+
+def _varying_keys(configs: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for cfg in configs:
+        keys.extend(k for k in cfg if k not in keys)
+    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]

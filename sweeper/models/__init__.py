@@ -1,0 +1,84 @@
+"""The model zoo: a registry of builders, ``builder(cfg, *, num_classes) -> nn.Module``.
+
+Builders lay out the network only; :func:`build_model` also applies ``cfg.init``. Every builder registers
+its modules in forward order, so ``named_modules()`` lists the layers as the network runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from sweeper.config import ModelConfig
+from sweeper.models.googlenet import GoogLeNetOutput, googlenet
+from sweeper.models.resnet import resnet18, resnet34
+from sweeper.models.smallcnn import smallcnn
+from sweeper.models.vgg import A, A_LRN, B, C, D, E, conv_count, plain_plan, vgg, vgg11, vgg11_lrn, vgg13, \
+    vgg16, vgg16c, vgg19
+
+__all__ = ["ARCHITECTURES", "GoogLeNetOutput", "build_model", "plain_plan", "split_outputs", "weight_depth"]
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "vgg11": vgg11,
+    "vgg11_lrn": vgg11_lrn,
+    "vgg13": vgg13,
+    "vgg16c": vgg16c,
+    "vgg16": vgg16,
+    "vgg19": vgg19,
+    "vgg": vgg,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "googlenet": googlenet,
+    "smallcnn": smallcnn,
+}
+
+
+def _unknown_arch(name: str) -> ValueError:
+    return ValueError(f"model.arch={name!r} is not one of {sorted(ARCHITECTURES)}")
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
+    """Build ``cfg.arch`` for ``num_classes`` classes and initialise it with ``cfg.init``."""
+    builder = ARCHITECTURES.get(cfg.arch)
+    if builder is None:
+        raise _unknown_arch(cfg.arch)
+    model = builder(cfg, num_classes=num_classes)
+    # Imported here so that the registry stays importable (config validation reads it) on its own.
+    from sweeper.inits import init_weights
+
+    init_weights(model, cfg)
+    return model
+
+
+def split_outputs(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+    """(main logits, auxiliary logits): the list is empty unless the model returned auxiliary outputs."""
+    if isinstance(output, Tensor):
+        return output, []
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, Tensor) for t in output):
+        return output[0], list(output[1:])
+    raise TypeError(f"expected a Tensor or a tuple of Tensors (main logits first), got {type(output).__name__}")
+
+
+def weight_depth(cfg: ModelConfig) -> int:
+    """Weight layers on the main path as the VGG paper counts them: convs + the paper head's 3 FC layers.
+
+    ResNets count as named (projection shortcuts excluded) and GoogLeNet as its paper does (22).
+    """
+    vgg_plans = {"vgg11": A, "vgg11_lrn": A_LRN, "vgg13": B, "vgg16c": C, "vgg16": D, "vgg19": E}
+    match cfg.arch:
+        case "vgg":
+            if cfg.depth is None:
+                raise ValueError("model.depth is required for model.arch='vgg' (weight layers, e.g. 11, 16, 30)")
+            return conv_count(plain_plan(cfg.depth)) + 3
+        case name if name in vgg_plans:
+            return conv_count(vgg_plans[name]) + 3
+        case "resnet18":
+            return 18
+        case "resnet34":
+            return 34
+        case "googlenet":
+            return 22
+        case "smallcnn":
+            return 5  # 4 convs + the linear head
+    raise _unknown_arch(cfg.arch)

@@ -1,0 +1,146 @@
+"""The sweep's own record on local disk, readable without Ray: what ran, how each trial ended, and why.
+
+Layout of ``<root>/<sweep name>/sweeper/`` (beside Ray's experiment state when storage is local)::
+
+    sweep.json             settings, overrides, git SHA, command line, Ray experiment path
+    sweep_file.py          the search-space file's text, as launched
+    driver.json            pid and host of the running driver (``sweeper stop``)
+    decisions.jsonl        every ASHA stop: trial, rung, cutoff, peers, the trial's value
+    trials/<id>.json       one trial: config, status, outcome, stop reason, best/last metrics
+    trials/<id>.jsonl      one line per reported epoch (a restored sweep may replay an epoch: the
+                           reader keeps the last line per epoch)
+
+``sweeper status`` and ``sweeper export`` read only these files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["SweepRecord", "scalar_metrics"]
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Numbers and short strings of a result, without Tune's bookkeeping or the step-0 snapshot."""
+    skip = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp", "done",
+            "checkpoint_dir_name", "should_checkpoint", "experiment_tag", "time_this_iter_s",
+            "iterations_since_restore", "time_since_restore", "time_total_s"}
+    out = {}
+    for k, v in metrics.items():
+        if k in skip or k.startswith("init/"):
+            continue
+        if isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(v, (int, float, str)):
+            out[k] = v
+    return out
+
+
+class SweepRecord:
+    def __init__(self, experiment_dir: str | Path):
+        self.experiment_dir = Path(experiment_dir)
+        self.dir = self.experiment_dir / "sweeper"
+        self.trials_dir = self.dir / "trials"
+
+    # ---- writing (driver only) ------------------------------------------------------------------
+
+    def create(self, meta: Mapping[str, Any], file_text: str) -> None:
+        self.trials_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / "sweep.json", meta)
+        (self.dir / "sweep_file.py").write_text(file_text)
+
+    def update_meta(self, **changes: Any) -> None:
+        meta = self.meta()
+        meta.update(changes)
+        _write_json(self.dir / "sweep.json", meta)
+
+    def claim_driver(self) -> None:
+        _write_json(self.dir / "driver.json", {"pid": os.getpid(), "host": socket.gethostname(),
+                                               "started": time.time()})
+
+    def release_driver(self) -> None:
+        (self.dir / "driver.json").unlink(missing_ok=True)
+
+    def append_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
+        with open(self.trials_dir / f"{trial_id}.jsonl", "a") as f:
+            f.write(json.dumps(_json_safe(scalar_metrics(metrics))) + "\n")
+
+    def write_trial(self, trial_id: str, record: Mapping[str, Any]) -> None:
+        _write_json(self.trials_dir / f"{trial_id}.json", _json_safe(record))
+
+    def append_decision(self, decision: Mapping[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "decisions.jsonl", "a") as f:
+            f.write(json.dumps(_json_safe(decision)) + "\n")
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return (self.dir / "sweep.json").is_file()
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.dir / "sweep.json").read_text())
+
+    def driver(self) -> dict[str, Any] | None:
+        path = self.dir / "driver.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def trial(self, trial_id: str) -> dict[str, Any] | None:
+        path = self.trials_dir / f"{trial_id}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def trials(self) -> list[dict[str, Any]]:
+        if not self.trials_dir.is_dir():
+            return []
+        records = [json.loads(p.read_text()) for p in sorted(self.trials_dir.glob("*.json"))]
+        return sorted(records, key=lambda r: (r.get("created", 0), r["trial_id"]))
+
+    def epochs(self, trial_id: str) -> list[dict[str, Any]]:
+        path = self.trials_dir / f"{trial_id}.jsonl"
+        if not path.is_file():
+            return []
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                by_epoch[int(row.get("epoch", len(by_epoch) + 1))] = row
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """The latest ASHA stop decision per trial."""
+        path = self.dir / "decisions.jsonl"
+        out: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    d = json.loads(line)
+                    out[d["trial_id"]] = d
+        return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write-then-rename, so a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become strings: JSON has no spelling for them, and we must not lose that they happened."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return _json_safe(value.item())
+    return value
+

@@ -1,0 +1,339 @@
+"""Search-space files and the validated :class:`Sweep` they define.
+
+A search space is a Python file with one module-level ``SWEEP = Sweep(...)`` whose ``space`` maps
+dotted trial settings (``"model.arch"``, ``"optim.lr"``; see :mod:`sweeper.config`) to fixed values or
+Ray Tune sampling primitives (``tune.choice``, ``tune.loguniform``, ``tune.grid_search``, ...).
+
+Loading (:func:`load_sweep`) applies command-line overrides, then checks everything it can before any
+Ray process starts and reports **all** problems at once: Sweep fields, unknown trial settings, and every
+categorical value and numeric bound of the space, each validated as a trial config would be.
+:func:`dry_run` then builds one sampled model on the CPU and pushes a batch through it.
+
+This module does not import Ray: it recognises Tune's domains by their duck type, so ``sweeper debug``
+works wherever torch does (a file that itself imports Ray needs Ray, of course).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import math
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from sweeper.config import ConfigError, TrialConfig, parse_value
+
+__all__ = [
+    "ALIASES",
+    "Sweep",
+    "corner_values",
+    "dry_run",
+    "grid_cells",
+    "load_sweep",
+    "parse_overrides",
+    "sample_config",
+    "trial_count",
+]
+
+# Short names for the settings people change most on the command line.
+ALIASES: dict[str, str] = {
+    "dataset": "data.name",
+    "data_dir": "data.dir",
+    "width": "model.width",
+    "batch_size": "data.batch_size",
+    "limit": "data.limit",
+    "lr": "optim.lr",
+}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+Resources = Mapping[str, float] | Callable[[TrialConfig], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A study: what to vary, how to search, and how to run trials. Constructing one validates it."""
+
+    name: str
+    space: Mapping[str, Any]
+    question: str = ""  # defaults to the search-space file's docstring
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    max_epochs: int = 10  # every trial's epoch budget; ASHA's max_t
+    scheduler: str = "asha"  # 'asha' or 'fifo' (no early stopping)
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 3  # ASHA: each rung keeps the top 1/reduction_factor
+    search: str = "random"  # 'random' (Ray's basic generator, grid axes expanded) or 'optuna' (TPE)
+    num_samples: int = 1  # samples per grid cell (random) / trials in all (optuna)
+    # Per trial, e.g. {"cpu": 1, "gpu": 0.25}, or a function of the TrialConfig (deep VGGs need more).
+    resources: Resources = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    max_concurrent: int | None = None  # None: as many as the cluster fits
+    seed: int = 0  # drives sampling, and every trial's seed unless the space sets "seed"
+    max_failures: int = 1  # retries of a failed trial, from its last checkpoint
+    keep_checkpoints: int = 1
+    storage: str | None = None  # local dir or s3://, gs:// URI; None: ./sweeps
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def replace(self, **changes: Any) -> "Sweep":
+        return dataclasses.replace(self, **changes)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            p.append(f"name={self.name!r} must be 1-100 letters, digits, '_', '-' or '.', "
+                     "starting with a letter or digit")
+        if not isinstance(self.space, Mapping):
+            p.append(f"space must be a dict of 'section.name' -> value or tune domain, "
+                     f"not {type(self.space).__name__}")
+            return p
+        if self.mode not in ("max", "min"):
+            p.append(f"mode={self.mode!r} is not one of ['max', 'min']")
+        if self.scheduler not in ("asha", "fifo"):
+            p.append(f"scheduler={self.scheduler!r} is not one of ['asha', 'fifo']")
+        if self.search not in ("optuna", "random"):
+            p.append(f"search={self.search!r} is not one of ['optuna', 'random']")
+        for key, lo in (("max_epochs", 1), ("grace_period", 1), ("num_samples", 1),
+                        ("max_failures", 0), ("keep_checkpoints", 1), ("seed", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                p.append(f"{key}={value!r} must be an integer >= {lo}")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
+            p.append(f"reduction_factor={self.reduction_factor!r} must be an integer >= 2")
+        if isinstance(self.grace_period, int) and isinstance(self.max_epochs, int) \
+                and self.grace_period > self.max_epochs:
+            p.append(f"grace_period={self.grace_period} must be <= max_epochs={self.max_epochs}")
+        if self.max_concurrent is not None and (
+                not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
+            p.append(f"max_concurrent={self.max_concurrent!r} must be None or an integer >= 1")
+        if not callable(self.resources):
+            p.extend(_resource_problems("resources", self.resources))
+        p.extend(self._space_problems())
+        if self.search == "optuna" and any(_is_grid(v) for v in self.space.values()):
+            grid = [k for k, v in self.space.items() if _is_grid(v)]
+            p.append(f"search='optuna' cannot expand grid axes {grid}: use search='random' for a "
+                     "factorial grid, or tune.choice for Optuna to pick from")
+        return p
+
+    def _space_problems(self) -> list[str]:
+        p: list[str] = []
+        for key in ("epochs",):
+            if key in self.space:
+                p.append(f"space[{key!r}] is set by the Sweep: use max_epochs={self.space[key]!r}")
+        for key, value in self.space.items():
+            if _is_domain(value) and type(value).__name__ == "Function":
+                p.append(f"space[{key!r}] uses tune.sample_from, which Optuna cannot search and "
+                         "the dry run cannot check: use tune.choice / tune.loguniform / grid_search")
+        try:
+            for cfg_problems in _corner_problems(self):
+                p.extend(x for x in cfg_problems if x not in p)
+        except ConfigError as exc:
+            p.extend(exc.problems)
+        return p
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Sweep, str]:
+    """Import a search-space file and apply ``key=value`` overrides; return (sweep, file text).
+
+    Raises ConfigError naming the file for a missing/duplicated SWEEP or any invalid setting.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"search-space file {str(path)!r} does not exist"])
+    text = path.read_text()
+    module_name = "_sweeper_space_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
+    finally:
+        sys.modules.pop(module_name, None)
+    sweeps = [v for v in vars(module).values() if isinstance(v, Sweep)]
+    if len(sweeps) != 1:
+        raise ConfigError([f"{path} must define exactly one Sweep (e.g. SWEEP = Sweep(...)); "
+                           f"found {len(sweeps)}"])
+    sweep = sweeps[0]
+    if not sweep.question and module.__doc__:
+        sweep = sweep.replace(question=module.__doc__.strip())
+    return apply_overrides(sweep, parse_overrides(overrides)), text
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not key=value (e.g. max_epochs=6 or model.width=1/8)")
+            continue
+        out[ALIASES.get(key.strip(), key.strip())] = parse_value(value.strip())
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
+    """Sweep fields by name (max_epochs=6); anything else is a fixed trial setting (data.name=digits)."""
+    sweep_fields = {f.name for f in dataclasses.fields(Sweep)} - {"space", "question", "resources"}
+    changes = {k: v for k, v in overrides.items() if k in sweep_fields}
+    space = dict(sweep.space)
+    space.update({k: v for k, v in overrides.items() if k not in sweep_fields})
+    if "storage" in changes and changes["storage"] is not None:
+        changes["storage"] = str(changes["storage"])
+    return sweep.replace(space=space, **changes)
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"grid_search"}
+
+
+def _is_domain(value: Any) -> bool:
+    # Ray Tune's Domain classes (Categorical, Float, Integer, Function) all expose .sample().
+    return callable(getattr(value, "sample", None)) and not isinstance(value, type)
+
+
+def grid_cells(sweep: Sweep) -> list[dict[str, Any]]:
+    """Every combination of the grid axes (one empty cell if there are none)."""
+    axes = {k: list(v["grid_search"]) for k, v in sweep.space.items() if _is_grid(v)}
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def trial_count(sweep: Sweep) -> int:
+    return len(grid_cells(sweep)) * sweep.num_samples
+
+
+def base_config(sweep: Sweep, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat trial config: sampled values + the Sweep's epochs and (default) seed."""
+    flat = {"seed": sweep.seed}
+    flat.update(values)
+    flat["epochs"] = sweep.max_epochs
+    return flat
+
+
+def sample_config(sweep: Sweep, seed: int | None = None) -> dict[str, Any]:
+    """One flat trial config drawn from the space (grid axes: a random cell), without Ray."""
+    import numpy as np
+
+    rng = random.Random(sweep.seed if seed is None else seed)
+    state = np.random.RandomState(rng.randrange(2**31))
+    values = {}
+    for key, value in sweep.space.items():
+        if _is_grid(value):
+            values[key] = rng.choice(list(value["grid_search"]))
+        elif _is_domain(value):
+            values[key] = _plain(value.sample(random_state=state))
+        else:
+            values[key] = value
+    return base_config(sweep, values)
+
+
+def corner_values(value: Any) -> list[Any]:
+    """Values that exercise a space entry: every category / grid value, a numeric domain's bounds."""
+    if _is_grid(value):
+        return list(value["grid_search"])
+    if not _is_domain(value):
+        return [value]
+    if hasattr(value, "categories"):
+        return list(value.categories)
+    if hasattr(value, "lower") and hasattr(value, "upper"):
+        lower, upper = value.lower, value.upper
+        if type(value).__name__ == "Integer":
+            upper = upper - 1  # tune.randint excludes its upper bound
+        return [lower, upper]
+    return [value]
+
+
+def _corner_problems(sweep: Sweep) -> list[list[str]]:
+    """Validate a base config, then each corner value of each key on top of it."""
+    corners = {k: corner_values(v) for k, v in sweep.space.items()}
+    base = base_config(sweep, {k: c[0] for k, c in corners.items()})
+    results = [_config_problems(base)]
+    for key, candidates in corners.items():
+        for candidate in candidates[1:]:
+            results.append(_config_problems({**base, key: candidate}))
+    return results
+
+
+def _config_problems(flat: Mapping[str, Any]) -> list[str]:
+    try:
+        TrialConfig.from_flat(flat)
+    except ConfigError as exc:
+        return [f"space: {p}" for p in exc.problems]
+    return []
+
+
+def _resource_problems(name: str, resources: Any) -> list[str]:
+    if not isinstance(resources, Mapping):
+        return [f"{name}={resources!r} must be a dict like {{'cpu': 1, 'gpu': 0.5}} or a function "
+                "of the trial config returning one"]
+    p = []
+    for key, amount in resources.items():
+        if key not in ("cpu", "gpu"):
+            p.append(f"{name}[{key!r}] is not one of ['cpu', 'gpu']")
+        elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 \
+                or not math.isfinite(amount):
+            p.append(f"{name}[{key!r}]={amount!r} must be a number >= 0")
+        elif key == "gpu" and amount > 1 and amount != int(amount):
+            p.append(f"{name}['gpu']={amount!r}: fractions are allowed only below 1 GPU")
+    if not p and resources.get("cpu", 1) == 0 and resources.get("gpu", 0) == 0:
+        p.append(f"{name} asks for no CPU and no GPU; a trial needs at least one")
+    return p
+
+
+def trial_resources(sweep: Sweep, cfg: TrialConfig) -> dict[str, float]:
+    """Resources for one trial; a callable ``resources`` is checked on each config it returns for."""
+    resources = sweep.resources(cfg) if callable(sweep.resources) else sweep.resources
+    problems = _resource_problems(f"resources(config of {cfg.model.arch})", resources)
+    if problems:
+        raise ConfigError(problems)
+    return {"cpu": float(resources.get("cpu", 1)), "gpu": float(resources.get("gpu", 0))}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python scalars (configs go to JSON, MLflow and dataclasses)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+# ---- dry run ------------------------------------------------------------------------------------------
+
+
+def dry_run(sweep: Sweep) -> TrialConfig:
+    """Build one sampled model on the CPU and run a forward pass; return the sampled config."""
+    import torch
+
+    from sweeper.models import build_model, split_outputs
+
+    cfg = TrialConfig.from_flat(sample_config(sweep))
+    if callable(sweep.resources):
+        trial_resources(sweep, cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=_num_classes(cfg)).eval()
+    side = cfg.data.resolution or 32
+    with torch.no_grad():
+        logits = split_outputs(model(torch.zeros(2, 3, side, side)))[0]
+    if logits.shape != (2, _num_classes(cfg)):
+        raise ConfigError([f"dry run: {cfg.model.arch} produced logits of shape "
+                           f"{tuple(logits.shape)}, expected (2, {_num_classes(cfg)})"])
+    return cfg
+
+
+def _num_classes(cfg: TrialConfig) -> int:
+    known = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "food101": 101}
+    if cfg.data.name == "synthetic":
+        return cfg.data.synthetic_classes
+    return known.get(cfg.data.name, 10)

@@ -1,0 +1,320 @@
+"""One trial's training loop, in plain PyTorch (no Ray, no MLflow: it must run anywhere torch does).
+
+``fit(cfg, report=...)`` builds data, model, optimizer and LR schedule from a validated
+:class:`~sweeper.config.TrialConfig`, trains for ``cfg.epochs`` epochs and calls ``report`` once per
+epoch -- one epoch is one Tune iteration, one ASHA step and one MLflow step. The caller decides what a
+report does (print a table, ``tune.report`` with a checkpoint, ...); ``fit`` hands it a ``save``
+function that writes a complete checkpoint (model, optimizer, scheduler, RNG states, epoch, history)
+into a directory, and :func:`fit` with ``resume_from=`` continues from one with the same result as an
+uninterrupted run.
+
+Every trial ends with an outcome: ``completed``; ``diverged`` (a non-finite loss: the trial stops and
+says so instead of raising and killing a sweep); or whatever a hook decides (``stalled``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from sweeper.config import TrialConfig
+from sweeper.data import DeviceData, Splits, load_splits
+from sweeper.models import build_model, split_outputs
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "INIT_PREFIX",
+    "FitResult",
+    "Hook",
+    "Report",
+    "TrainContext",
+    "evaluate",
+    "fit",
+    "resolve_device",
+]
+
+CHECKPOINT_FILE = "trial_state.pt"
+# The first epoch's report also carries the step-0 measurements under this prefix, so that a tracker
+# can log them at step 0 (before any update) without a second kind of report.
+INIT_PREFIX = "init/"
+
+# report(metrics, save): save(directory) writes a checkpoint of the state after this epoch.
+Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
+
+
+@dataclass
+class TrainContext:
+    """What hooks may look at (and ``stop``) while a trial trains."""
+
+    cfg: TrialConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: DeviceData
+    device: torch.device
+    criterion: nn.Module
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # A hook's verdict on the trial so far, e.g. ("stalled", "vanishing_signal"): the outcome if
+    # training ended now. With stop=True training ends after this epoch with that outcome.
+    label: tuple[str, str] | None = None
+    stop: bool = False
+
+
+class Hook(Protocol):
+    """Extra per-epoch measurements (e.g. diagnostics). Returned metrics join the epoch's report."""
+
+    def on_fit_start(self, ctx: TrainContext) -> dict[str, Any]: ...
+
+    def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, Any]) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    outcome: str  # completed | diverged | stalled | ...
+    reason: str | None
+    epochs: int
+    history: list[dict[str, Any]]
+    initial: dict[str, Any]  # metrics measured before the first step (step 0)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was asked for, but torch sees no CUDA device "
+                           "(use device=auto or device=cpu)")
+    return device
+
+
+def fit(
+    cfg: TrialConfig,
+    *,
+    report: Report | None = None,
+    resume_from: str | Path | None = None,
+    hooks: Sequence[Hook] = (),
+    splits: Splits | None = None,
+) -> FitResult:
+    """Train one trial; see the module docstring. ``splits`` skips loading (tests, benchmarks)."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        # Stalled deep nets produce denormal floats, which make CPU arithmetic ~10x slower.
+        torch.set_flush_denormal(True)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    if splits is None:
+        splits = load_splits(cfg.data, seed=cfg.seed)
+    channels_last = on_cuda and cfg.channels_last
+    data = DeviceData(splits, cfg.data, device=device, channels_last=channels_last)
+
+    torch.manual_seed(cfg.seed)  # the init draws from the global generator
+    model = build_model(cfg.model, num_classes=data.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(cfg, model)
+    scheduler = _scheduler(cfg, optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # shuffling and augmentation
+    autocast = _autocast(cfg, device)
+
+    ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, data=data, device=device,
+                       criterion=criterion)
+    initial: dict[str, Any] = {}
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        batch_gen.set_state(state["batch_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if on_cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        ctx.epoch, ctx.history, initial = state["epoch"], state["history"], state["initial"]
+        for hook, hook_state in zip(hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
+    else:
+        initial = {"initial_loss": _probe_loss(ctx, autocast)}
+        for hook in hooks:
+            initial.update(hook.on_fit_start(ctx))
+
+    def save(directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "batch_gen": batch_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if on_cuda else None,
+            "epoch": ctx.epoch,
+            "history": ctx.history,
+            "initial": initial,
+            "hooks": [hook.state_dict() for hook in hooks],
+            "config": cfg.to_flat(),
+        }, directory / CHECKPOINT_FILE)
+
+    outcome, reason = "completed", None
+    if ctx.history and ctx.history[-1]["outcome"] != "running":  # resumed a finished trial
+        outcome = ctx.history[-1]["outcome"]
+    while ctx.epoch < cfg.epochs and outcome == "completed":
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        train = _train_epoch(ctx, batch_gen, autocast)
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        ctx.epoch += 1
+        metrics: dict[str, Any] = {"epoch": ctx.epoch, "lr": lr}
+        metrics.update({f"train_{k}": v for k, v in train.items()})
+        metrics["epoch_seconds"] = seconds
+        metrics["images_per_second"] = train["examples"] / seconds if seconds > 0 else float("nan")
+        del metrics["train_examples"]
+
+        if not math.isfinite(train["loss"]):
+            outcome, reason = "diverged", f"non-finite training loss in epoch {ctx.epoch}"
+        else:
+            val = evaluate(model, data.eval_batches("val"), criterion, autocast)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            for hook in hooks:
+                metrics.update(hook.on_epoch_end(ctx, metrics))
+            if ctx.stop and ctx.label is not None:
+                outcome, reason = ctx.label
+            elif scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(metrics["val_accuracy"])
+                else:
+                    scheduler.step()
+        if outcome == "completed" and ctx.epoch == cfg.epochs:
+            test = evaluate(model, data.eval_batches("test"), criterion, autocast)
+            metrics.update({f"test_{k}": v for k, v in test.items()})
+        finished = outcome != "completed" or ctx.epoch == cfg.epochs
+        if finished and outcome == "completed" and ctx.label is not None:
+            outcome, reason = ctx.label  # ran its budget, but e.g. stalled at chance throughout
+        metrics["outcome"] = outcome if finished else "running"
+        if reason:
+            metrics["stop_reason"] = reason
+        ctx.history.append(metrics)
+        if report is not None:
+            if ctx.epoch == 1:
+                metrics = {**metrics, **{INIT_PREFIX + k: v for k, v in initial.items()}}
+            report(metrics, save)
+    return FitResult(outcome=outcome, reason=reason, epochs=ctx.epoch, history=list(ctx.history),
+                     initial=initial)
+
+
+def evaluate(model: nn.Module, batches, criterion: nn.Module,
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Loss, accuracy and top-1/top-5 error over batches; sums stay on the device until the end."""
+    was_training = model.training
+    model.eval()
+    totals = None
+    with torch.no_grad():
+        for x, y in batches:
+            with autocast():
+                logits = split_outputs(model(x))[0]
+                loss = criterion(logits.float(), y)
+            batch = _batch_stats(logits, y, loss)
+            totals = batch if totals is None else totals + batch
+    model.train(was_training)
+    return _summarise(totals)
+
+
+# ---- internals --------------------------------------------------------------------------------------
+
+
+def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast) -> dict[str, float]:
+    model, optimizer, criterion = ctx.model, ctx.optimizer, ctx.criterion
+    aux_weight = ctx.cfg.model.aux_weight
+    model.train()
+    totals = None
+    for x, y in ctx.data.train_batches(gen):
+        with autocast():
+            logits, aux = split_outputs(model(x))
+            loss = criterion(logits.float(), y)
+            total = loss + aux_weight * sum(criterion(a.float(), y) for a in aux) if aux else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        # No .item() here: a host-device sync per step costs more than a small net's step on a GPU.
+        batch = _batch_stats(logits.detach(), y, loss.detach())
+        totals = batch if totals is None else totals + batch
+    return _summarise(totals)
+
+
+def _batch_stats(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """[n, loss*n, top1 hits, top5 hits] as one device tensor, so accumulation never syncs."""
+    n = y.shape[0]
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    hits = topk == y[:, None]
+    return torch.stack([
+        torch.tensor(float(n), device=y.device),
+        loss.float() * n,
+        hits[:, 0].sum().float(),
+        hits.any(dim=1).sum().float(),
+    ])
+
+
+def _summarise(totals: torch.Tensor | None) -> dict[str, float]:
+    if totals is None:
+        return {"loss": float("nan"), "accuracy": float("nan"), "top1_error": float("nan"),
+                "top5_error": float("nan"), "examples": 0}
+    n, loss_sum, top1, top5 = totals.double().tolist()
+    return {"loss": loss_sum / n, "accuracy": top1 / n, "top1_error": 1 - top1 / n,
+            "top5_error": 1 - top5 / n, "examples": int(n)}
+
+
+def _probe_loss(ctx: TrainContext, autocast) -> float:
+    """Training loss on the fixed probe batch before any step: ln(C) for a net that outputs nothing."""
+    x, y = ctx.data.probe_batch(ctx.cfg.diagnostics.probe_size)
+    ctx.model.eval()
+    with torch.no_grad(), autocast():
+        logits = split_outputs(ctx.model(x))[0]
+    ctx.model.train()
+    return float(ctx.criterion(logits.float(), y))
+
+
+def _optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer):
+    o = cfg.optim
+    if o.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=o.gamma, patience=o.plateau_patience)
+    if o.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if o.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
+    return None
+
+
+def _autocast(cfg: TrialConfig, device: torch.device) -> Callable[[], Any]:
+    """A context-manager factory: bf16 autocast on CUDA (no loss scaling needed), else nothing."""
+    if device.type == "cuda" and cfg.amp:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext

@@ -1,0 +1,531 @@
+"""The only module that configures Ray: a validated Sweep in, a Ray Tune run out.
+
+``launch`` connects to a cluster (``--address`` / ``RAY_ADDRESS``) or starts a fresh local one
+(``address="local"``: never a stale cluster), runs the pre-flight checks, then restores the sweep if
+its experiment exists (restore-or-start) or builds a new ``Tuner``: ASHA on epochs (or FIFO), Ray's
+basic generator (grid axes expanded, other domains sampled) or Optuna TPE, per-trial resources
+(possibly a function of the config), checkpoints every epoch and retries from the last one.
+
+Driver-side bookkeeping lives in :class:`SweepCallback`: the sweep record on disk (status/export read
+it without Ray), the live progress line, and every trial's outcome: completed, pruned (with ASHA's
+rung, cutoff, peers and the trial's value), diverged, stalled or failed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sweeper.config import ConfigError, TrialConfig
+from sweeper.console import console, error_console, fmt
+from sweeper.records import SweepRecord, scalar_metrics
+from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
+
+__all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
+
+DEFAULT_STORAGE = "sweeps"
+_TUNE_ENV = {
+    # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
+    # second they cost real time. Our record and MLflow keep what matters.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
+}
+
+
+@dataclass
+class LaunchResult:
+    name: str
+    experiment_dir: str
+    outcomes: dict[str, int] = field(default_factory=dict)
+    trials: int = 0
+    epochs: int = 0
+    restored: bool = False
+    interrupted: bool = False
+    best: dict[str, Any] | None = None
+
+
+# ---- storage ------------------------------------------------------------------------------------------
+
+
+def storage_root(storage: str | None) -> str:
+    """An absolute local path or a URI (s3://, gs://, ...)."""
+    storage = storage or DEFAULT_STORAGE
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def experiment_dir(name: str, storage: str | None) -> str:
+    root = storage_root(storage)
+    return f"{root.rstrip('/')}/{name}"
+
+
+def record_for(name: str, storage: str | None) -> SweepRecord:
+    """The local record of a sweep. Remote storage keeps Ray's state remote; the record stays local."""
+    root = storage_root(storage)
+    if "://" in root:
+        root = storage_root(DEFAULT_STORAGE)
+    return SweepRecord(Path(root) / name)
+
+
+def _check_storage(root: str, *, multi_node: bool) -> list[str]:
+    import pyarrow.fs as pafs
+
+    problems = []
+    if "://" not in root and multi_node:
+        problems.append(
+            f"storage={root!r} is a path on this machine, but the cluster has several nodes: remote "
+            "workers cannot write checkpoints there. Use shared storage (s3://bucket/path, "
+            "gs://..., or an NFS mount present on every node, given as file:///mnt/...)")
+        return problems
+    try:
+        fs, path = pafs.FileSystem.from_uri(root if "://" in root else Path(root).as_uri())
+        fs.create_dir(path, recursive=True)
+        probe = f"{path.rstrip('/')}/.sweeper-write-test-{os.getpid()}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as exc:  # pyarrow raises OSError subclasses and ArrowInvalid
+        problems.append(f"storage={root!r} is not writable: {exc}")
+    return problems
+
+
+# ---- pre-flight ---------------------------------------------------------------------------------------
+
+
+def _configs_to_check(sweep: Sweep) -> list[TrialConfig]:
+    """One config per grid cell (sampled elsewhere): resources and datasets may differ by cell."""
+    from sweeper.spaces import base_config, sample_config
+
+    sampled = sample_config(sweep)
+    configs = []
+    for cell in grid_cells(sweep):
+        configs.append(TrialConfig.from_flat({**sampled, **base_config(sweep, cell)}))
+    return configs
+
+
+def preflight(sweep: Sweep, *, root: str, gpu_available: bool) -> list[str]:
+    """Everything that would otherwise fail later: placement, storage, data. Returns problems."""
+    import ray
+
+    problems: list[str] = []
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    capacity = [{"cpu": n["Resources"].get("CPU", 0.0), "gpu": n["Resources"].get("GPU", 0.0)}
+                for n in nodes]
+    configs = _configs_to_check(sweep)
+    seen = set()
+    for cfg in configs:
+        need = trial_resources(sweep, cfg)
+        if not gpu_available:
+            need["gpu"] = 0.0
+        key = (need["cpu"], need["gpu"])
+        if key in seen:
+            continue
+        seen.add(key)
+        if not any(c["cpu"] >= need["cpu"] and c["gpu"] >= need["gpu"] for c in capacity):
+            biggest = max(capacity, key=lambda c: (c["gpu"], c["cpu"]), default={"cpu": 0, "gpu": 0})
+            problems.append(
+                f"a trial of {cfg.model.arch} asks for {fmt(need['cpu'])} CPU and {fmt(need['gpu'])} "
+                f"GPU, but no node has that much (largest: {fmt(biggest['cpu'])} CPU, "
+                f"{fmt(biggest['gpu'])} GPU): it would wait PENDING forever. Lower `resources` "
+                "or add nodes")
+    problems += _check_storage(root, multi_node=len(nodes) > 1)
+    from sweeper.data import DatasetUnavailable, load_splits
+
+    checked = set()
+    for cfg in configs:
+        key = (cfg.data.name, cfg.data.dir, cfg.data.resolution)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            load_splits(cfg.data, seed=cfg.seed)  # decodes once into the node's cache
+        except DatasetUnavailable as exc:
+            problems.append(str(exc))
+    return problems
+
+
+# ---- scheduler and searcher ---------------------------------------------------------------------------
+
+
+def _make_scheduler(sweep: Sweep, record: SweepRecord):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    if sweep.scheduler == "fifo":
+        return FIFOScheduler()
+
+    class ExplainedASHA(ASHAScheduler):
+        """ASHA that writes down, for every trial it stops, the rung, cutoff, peers and value."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            context = self._rung_context(trial, result)
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and context is not None:
+                milestone, recorded = context
+                raw_cutoff = self._trial_info[trial.trial_id].cutoff(recorded)
+                record.append_decision({
+                    "trial_id": trial.trial_id,
+                    "rung": milestone,
+                    "epoch": result[self._time_attr],
+                    "metric": self._metric,
+                    "value": result[self._metric],
+                    "cutoff": None if raw_cutoff is None else float(self._metric_op * raw_cutoff),
+                    "peers": len(recorded),
+                    "reduction_factor": self._reduction_factor,
+                    "time": time.time(),
+                })
+            return action
+
+        def _rung_context(self, trial, result):
+            """(milestone, results recorded there before this trial) if this result meets a rung."""
+            if self._time_attr not in result or self._metric not in result:
+                return None
+            cur_iter = result[self._time_attr]
+            if cur_iter >= self._max_t:  # reaching the budget is finishing, not pruning
+                return None
+            bracket = self._trial_info.get(trial.trial_id)
+            if bracket is None:
+                return None
+            for milestone, recorded in bracket._rungs:  # descending milestones
+                if cur_iter < milestone or trial.trial_id in recorded:
+                    continue
+                return milestone, dict(recorded)
+            return None
+
+    return ExplainedASHA(time_attr="training_iteration", max_t=sweep.max_epochs,
+                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+
+
+def _make_searcher(sweep: Sweep):
+    if sweep.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sweep.seed)
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PrunedAwareOptunaSearch(OptunaSearch):
+        """Tune hands Optuna an ASHA-stopped trial as COMPLETE with its last value; it was pruned.
+
+        Telling Optuna PRUNED (its last intermediate value stays recorded) keeps TPE from treating a
+        trial cut at epoch 3 as if it had converged there.
+        """
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if (result and not error and result.get("outcome") == "running"
+                    and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+                try:
+                    self._ot_study.tell(self._ot_trials[trial_id],
+                                        state=optuna.trial.TrialState.PRUNED)
+                except Exception as exc:  # never let bookkeeping end a sweep
+                    error_console.print(f"warning: could not mark trial {trial_id} pruned: {exc}")
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return PrunedAwareOptunaSearch(
+        metric=sweep.metric, mode=sweep.mode,
+        sampler=optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(
+            10, max(2, sweep.num_samples // 3))))
+
+
+# ---- the driver callback ------------------------------------------------------------------------------
+
+
+def trial_label(config: Mapping[str, Any]) -> str:
+    """A readable trial name: vgg16-normal-plain-lr0.012."""
+    arch = config.get("model.arch", "model")
+    if arch == "vgg" and config.get("model.depth"):
+        arch = f"vgg{config['model.depth']}p"
+    parts = [str(arch), str(config.get("model.init", "he"))]
+    parts.append("bn" if config.get("model.batch_norm") else "plain")
+    lr = config.get("optim.lr")
+    if isinstance(lr, (int, float)):
+        parts.append(f"lr{lr:.2g}")
+    return "-".join(parts)
+
+
+def _make_callback(sweep: Sweep, record: SweepRecord, *, quiet: bool, planned: int):
+    from ray.tune import Callback
+
+    class SweepCallback(Callback):
+        """Writes the sweep record and prints progress; runs in the driver."""
+
+        def __init__(self):
+            self.started = time.time()
+            self.last_print = 0.0
+            self.epochs = 0
+            self.best: tuple[float, str] | None = None
+            self.states: dict[str, str] = {}
+
+        def get_state(self):
+            return {"epochs": self.epochs, "best": self.best, "states": self.states}
+
+        def set_state(self, state):
+            self.epochs = state["epochs"]
+            self.best = tuple(state["best"]) if state["best"] else None
+            self.states = dict(state["states"])
+
+        def _base(self, trial) -> dict[str, Any]:
+            existing = record.trial(trial.trial_id) or {}
+            return {**existing, "trial_id": trial.trial_id, "name": trial_label(trial.config),
+                    "config": dict(trial.config), "created": existing.get("created", time.time()),
+                    "num_failures": trial.num_failures}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.states[trial.trial_id] = "running"
+            record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            record.append_epoch(trial.trial_id, result)
+            self.epochs += 1
+            value = result.get(sweep.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                better = (self.best is None or (value > self.best[0] if sweep.mode == "max"
+                                                else value < self.best[0]))
+                if better:
+                    self.best = (float(value), trial_label(trial.config))
+            rec = self._base(trial)
+            rec.update(status="running", epochs=int(result.get("epoch", 0)),
+                       last=scalar_metrics(result))
+            rec["best"] = _best(rec.get("best"), scalar_metrics(result), sweep)
+            record.write_trial(trial.trial_id, rec)
+            self._progress(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finish(trial, error=None)
+            self._progress(trials, force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finish(trial, error=_error_text(trial))
+            self._progress(trials, force=True)
+
+        def _finish(self, trial, *, error: str | None) -> None:
+            rec = self._base(trial)
+            last = trial.last_result or {}
+            decision = record.decisions().get(trial.trial_id)
+            if error is not None:
+                outcome, reason = "failed", error
+            elif last.get("outcome") not in (None, "running"):
+                outcome, reason = last["outcome"], last.get("stop_reason")
+            elif decision is not None:
+                outcome = "pruned"
+                reason = (f"ASHA rung {decision['rung']}: {sweep.metric}="
+                          f"{fmt(decision['value'])} below cutoff {fmt(decision['cutoff'])} "
+                          f"of {decision['peers']} peers")
+            else:
+                outcome, reason = "stopped", "stopped before its budget (sweep interrupted?)"
+            rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
+                       epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
+            if last:
+                rec["last"] = scalar_metrics(last)
+            record.write_trial(trial.trial_id, rec)
+            self.states[trial.trial_id] = outcome
+            if not quiet:
+                style = {"completed": "green", "pruned": "cyan", "failed": "red",
+                         "diverged": "red", "stalled": "yellow"}.get(outcome, "")
+                console.print(f"  {trial_label(trial.config):<32} {outcome:<9} after "
+                              f"{rec['epochs']:>3} epochs  {sweep.metric}="
+                              f"{fmt(last.get(sweep.metric))}  {reason or ''}", style=style)
+
+        def _progress(self, trials, force: bool = False) -> None:
+            now = time.time()
+            if quiet or (not force and now - self.last_print < 10):
+                return
+            self.last_print = now
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            pending = sum(1 for t in trials if t.status == "PENDING")
+            done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+            elapsed = now - self.started
+            budget = planned * sweep.max_epochs
+            eta = ""
+            if self.epochs and done < planned:
+                # An upper bound: ASHA will cut some of the remaining budget.
+                eta = f" | ETA <= {_duration(elapsed / self.epochs * max(budget - self.epochs, 0))}"
+            best = f" | best {sweep.metric} {fmt(self.best[0])} ({self.best[1]})" if self.best else ""
+            console.print(f"[{_duration(elapsed)}] trials: {done}/{planned} done, {running} running, "
+                          f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
+
+    return SweepCallback()
+
+
+def _best(previous: Mapping[str, Any] | None, metrics: Mapping[str, Any], sweep: Sweep):
+    value = metrics.get(sweep.metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return previous
+    if previous is None or previous.get(sweep.metric) is None:
+        return dict(metrics)
+    old = previous[sweep.metric]
+    better = value > old if sweep.mode == "max" else value < old
+    return dict(metrics) if better else previous
+
+
+def _error_text(trial) -> str:
+    text = getattr(trial, "error_msg", None) or ""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "the trial raised (see its error file)"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ---- launch -------------------------------------------------------------------------------------------
+
+
+def _connect(address: str | None, local: bool, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in _TUNE_ENV.items():
+        os.environ.setdefault(key, value)
+    if local:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError([
+            "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS) to use a cluster, or "
+            "--local to start a fresh Ray on this machine"])
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+
+def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
+           num_cpus: int | None = None, quiet: bool = False, overrides: Mapping[str, Any] = {},
+           restore: bool = True) -> LaunchResult:
+    """Run (or resume) a sweep to the end, or until interrupted; return what happened."""
+    import ray
+    from ray import tune
+
+    from sweeper.provenance import provenance
+    from sweeper.trial import train_trial
+
+    root = storage_root(sweep.storage)
+    exp_dir = experiment_dir(sweep.name, sweep.storage)
+    record = record_for(sweep.name, sweep.storage)
+    _connect(address, local, num_cpus)
+    try:
+        gpu_available = ray.cluster_resources().get("GPU", 0) > 0
+        problems = preflight(sweep, root=root, gpu_available=gpu_available)
+        if problems:
+            raise ConfigError(problems)
+        if not gpu_available and any(trial_resources(sweep, c)["gpu"] for c in
+                                     _configs_to_check(sweep)):
+            console.print("no GPU in this Ray cluster: trials run on CPUs "
+                          "(GPU requests set to 0)", style="yellow")
+        planned = trial_count(sweep)
+        restored = restore and tune.Tuner.can_restore(exp_dir)
+        if not record.exists():
+            record.create({"name": sweep.name, "question": sweep.question, "metric": sweep.metric,
+                           "mode": sweep.mode, "max_epochs": sweep.max_epochs,
+                           "scheduler": sweep.scheduler, "search": sweep.search,
+                           "num_samples": sweep.num_samples, "planned_trials": planned,
+                           "grace_period": sweep.grace_period,
+                           "reduction_factor": sweep.reduction_factor, "seed": sweep.seed,
+                           "space": {k: repr(v) for k, v in sweep.space.items()},
+                           "overrides": dict(overrides), "experiment_dir": exp_dir,
+                           "created": time.time(), **provenance()}, file_text)
+        record.claim_driver()
+
+        def resources(config: dict[str, Any]) -> dict[str, float]:
+            need = trial_resources(sweep, TrialConfig.from_flat(config))
+            return {"cpu": need["cpu"], "gpu": need["gpu"] if gpu_available else 0.0}
+
+        trainable = tune.with_resources(train_trial, resources)
+        param_space = _param_space(sweep)
+        callback = _make_callback(sweep, record, quiet=quiet, planned=planned)
+        if restored:
+            console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
+                                       resume_errored=True)
+        else:
+            console.print(f"starting sweep {sweep.name!r}: {planned} trials, "
+                          f"max {sweep.max_epochs} epochs each -> {exp_dir}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric, mode=sweep.mode,
+                    scheduler=_make_scheduler(sweep, record),
+                    search_alg=_make_searcher(sweep),
+                    num_samples=sweep.num_samples,
+                    max_concurrent_trials=sweep.max_concurrent,
+                    trial_name_creator=lambda t: trial_label(t.config),
+                    trial_dirname_creator=lambda t: f"{trial_label(t.config)}-{t.trial_id}",
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep.name, storage_path=root, verbose=0,
+                    callbacks=[callback],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints),
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                ),
+            )
+        results = tuner.fit()
+    finally:
+        record.release_driver()
+        if ray.is_initialized() and local:
+            ray.shutdown()
+    return _summarise(sweep, record, exp_dir, restored=restored,
+                      interrupted=bool(getattr(results, "_experiment_analysis", None) is None))
+
+
+def _param_space(sweep: Sweep) -> dict[str, Any]:
+    from sweeper.spaces import base_config
+
+    return base_config(sweep, dict(sweep.space))
+
+
+def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: bool,
+               interrupted: bool) -> LaunchResult:
+    trials = record.trials()
+    outcomes: dict[str, int] = {}
+    for t in trials:
+        outcome = t.get("outcome") or t.get("status", "unknown")
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    finished = [t for t in trials if t.get("best")]
+    best = None
+    if finished:
+        sign = 1 if sweep.mode == "max" else -1
+        best = max(finished, key=lambda t: sign * t["best"][sweep.metric])
+    return LaunchResult(name=sweep.name, experiment_dir=exp_dir, outcomes=outcomes,
+                        trials=len(trials), epochs=sum(int(t.get("epochs", 0)) for t in trials),
+                        restored=restored, interrupted=interrupted, best=best)
+
+
+# ---- stop ---------------------------------------------------------------------------------------------
+
+
+def stop_sweep(name: str, storage: str | None) -> str:
+    """Ask the driver of a running sweep to save its state and exit (it stays resumable)."""
+    import socket
+
+    record = record_for(name, storage)
+    if not record.exists():
+        raise ConfigError([f"no sweep named {name!r} under {storage_root(storage)}"])
+    driver = record.driver()
+    if driver is None:
+        return f"sweep {name!r} is not running"
+    if driver["host"] != socket.gethostname():
+        raise ConfigError([f"sweep {name!r} is driven from host {driver['host']!r} "
+                           f"(pid {driver['pid']}); run `sweeper stop` there"])
+    try:
+        # Tune treats SIGINT as "save the experiment state and stop": a later launch resumes it.
+        os.kill(int(driver["pid"]), signal.SIGINT)
+    except ProcessLookupError:
+        record.release_driver()
+        return f"sweep {name!r} is not running (its driver {driver['pid']} is gone)"
+    return f"asked sweep {name!r} (pid {driver['pid']}) to save its state and stop"

@@ -1,0 +1,75 @@
+"""The command line: user errors are one clear line each with exit code 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def sweeper(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweeper.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("model.arch=vgg99", "model.arch='vgg99' is not one of ["),
+    ("model.init=kaiming2", "model.init='kaiming2' is not one of ['default', 'he', 'normal', 'xavier']"),
+    ("dataset=mnist", "data.name='mnist' is not one of ["),
+    ("optim.lr=-0.1", "optim.lr=-0.1 must be > 0"),
+    ("width=0", "model.width=0.0 must be > 0"),
+    ("width=-1", "model.width=-1.0 must be > 0"),
+])
+def test_bad_input_is_one_clear_message_and_exit_2(setting, message):
+    out = sweeper("debug", setting, "epochs=1")
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.count("error:") == 1
+
+
+def test_several_bad_settings_are_reported_together():
+    out = sweeper("debug", "model.arch=vgg99", "model.init=kaiming2", "optim.lr=0")
+    assert out.returncode == 2
+    assert out.stderr.count("error:") == 3
+
+
+def test_missing_dataset_names_the_directory_and_the_alternatives(tmp_path):
+    out = sweeper("debug", "dataset=cifar10", f"data.dir={tmp_path}", "epochs=1")
+    assert out.returncode == 2
+    assert "cifar10" in out.stderr and str(tmp_path) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_debug_runs_one_trial_in_the_foreground_and_prints_an_epoch_table():
+    out = sweeper("debug", "search_spaces/vgg_depth.py", "dataset=digits", "width=1/8",
+                  "model.arch=vgg11", "model.init=he", "model.batch_norm=true", "lr=0.05",
+                  "--epochs", "2", "--no-diagnostics")
+    assert out.returncode == 0, out.stderr
+    assert "model.arch" in out.stdout and "vgg11" in out.stdout
+    lines = [l for l in out.stdout.splitlines() if l.strip().startswith(("1 ", "2 "))]
+    assert len(lines) == 2, out.stdout
+    assert "outcome: completed" in out.stdout
+
+
+def test_validate_reports_every_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from sweeper.spaces import Sweep\n"
+                   "SWEEP = Sweep(name='b', space={'model.init': 'kaiming2'})\n")
+    out = sweeper("validate", "search_spaces/vgg_depth.py", str(bad))
+    assert out.returncode == 2
+    assert "vgg_depth.py: ok" in out.stdout and "24 grid cell(s)" in out.stdout
+    assert "model.init='kaiming2' is not one of" in out.stderr
+
+
+def test_launch_dry_run_prints_the_grid_without_starting_ray():
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits")
+    assert out.returncode == 0, out.stderr
+    assert "24 grid cell(s) x 3 sample(s) = 72 trials" in out.stdout
+    assert "optim.lr" in out.stdout
+
+
+def test_launch_without_a_cluster_explains_both_options(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "dataset=digits")
+    assert out.returncode == 2
+    assert "--address" in out.stderr and "RAY_ADDRESS" in out.stderr and "--local" in out.stderr
