@@ -323,7 +323,9 @@ def dry_run(sweep: Sweep) -> TrialConfig:
         trial_resources(sweep, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=_num_classes(cfg)).eval()
-    side = cfg.data.resolution or 32
+    from sweeper.data import resolution
+
+    side = resolution(cfg.data)
     with torch.no_grad():
         logits = split_outputs(model(torch.zeros(2, 3, side, side)))[0]
     if logits.shape != (2, _num_classes(cfg)):
@@ -333,7 +335,6 @@ def dry_run(sweep: Sweep) -> TrialConfig:
 
 
 def _num_classes(cfg: TrialConfig) -> int:
-    known = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "food101": 101}
-    if cfg.data.name == "synthetic":
-        return cfg.data.synthetic_classes
-    return known.get(cfg.data.name, 10)
+    from sweeper.data import num_classes
+
+    return num_classes(cfg.data) or 10  # imagefolder: any count exercises the model
