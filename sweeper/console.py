@@ -10,8 +10,9 @@ from rich.table import Table
 
 __all__ = ["EpochPrinter", "config_table", "console", "error_console", "fmt"]
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
+# soft_wrap: a log file or pipe gets whole lines, not lines cut at rich's default 80 columns.
+console = Console(highlight=False, soft_wrap=True)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _OUTCOME_STYLE = {"completed": "green", "running": "", "diverged": "red", "stalled": "yellow",
                   "pruned": "cyan", "failed": "red"}

@@ -38,8 +38,8 @@ from sweeper.inits import fans, relu_gain, weight_std
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "classify_stall", "predicted_stds"]
 
-STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradient", "lr_too_small",
-                 "learn_then_collapse", "plateau")
+STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradient", "lr_too_high",
+                 "lr_too_small", "learn_then_collapse", "plateau")
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -71,6 +71,7 @@ class Diagnostics:
         self.layers: list[LayerInfo] = []
         self._start_weights: list[torch.Tensor] = []
         self._min_loss = math.inf
+        self._initial_max_update = math.nan  # the largest per-step update ratio at step 0
 
     # ---- Hook protocol --------------------------------------------------------------------------
 
@@ -81,6 +82,7 @@ class Diagnostics:
                                                           input_second_moment=self._input_m2)):
             metrics[f"act_std_pred/{layer.key}"] = std
         self._snapshot()
+        self._initial_max_update = metrics.get("max_update_ratio", math.nan)
         return metrics
 
     def on_epoch_end(self, ctx, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +104,8 @@ class Diagnostics:
         stalled = len(recent) >= self.cfg.stall_epochs and all(at_chance(v) for v in recent)
         collapsed = at_chance(loss) and self._min_loss < chance - 0.5
         if stalled or collapsed:
-            reason = "learn_then_collapse" if collapsed else classify_stall(out, self.layers)
+            reason = "learn_then_collapse" if collapsed else classify_stall(
+                out, self.layers, initial_max_update=self._initial_max_update)
             ctx.label = ("stalled", reason)
             ctx.stop = self.cfg.stop_on_stall
         else:
@@ -113,11 +116,13 @@ class Diagnostics:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"start_weights": self._start_weights, "min_loss": self._min_loss}
+        return {"start_weights": self._start_weights, "min_loss": self._min_loss,
+                "initial_max_update": self._initial_max_update}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._start_weights = list(state["start_weights"])
         self._min_loss = state["min_loss"]
+        self._initial_max_update = state["initial_max_update"]
 
     # ---- measurement ----------------------------------------------------------------------------
 
@@ -239,8 +244,14 @@ class Diagnostics:
         return metrics
 
 
-def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo]) -> str:
-    """Name why a trial sits at chance, from one measurement of :meth:`Diagnostics.measure`."""
+def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
+                   initial_max_update: float = math.nan) -> str:
+    """Name why a trial sits at chance, from one measurement of :meth:`Diagnostics.measure`.
+
+    ``initial_max_update`` (the largest update ratio at step 0) separates an lr too small (updates
+    were tiny from the start) from one too high (the first steps were large, then the net settled at
+    chance in a flat region where the gradients are >= 10x smaller).
+    """
     keys = [l.key for l in layers if f"act_std/{l.key}" in metrics]
     if not keys:
         return "plateau"
@@ -266,6 +277,8 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo]) -> str:
     if last_grad > 0 and first_grad / last_grad < GRADIENT_COLLAPSE:
         return "vanishing_gradient"
     if max(updates) < SLOW_UPDATE:
+        if initial_max_update >= SLOW_UPDATE and max(updates) < initial_max_update / 10:
+            return "lr_too_high"
         return "lr_too_small"
     return "plateau"
 

@@ -13,6 +13,7 @@ rung, cutoff, peers and the trial's value), diverged, stalled or failed.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -20,6 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import optuna
+import ray
+from ray import tune
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
@@ -34,7 +43,8 @@ _TUNE_ENV = {
     # second they cost real time. Our record and MLflow keep what matters.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
+    # Checkpointing every epoch is the design (a retry loses at most one epoch), not a mistake.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 
 
@@ -112,7 +122,6 @@ def _configs_to_check(sweep: Sweep) -> list[TrialConfig]:
 
 def preflight(sweep: Sweep, *, root: str, gpu_available: bool) -> list[str]:
     """Everything that would otherwise fail later: placement, storage, data. Returns problems."""
-    import ray
 
     problems: list[str] = []
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -154,86 +163,83 @@ def preflight(sweep: Sweep, *, root: str, gpu_available: bool) -> list[str]:
 # ---- scheduler and searcher ---------------------------------------------------------------------------
 
 
-def _make_scheduler(sweep: Sweep, record: SweepRecord):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+class ExplainedASHA(ASHAScheduler):
+    """ASHA that writes down, for every trial it stops, the rung, cutoff, peers and value."""
 
+    def __init__(self, *, record_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.record_dir = record_dir
+
+    def on_trial_result(self, tune_controller, trial, result):
+        context = self._rung_context(trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and context is not None:
+            milestone, recorded = context
+            raw_cutoff = self._trial_info[trial.trial_id].cutoff(recorded) if recorded else None
+            SweepRecord(self.record_dir).append_decision({
+                "trial_id": trial.trial_id,
+                "rung": milestone,
+                "epoch": result[self._time_attr],
+                "metric": self._metric,
+                "value": result[self._metric],
+                "cutoff": None if raw_cutoff is None else float(self._metric_op * raw_cutoff),
+                "peers": len(recorded),
+                "reduction_factor": self._reduction_factor,
+                "time": time.time(),
+            })
+        return action
+
+    def _rung_context(self, trial, result):
+        """(milestone, results recorded there before this trial) if this result meets a rung."""
+        if self._time_attr not in result or self._metric not in result:
+            return None
+        cur_iter = result[self._time_attr]
+        if cur_iter >= self._max_t:  # reaching the budget is finishing, not pruning
+            return None
+        bracket = self._trial_info.get(trial.trial_id)
+        if bracket is None:
+            return None
+        for milestone, recorded in bracket._rungs:  # descending milestones
+            if cur_iter < milestone or trial.trial_id in recorded:
+                continue
+            return milestone, dict(recorded)
+        return None
+
+
+def _make_scheduler(sweep: Sweep, record: SweepRecord):
     if sweep.scheduler == "fifo":
         return FIFOScheduler()
+    return ExplainedASHA(record_dir=str(record.experiment_dir), time_attr="training_iteration",
+                         max_t=sweep.max_epochs, grace_period=sweep.grace_period,
+                         reduction_factor=sweep.reduction_factor)
 
-    class ExplainedASHA(ASHAScheduler):
-        """ASHA that writes down, for every trial it stops, the rung, cutoff, peers and value."""
 
-        def on_trial_result(self, tune_controller, trial, result):
-            context = self._rung_context(trial, result)
-            action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and context is not None:
-                milestone, recorded = context
-                raw_cutoff = self._trial_info[trial.trial_id].cutoff(recorded)
-                record.append_decision({
-                    "trial_id": trial.trial_id,
-                    "rung": milestone,
-                    "epoch": result[self._time_attr],
-                    "metric": self._metric,
-                    "value": result[self._metric],
-                    "cutoff": None if raw_cutoff is None else float(self._metric_op * raw_cutoff),
-                    "peers": len(recorded),
-                    "reduction_factor": self._reduction_factor,
-                    "time": time.time(),
-                })
-            return action
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """Tune hands Optuna an ASHA-stopped trial as COMPLETE with its last value; it was pruned.
 
-        def _rung_context(self, trial, result):
-            """(milestone, results recorded there before this trial) if this result meets a rung."""
-            if self._time_attr not in result or self._metric not in result:
-                return None
-            cur_iter = result[self._time_attr]
-            if cur_iter >= self._max_t:  # reaching the budget is finishing, not pruning
-                return None
-            bracket = self._trial_info.get(trial.trial_id)
-            if bracket is None:
-                return None
-            for milestone, recorded in bracket._rungs:  # descending milestones
-                if cur_iter < milestone or trial.trial_id in recorded:
-                    continue
-                return milestone, dict(recorded)
-            return None
+    Telling Optuna PRUNED (its intermediate values stay recorded) keeps TPE from treating a trial cut
+    at epoch 3 as if it had converged there.
+    """
 
-    return ExplainedASHA(time_attr="training_iteration", max_t=sweep.max_epochs,
-                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if (result and not error and result.get("outcome") == "running"
+                and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            except Exception as exc:  # never let bookkeeping end a sweep
+                error_console.print(f"warning: could not mark trial {trial_id} pruned: {exc}")
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def _make_searcher(sweep: Sweep):
     if sweep.search == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
         return BasicVariantGenerator(random_state=sweep.seed)
-
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class PrunedAwareOptunaSearch(OptunaSearch):
-        """Tune hands Optuna an ASHA-stopped trial as COMPLETE with its last value; it was pruned.
-
-        Telling Optuna PRUNED (its last intermediate value stays recorded) keeps TPE from treating a
-        trial cut at epoch 3 as if it had converged there.
-        """
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if (result and not error and result.get("outcome") == "running"
-                    and trial_id in self._ot_trials and trial_id not in self._completed_trials):
-                try:
-                    self._ot_study.tell(self._ot_trials[trial_id],
-                                        state=optuna.trial.TrialState.PRUNED)
-                except Exception as exc:  # never let bookkeeping end a sweep
-                    error_console.print(f"warning: could not mark trial {trial_id} pruned: {exc}")
-                self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result=result, error=error)
-
     return PrunedAwareOptunaSearch(
         metric=sweep.metric, mode=sweep.mode,
-        sampler=optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(
-            10, max(2, sweep.num_samples // 3))))
+        sampler=optuna.samplers.TPESampler(
+            seed=sweep.seed, n_startup_trials=min(10, max(2, sweep.num_samples // 3))))
 
 
 # ---- the driver callback ------------------------------------------------------------------------------
@@ -252,108 +258,109 @@ def trial_label(config: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
-def _make_callback(sweep: Sweep, record: SweepRecord, *, quiet: bool, planned: int):
-    from ray.tune import Callback
+class SweepCallback(Callback):
+    """Writes the sweep record and prints progress; runs in the driver."""
 
-    class SweepCallback(Callback):
-        """Writes the sweep record and prints progress; runs in the driver."""
+    def __init__(self, sweep: Sweep, record_dir: str, *, quiet: bool, planned: int):
+        self.sweep, self.record_dir, self.quiet, self.planned = sweep, record_dir, quiet, planned
+        self.started = time.time()
+        self.last_print = 0.0
+        self.epochs = 0
+        self.best: tuple[float, str] | None = None
+        self.states: dict[str, str] = {}
 
-        def __init__(self):
-            self.started = time.time()
-            self.last_print = 0.0
-            self.epochs = 0
-            self.best: tuple[float, str] | None = None
-            self.states: dict[str, str] = {}
+    @property
+    def _record(self) -> SweepRecord:
+        return SweepRecord(self.record_dir)
 
-        def get_state(self):
-            return {"epochs": self.epochs, "best": self.best, "states": self.states}
+    def get_state(self):
+        return {"epochs": self.epochs, "best": self.best, "states": self.states}
 
-        def set_state(self, state):
-            self.epochs = state["epochs"]
-            self.best = tuple(state["best"]) if state["best"] else None
-            self.states = dict(state["states"])
+    def set_state(self, state):
+        self.epochs = state["epochs"]
+        self.best = tuple(state["best"]) if state["best"] else None
+        self.states = dict(state["states"])
 
-        def _base(self, trial) -> dict[str, Any]:
-            existing = record.trial(trial.trial_id) or {}
-            return {**existing, "trial_id": trial.trial_id, "name": trial_label(trial.config),
-                    "config": dict(trial.config), "created": existing.get("created", time.time()),
-                    "num_failures": trial.num_failures}
+    def _base(self, trial) -> dict[str, Any]:
+        existing = self._record.trial(trial.trial_id) or {}
+        return {**existing, "trial_id": trial.trial_id, "name": trial_label(trial.config),
+                "config": dict(trial.config), "created": existing.get("created", time.time()),
+                "num_failures": trial.num_failures}
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.states[trial.trial_id] = "running"
-            record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.states[trial.trial_id] = "running"
+        self._record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            record.append_epoch(trial.trial_id, result)
-            self.epochs += 1
-            value = result.get(sweep.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                better = (self.best is None or (value > self.best[0] if sweep.mode == "max"
-                                                else value < self.best[0]))
-                if better:
-                    self.best = (float(value), trial_label(trial.config))
-            rec = self._base(trial)
-            rec.update(status="running", epochs=int(result.get("epoch", 0)),
-                       last=scalar_metrics(result))
-            rec["best"] = _best(rec.get("best"), scalar_metrics(result), sweep)
-            record.write_trial(trial.trial_id, rec)
-            self._progress(trials)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._record.append_epoch(trial.trial_id, result)
+        self.epochs += 1
+        value = result.get(self.sweep.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            better = (self.best is None or (value > self.best[0] if self.sweep.mode == "max"
+                                            else value < self.best[0]))
+            if better:
+                self.best = (float(value), trial_label(trial.config))
+        rec = self._base(trial)
+        rec.update(status="running", epochs=int(result.get("epoch", 0)),
+                   last=scalar_metrics(result))
+        rec["best"] = _best(rec.get("best"), scalar_metrics(result), self.sweep)
+        self._record.write_trial(trial.trial_id, rec)
+        self._progress(trials)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._finish(trial, error=None)
-            self._progress(trials, force=True)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=None)
+        self._progress(trials, force=True)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._finish(trial, error=_error_text(trial))
-            self._progress(trials, force=True)
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, error=_error_text(trial))
+        self._progress(trials, force=True)
 
-        def _finish(self, trial, *, error: str | None) -> None:
-            rec = self._base(trial)
-            last = trial.last_result or {}
-            decision = record.decisions().get(trial.trial_id)
-            if error is not None:
-                outcome, reason = "failed", error
-            elif last.get("outcome") not in (None, "running"):
-                outcome, reason = last["outcome"], last.get("stop_reason")
-            elif decision is not None:
-                outcome = "pruned"
-                reason = (f"ASHA rung {decision['rung']}: {sweep.metric}="
-                          f"{fmt(decision['value'])} below cutoff {fmt(decision['cutoff'])} "
-                          f"of {decision['peers']} peers")
-            else:
-                outcome, reason = "stopped", "stopped before its budget (sweep interrupted?)"
-            rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
-                       epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
-            if last:
-                rec["last"] = scalar_metrics(last)
-            record.write_trial(trial.trial_id, rec)
-            self.states[trial.trial_id] = outcome
-            if not quiet:
-                style = {"completed": "green", "pruned": "cyan", "failed": "red",
-                         "diverged": "red", "stalled": "yellow"}.get(outcome, "")
-                console.print(f"  {trial_label(trial.config):<32} {outcome:<9} after "
-                              f"{rec['epochs']:>3} epochs  {sweep.metric}="
-                              f"{fmt(last.get(sweep.metric))}  {reason or ''}", style=style)
+    def _finish(self, trial, *, error: str | None) -> None:
+        rec = self._base(trial)
+        last = trial.last_result or {}
+        decision = self._record.decisions().get(trial.trial_id)
+        if error is not None:
+            outcome, reason = "failed", error
+        elif last.get("outcome") not in (None, "running"):
+            outcome, reason = last["outcome"], last.get("stop_reason")
+        elif decision is not None:
+            outcome = "pruned"
+            reason = (f"ASHA rung {decision['rung']}: {self.sweep.metric}="
+                      f"{fmt(decision['value'])} below cutoff {fmt(decision['cutoff'])} "
+                      f"of {decision['peers']} peers")
+        else:
+            outcome, reason = "stopped", "stopped before its budget (sweep interrupted?)"
+        rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
+                   epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
+        if last:
+            rec["last"] = scalar_metrics(last)
+        self._record.write_trial(trial.trial_id, rec)
+        self.states[trial.trial_id] = outcome
+        if not self.quiet:
+            style = {"completed": "green", "pruned": "cyan", "failed": "red",
+                     "diverged": "red", "stalled": "yellow"}.get(outcome, "")
+            console.print(f"  {trial_label(trial.config):<32} {outcome:<9} after "
+                          f"{rec['epochs']:>3} epochs  {self.sweep.metric}="
+                          f"{fmt(last.get(self.sweep.metric))}  {reason or ''}", style=style)
 
-        def _progress(self, trials, force: bool = False) -> None:
-            now = time.time()
-            if quiet or (not force and now - self.last_print < 10):
-                return
-            self.last_print = now
-            running = sum(1 for t in trials if t.status == "RUNNING")
-            pending = sum(1 for t in trials if t.status == "PENDING")
-            done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
-            elapsed = now - self.started
-            budget = planned * sweep.max_epochs
-            eta = ""
-            if self.epochs and done < planned:
-                # An upper bound: ASHA will cut some of the remaining budget.
-                eta = f" | ETA <= {_duration(elapsed / self.epochs * max(budget - self.epochs, 0))}"
-            best = f" | best {sweep.metric} {fmt(self.best[0])} ({self.best[1]})" if self.best else ""
-            console.print(f"[{_duration(elapsed)}] trials: {done}/{planned} done, {running} running, "
-                          f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
+    def _progress(self, trials, force: bool = False) -> None:
+        now = time.time()
+        if self.quiet or (not force and now - self.last_print < 10):
+            return
+        self.last_print = now
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        pending = sum(1 for t in trials if t.status == "PENDING")
+        done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+        elapsed = now - self.started
+        budget = self.planned * self.sweep.max_epochs
+        eta = ""
+        if self.epochs and done < self.planned:
+            # An upper bound: ASHA will cut some of the remaining budget.
+            eta = f" | ETA <= {_duration(elapsed / self.epochs * max(budget - self.epochs, 0))}"
+        best = f" | best {self.sweep.metric} {fmt(self.best[0])} ({self.best[1]})" if self.best else ""
+        console.print(f"[{_duration(elapsed)}] trials: {done}/{self.planned} done, {running} running, "
+                      f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
 
-    return SweepCallback()
 
 
 def _best(previous: Mapping[str, Any] | None, metrics: Mapping[str, Any], sweep: Sweep):
@@ -386,12 +393,13 @@ def _duration(seconds: float) -> str:
 
 
 def _connect(address: str | None, local: bool, num_cpus: int | None) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     for key, value in _TUNE_ENV.items():
         os.environ.setdefault(key, value)
+    # With the per-trial loggers off, Tune's ResultGrid finds no result.json and warns about every
+    # trial; the sweep record holds those metrics.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if local:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
@@ -408,9 +416,6 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
            num_cpus: int | None = None, quiet: bool = False, overrides: Mapping[str, Any] = {},
            restore: bool = True) -> LaunchResult:
     """Run (or resume) a sweep to the end, or until interrupted; return what happened."""
-    import ray
-    from ray import tune
-
     from sweeper.provenance import provenance
     from sweeper.trial import train_trial
 
@@ -447,7 +452,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 
         trainable = tune.with_resources(train_trial, resources)
         param_space = _param_space(sweep)
-        callback = _make_callback(sweep, record, quiet=quiet, planned=planned)
+        callback = SweepCallback(sweep, str(record.experiment_dir), quiet=quiet, planned=planned)
         if restored:
             console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
@@ -474,13 +479,12 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 ),
             )
-        results = tuner.fit()
+        tuner.fit()
     finally:
         record.release_driver()
         if ray.is_initialized() and local:
             ray.shutdown()
-    return _summarise(sweep, record, exp_dir, restored=restored,
-                      interrupted=bool(getattr(results, "_experiment_analysis", None) is None))
+    return _summarise(sweep, record, exp_dir, restored=restored)
 
 
 def _param_space(sweep: Sweep) -> dict[str, Any]:
@@ -489,8 +493,7 @@ def _param_space(sweep: Sweep) -> dict[str, Any]:
     return base_config(sweep, dict(sweep.space))
 
 
-def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: bool,
-               interrupted: bool) -> LaunchResult:
+def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: bool) -> LaunchResult:
     trials = record.trials()
     outcomes: dict[str, int] = {}
     for t in trials:
@@ -503,7 +506,9 @@ def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: boo
         best = max(finished, key=lambda t: sign * t["best"][sweep.metric])
     return LaunchResult(name=sweep.name, experiment_dir=exp_dir, outcomes=outcomes,
                         trials=len(trials), epochs=sum(int(t.get("epochs", 0)) for t in trials),
-                        restored=restored, interrupted=interrupted, best=best)
+                        restored=restored, best=best,
+                        interrupted=sum(1 for t in trials if t.get("status") == "finished")
+                        < trial_count(sweep))
 
 
 # ---- stop ---------------------------------------------------------------------------------------------
