@@ -102,6 +102,8 @@ def launch(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan, run nothing."),
     fresh: bool = typer.Option(False, "--fresh", help="Never resume an existing sweep of this name."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final summary."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the storage)."),
 ) -> None:
     """Run a sweep on Ray Tune; a sweep of the same name that exists is resumed."""
     from sweeper.local import print_plan
@@ -120,10 +122,10 @@ def launch(
     from sweeper.tuner import launch as run_sweep
 
     result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
-                       overrides=parse_overrides(overrides or []), restore=not fresh)
+                       overrides=parse_overrides(overrides or []), restore=not fresh,
+                       tracking_uri=tracking_uri)
     _print_summary(result)
-    if result.outcomes.get("failed"):
-        raise typer.Exit(1)
+    _exit_for(result)
 
 
 @app.command()
@@ -135,6 +137,7 @@ def resume(
     local: bool = typer.Option(False, "--local", help="Start a fresh Ray on this machine."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for --local Ray."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI."),
 ) -> None:
     """Resume a stopped or crashed sweep from its saved state (the file it was launched with)."""
     from sweeper.local import saved_sweep
@@ -142,8 +145,9 @@ def resume(
 
     sweep, text, overrides = saved_sweep(name, storage)
     result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
-                       overrides=overrides, restore=True)
+                       overrides=overrides, restore=True, tracking_uri=tracking_uri)
     _print_summary(result)
+    _exit_for(result)
 
 
 @app.command()
@@ -186,6 +190,64 @@ def stop(
     from sweeper.tuner import stop_sweep
 
     console.print(stop_sweep(name, storage))
+
+
+@app.command()
+@user_errors
+def sync(
+    name: str = typer.Argument(..., help="Sweep name."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the sweep's)."),
+    wait: float = typer.Option(30.0, help="Seconds to keep retrying."),
+) -> None:
+    """Deliver tracking data the MLflow server missed while it was down."""
+    from sweeper.local import sync_tracking
+
+    if not sync_tracking(name, storage, tracking_uri=tracking_uri, wait_s=wait):
+        raise typer.Exit(EXIT_UNDELIVERED)
+
+
+@app.command()
+@user_errors
+def report(
+    name: str = typer.Argument(..., help="Sweep name."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+    out: Optional[Path] = typer.Option(None, help="Directory (default: the sweep record's report/)."),
+) -> None:
+    """Write the study report (tables, figures, text, one HTML file)."""
+    from sweeper.local import existing_record
+    from sweeper.report import build_report
+
+    record = existing_record(name, storage)
+    result = build_report(record, out or record.dir / "report")
+    console.print(result.summary)
+    console.print(f"report: {result.html}")
+
+
+@app.command()
+@user_errors
+def ui(
+    name: Optional[str] = typer.Argument(None, help="Sweep name (opens its experiment)."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweeps live."),
+    host: str = typer.Option("127.0.0.1", help="Bind address; keep it local unless you mean it."),
+    port: int = typer.Option(5000, help="Port."),
+) -> None:
+    """Start the MLflow UI on the sweeps' embedded store and print its URL."""
+    from sweeper.local import run_ui
+
+    run_ui(name, storage, host=host, port=port)
+
+
+EXIT_UNDELIVERED = 3
+
+
+def _exit_for(result) -> None:
+    if result.undelivered:
+        error_console.print(f"[yellow]{result.undelivered} tracking operation(s) not delivered: "
+                            f"{result.tracking_error}[/yellow]")
+        raise typer.Exit(EXIT_UNDELIVERED)
+    if result.outcomes.get("failed"):
+        raise typer.Exit(1)
 
 
 def _print_summary(result) -> None:

@@ -81,6 +81,8 @@ class Diagnostics:
         for layer, std in zip(self.layers, predicted_stds(ctx.cfg.model, self.layers,
                                                           input_second_moment=self._input_m2)):
             metrics[f"act_std_pred/{layer.key}"] = std
+        # Which module each metric name means: trackers log these strings as parameters.
+        metrics.update({f"layer/{key}": path for key, path in self.layer_map().items()})
         self._snapshot()
         self._initial_max_update = metrics.get("max_update_ratio", math.nan)
         return metrics

@@ -166,6 +166,15 @@ def print_status(name: str, storage: str | None) -> None:
         counts[key] = counts.get(key, 0) + 1
     console.print(f"sweep {name!r}: {state}; {len(trials)}/{meta.get('planned_trials', '?')} "
                   f"trials started; " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if "sweep_uid" in meta:
+        tracker = _tracker_for(name, storage, None)
+        pending = tracker.pending()
+        if pending:
+            error_console.print(f"[yellow]MLflow: {pending} operation(s) not yet delivered to "
+                                f"{meta.get('tracking_uri')} ({tracker.last_error()}); "
+                                f"`sweeper sync {name}` retries[/yellow]")
+        else:
+            console.print(f"MLflow: all delivered to {meta.get('tracking_uri')}")
     varying = _varying_keys([t.get("config", {}) for t in trials])
     table = Table(show_header=True, header_style="bold")
     table.add_column("trial")
@@ -187,3 +196,52 @@ def _varying_keys(configs: list[dict]) -> list[str]:
     for cfg in configs:
         keys.extend(k for k in cfg if k not in keys)
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def _tracker_for(name: str, storage: str | None, tracking_uri: str | None):
+    from sweeper.tracking import Tracker, default_tracking_uri
+    from sweeper.tuner import record_root
+
+    record = existing_record(name, storage)
+    meta = record.meta()
+    uri = tracking_uri or meta.get("tracking_uri") or default_tracking_uri(record_root(storage))
+    return Tracker(record.dir, uri, experiment=name, sweep_uid=meta["sweep_uid"])
+
+
+def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
+                  wait_s: float) -> bool:
+    tracker = _tracker_for(name, storage, tracking_uri)
+    before = tracker.pending()
+    ok = tracker.flush_until(wait_s)
+    if ok:
+        console.print(f"delivered {before} tracking operation(s); nothing pending")
+    else:
+        error_console.print(f"{tracker.pending()} of {before} operation(s) still pending: "
+                            f"{tracker.last_error()}")
+    return ok
+
+
+def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> None:
+    """`mlflow ui` on the embedded store, in the foreground (Ctrl-C stops it)."""
+    import subprocess
+    import sys
+
+    from sweeper.tracking import default_tracking_uri
+    from sweeper.tuner import record_root
+
+    root = Path(record_root(storage))
+    uri = default_tracking_uri(root)
+    if not (root / "mlflow.db").is_file():
+        raise ConfigError([f"no MLflow store at {root / 'mlflow.db'}: launch a sweep first "
+                           "(or pass --storage where it was launched)"])
+    url = f"http://{host}:{port}"
+    if name:
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+        if exp is None:
+            raise ConfigError([f"no MLflow experiment named {name!r} in {uri}"])
+        url += f"/#/experiments/{exp.experiment_id}"
+    console.print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                    "--host", host, "--port", str(port)], check=False)

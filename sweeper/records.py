@@ -27,13 +27,13 @@ __all__ = ["SweepRecord", "scalar_metrics"]
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Numbers and short strings of a result, without Tune's bookkeeping or the step-0 snapshot."""
+    """Numbers and short strings of a result, without Tune's bookkeeping."""
     skip = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp", "done",
             "checkpoint_dir_name", "should_checkpoint", "experiment_tag", "time_this_iter_s",
             "iterations_since_restore", "time_since_restore", "time_total_s"}
     out = {}
     for k, v in metrics.items():
-        if k in skip or k.startswith("init/"):
+        if k in skip:
             continue
         if isinstance(v, bool):
             out[k] = float(v)

@@ -13,11 +13,13 @@ rung, cutoff, peers and the trial's value), diverged, stalled or failed.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +36,7 @@ from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
 from sweeper.records import SweepRecord, scalar_metrics
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
+from sweeper.tracking import Tracker, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
 
@@ -58,6 +61,8 @@ class LaunchResult:
     restored: bool = False
     interrupted: bool = False
     best: dict[str, Any] | None = None
+    undelivered: int = 0  # tracking operations still in the spool
+    tracking_error: str | None = None
 
 
 # ---- storage ------------------------------------------------------------------------------------------
@@ -76,12 +81,15 @@ def experiment_dir(name: str, storage: str | None) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
+def record_root(storage: str | None) -> str:
+    """Where records (and the embedded MLflow store) live: the storage dir, or ./sweeps if remote."""
+    root = storage_root(storage)
+    return storage_root(DEFAULT_STORAGE) if "://" in root else root
+
+
 def record_for(name: str, storage: str | None) -> SweepRecord:
     """The local record of a sweep. Remote storage keeps Ray's state remote; the record stays local."""
-    root = storage_root(storage)
-    if "://" in root:
-        root = storage_root(DEFAULT_STORAGE)
-    return SweepRecord(Path(root) / name)
+    return SweepRecord(Path(record_root(storage)) / name)
 
 
 def _check_storage(root: str, *, multi_node: bool) -> list[str]:
@@ -261,8 +269,11 @@ def trial_label(config: Mapping[str, Any]) -> str:
 class SweepCallback(Callback):
     """Writes the sweep record and prints progress; runs in the driver."""
 
-    def __init__(self, sweep: Sweep, record_dir: str, *, quiet: bool, planned: int):
+    def __init__(self, sweep: Sweep, record_dir: str, tracker: Tracker, *, quiet: bool,
+                 planned: int):
         self.sweep, self.record_dir, self.quiet, self.planned = sweep, record_dir, quiet, planned
+        self.tracker = tracker
+        self.opened: set[str] = set()  # trials whose MLflow run was asked for by this driver
         self.started = time.time()
         self.last_print = 0.0
         self.epochs = 0
@@ -290,9 +301,19 @@ class SweepCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.states[trial.trial_id] = "running"
         self._record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
+        self._open_run(trial)
+
+    def _open_run(self, trial) -> None:
+        if trial.trial_id not in self.opened:  # found again by tag after a retry or restore
+            self.tracker.start_trial(trial.trial_id, run_name=trial_label(trial.config),
+                                     config=trial.config)
+            self.opened.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._record.append_epoch(trial.trial_id, result)
+        self._open_run(trial)
+        self.tracker.log_result(trial.trial_id, result)
+        self.tracker.flush()
         self.epochs += 1
         value = result.get(self.sweep.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -323,6 +344,9 @@ class SweepCallback(Callback):
             outcome, reason = "failed", error
         elif last.get("outcome") not in (None, "running"):
             outcome, reason = last["outcome"], last.get("stop_reason")
+        elif last.get("stalled") and last.get("stall_reason"):
+            # Stopped by ASHA while at chance: the stall is the finding (its prune stays recorded).
+            outcome, reason = "stalled", last["stall_reason"]
         elif decision is not None:
             outcome = "pruned"
             reason = (f"ASHA rung {decision['rung']}: {self.sweep.metric}="
@@ -336,6 +360,17 @@ class SweepCallback(Callback):
             rec["last"] = scalar_metrics(last)
         self._record.write_trial(trial.trial_id, rec)
         self.states[trial.trial_id] = outcome
+        self._open_run(trial)
+        tags = {"sweeper.outcome": outcome, "sweeper.stop_reason": reason,
+                "sweeper.epochs": rec["epochs"]}
+        if outcome == "stalled":
+            tags["sweeper.stall_reason"] = reason
+        if decision is not None:
+            tags.update({f"sweeper.prune.{k}": decision.get(k)
+                         for k in ("rung", "cutoff", "peers", "value")})
+        self.tracker.set_tags(trial.trial_id, tags)
+        self.tracker.finish(trial.trial_id, "FAILED" if outcome == "failed" else "FINISHED")
+        self.tracker.flush()
         if not self.quiet:
             style = {"completed": "green", "pruned": "cyan", "failed": "red",
                      "diverged": "red", "stalled": "yellow"}.get(outcome, "")
@@ -414,7 +449,8 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> None:
 
 def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
            num_cpus: int | None = None, quiet: bool = False, overrides: Mapping[str, Any] = {},
-           restore: bool = True) -> LaunchResult:
+           restore: bool = True, tracking_uri: str | None = None,
+           tracking_wait_s: float = 120.0) -> LaunchResult:
     """Run (or resume) a sweep to the end, or until interrupted; return what happened."""
     from sweeper.provenance import provenance
     from sweeper.trial import train_trial
@@ -434,8 +470,11 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                           "(GPU requests set to 0)", style="yellow")
         planned = trial_count(sweep)
         restored = restore and tune.Tuner.can_restore(exp_dir)
+        if not restore and record.exists():
+            raise ConfigError([f"sweep {sweep.name!r} already exists in {exp_dir}: launch without "
+                               "--fresh to resume it, or pick another --name"])
         if not record.exists():
-            record.create({"name": sweep.name, "question": sweep.question, "metric": sweep.metric,
+            record.create({"sweep_uid": uuid.uuid4().hex,"name": sweep.name, "question": sweep.question, "metric": sweep.metric,
                            "mode": sweep.mode, "max_epochs": sweep.max_epochs,
                            "scheduler": sweep.scheduler, "search": sweep.search,
                            "num_samples": sweep.num_samples, "planned_trials": planned,
@@ -445,6 +484,26 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                            "overrides": dict(overrides), "experiment_dir": exp_dir,
                            "created": time.time(), **provenance()}, file_text)
         record.claim_driver()
+        meta = record.meta()
+        tracker = Tracker(record.dir, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                          or default_tracking_uri(record_root(sweep.storage)),
+                          experiment=sweep.name, sweep_uid=meta["sweep_uid"])
+        record.update_meta(tracking_uri=redact(tracker.tracking_uri))
+        tracker.start_sweep(
+            run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(meta['created']))}",
+            tags={"sweeper.sweep": sweep.name, "sweeper.git_sha": meta.get("git_sha"),
+                  "sweeper.git_dirty": meta.get("git_dirty"), "sweeper.command": meta.get("command"),
+                  "mlflow.note.content": sweep.question},
+            params={"metric": sweep.metric, "mode": sweep.mode, "max_epochs": sweep.max_epochs,
+                    "scheduler": sweep.scheduler, "search": sweep.search,
+                    "num_samples": sweep.num_samples, "planned_trials": planned,
+                    "grace_period": sweep.grace_period, "reduction_factor": sweep.reduction_factor,
+                    "seed": sweep.seed, **{f"override.{k}": v for k, v in overrides.items()}},
+            texts={"sweep_file.py": file_text,
+                   "plan.json": json.dumps({"cells": grid_cells(sweep),
+                                            "space": {k: repr(v) for k, v in sweep.space.items()},
+                                            "planned_trials": planned}, indent=1, default=str)})
+        tracker.flush()
 
         def resources(config: dict[str, Any]) -> dict[str, float]:
             need = trial_resources(sweep, TrialConfig.from_flat(config))
@@ -452,7 +511,8 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 
         trainable = tune.with_resources(train_trial, resources)
         param_space = _param_space(sweep)
-        callback = SweepCallback(sweep, str(record.experiment_dir), quiet=quiet, planned=planned)
+        callback = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=quiet,
+                                 planned=planned)
         if restored:
             console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
@@ -484,7 +544,33 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
         record.release_driver()
         if ray.is_initialized() and local:
             ray.shutdown()
-    return _summarise(sweep, record, exp_dir, restored=restored)
+    result = _summarise(sweep, record, exp_dir, restored=restored)
+    _finish_tracking(sweep, record, tracker, result, wait_s=tracking_wait_s, quiet=quiet)
+    result.undelivered = tracker.pending()
+    result.tracking_error = tracker.last_error()
+    return result
+
+
+def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result: LaunchResult,
+                     *, wait_s: float, quiet: bool) -> None:
+    """The study report on the parent run, the summary tags, and a last delivery attempt."""
+    report_dir = record.dir / "report"
+    try:
+        from sweeper.report import build_report
+
+        build_report(record, report_dir)
+        tracker.log_artifacts(None, report_dir, "report")
+    except Exception as exc:  # a report problem must not lose the sweep's tracking
+        error_console.print(f"warning: the study report failed: {type(exc).__name__}: {exc}")
+    tracker.set_tags(None, {"sweeper.outcomes": json.dumps(result.outcomes),
+                            "sweeper.trials": result.trials, "sweeper.epochs": result.epochs,
+                            "sweeper.best_trial": result.best["name"] if result.best else None})
+    if not result.interrupted:
+        tracker.finish(None, "FINISHED")
+    if not tracker.flush_until(wait_s) and not quiet:
+        error_console.print(f"[yellow]{tracker.pending()} tracking operation(s) not delivered "
+                            f"({tracker.last_error()}); run `sweeper sync {sweep.name}` when the "
+                            "tracking server is back[/yellow]")
 
 
 def _param_space(sweep: Sweep) -> dict[str, Any]:

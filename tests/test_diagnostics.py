@@ -71,7 +71,7 @@ def test_measurements_match_direct_computation():
     loss.backward()
     g = float(model.conv2.weight.grad.norm())
     assert metrics["grad_norm/l01_conv"] == pytest.approx(g, rel=1e-5)
-    assert metrics["update_ratio/l01_conv"] == pytest.approx(0.5 * g / float(model.conv2.weight.norm()),
+    assert metrics["update_ratio/l01_conv"] == pytest.approx(0.5 * g / float(model.conv2.weight.detach().norm()),
                                                              rel=1e-5)
     relu = torch.relu(out1)
     assert metrics["zero_frac/l00_conv"] == pytest.approx(float((relu == 0).float().mean()))

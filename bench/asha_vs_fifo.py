@@ -1,0 +1,60 @@
+"""ASHA vs FIFO on the quick vgg_depth study: epochs run, wall time, and the best accuracy each found.
+
+Both sweeps run here, one after the other, on a fresh local Ray with the same sampled configurations
+(same seed), so the ratios compare like with like:
+
+    python bench/asha_vs_fifo.py --num-samples 1 --max-epochs 6
+
+Writes bench/results/asha_vs_fifo.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from sweeper.spaces import load_sweep
+from sweeper.tuner import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--max-epochs", type=int, default=6)
+    ap.add_argument("--num-cpus", type=int, default=None)
+    args = ap.parse_args()
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheduler in ("asha", "fifo"):
+            overrides = ["dataset=digits", "width=1/8", f"max_epochs={args.max_epochs}",
+                         f"num_samples={args.num_samples}", f"scheduler={scheduler}",
+                         f"storage={tmp}/{scheduler}", f"name=bench_{scheduler}"]
+            sweep, text = load_sweep(ROOT / "search_spaces" / "vgg_depth.py", overrides)
+            t0 = time.time()
+            result = launch(sweep, text, local=True, num_cpus=args.num_cpus, quiet=True,
+                            tracking_uri=f"sqlite:///{tmp}/{scheduler}.db")
+            rows[scheduler] = {"seconds": time.time() - t0, "epochs": result.epochs,
+                               "trials": result.trials, "outcomes": result.outcomes,
+                               "best_val_accuracy": result.best["best"]["val_accuracy"]
+                               if result.best else None,
+                               "best_trial": result.best["name"] if result.best else None}
+    a, f = rows["asha"], rows["fifo"]
+    print(f"{'':6} {'trials':>6} {'epochs':>6} {'seconds':>8} {'best val_acc':>12}  best trial")
+    for name, r in rows.items():
+        print(f"{name:6} {r['trials']:>6} {r['epochs']:>6} {r['seconds']:>8.0f} "
+              f"{r['best_val_accuracy']:>12.4f}  {r['best_trial']}")
+    print(f"ASHA/FIFO: epochs {a['epochs'] / f['epochs']:.2f}, wall time {a['seconds'] / f['seconds']:.2f}, "
+          f"best accuracy {a['best_val_accuracy'] - f['best_val_accuracy']:+.4f}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "asha_vs_fifo.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

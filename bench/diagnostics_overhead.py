@@ -1,0 +1,56 @@
+"""Cost of the per-layer diagnostics on training, measured side by side in one process.
+
+The same trial (same seed, same data) runs with and without the Diagnostics hook, interleaved
+`--repeats` times so that drift in machine load hits both; the ratio of median epoch times is the
+overhead. No Ray, no MLflow: this runs on any machine with torch (a GPU one included).
+
+    python bench/diagnostics_overhead.py --arch vgg16 --width 0.125 --epochs 3 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from sweeper.config import TrialConfig
+from sweeper.data import load_splits
+from sweeper.diagnostics import Diagnostics
+from sweeper.train import fit, resolve_device
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="vgg16")
+    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--batch-norm", action="store_true")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    cfg = TrialConfig.from_flat({"model.arch": args.arch, "model.width": args.width,
+                                 "model.batch_norm": args.batch_norm, "model.init": "he",
+                                 "data.name": args.dataset, "epochs": args.epochs,
+                                 "optim.lr": 0.01, "device": args.device})
+    splits = load_splits(cfg.data, seed=cfg.seed)
+    times = {"plain": [], "diagnostics": []}
+    for _ in range(args.repeats):
+        for mode in times:
+            hooks = [Diagnostics(cfg.diagnostics)] if mode == "diagnostics" else []
+            t0 = time.perf_counter()
+            result = fit(cfg, hooks=hooks, splits=splits)
+            total = time.perf_counter() - t0
+            # Per-epoch time includes the hook's end-of-epoch probe: that is the cost we measure.
+            times[mode].append(total / result.epochs)
+    plain, diag = statistics.median(times["plain"]), statistics.median(times["diagnostics"])
+    print(f"{args.arch} width={args.width} bn={args.batch_norm} on {resolve_device(cfg.device)}, "
+          f"{args.epochs} epochs x {args.repeats} repeats, probe of {cfg.diagnostics.probe_size}")
+    print(f"median seconds/epoch (incl. evaluation): plain {plain:.3f}, with diagnostics {diag:.3f}")
+    print(f"overhead: {100 * (diag / plain - 1):+.1f}%  (repeats: plain {times['plain']}, "
+          f"diagnostics {times['diagnostics']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Training throughput (images/s) and peak memory per architecture, one trial at a time.
+
+No Ray, no MLflow: this runs on a bare GPU machine. On CUDA it uses bf16 autocast and channels_last
+(the trial defaults) and reports peak allocated memory, which is what a trial's GPU fraction must fit.
+
+    python bench/throughput.py --archs vgg11 vgg16 vgg19 resnet18 googlenet --width 1 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sweeper.config import TrialConfig
+from sweeper.data import load_splits
+from sweeper.train import fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="+", default=["vgg11", "vgg16", "vgg19", "resnet18", "smallcnn"])
+    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--dataset", default="synthetic")
+    ap.add_argument("--size", type=int, default=4096, help="synthetic examples")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-amp", action="store_true")
+    args = ap.parse_args()
+
+    print(f"{'arch':<10} {'img/s (last epoch)':>18} {'peak MiB':>9}")
+    for arch in args.archs:
+        cfg = TrialConfig.from_flat({
+            "model.arch": arch, "model.width": args.width, "model.batch_norm": True,
+            "data.name": args.dataset, "data.synthetic_size": args.size,
+            "data.batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
+            "amp": not args.no_amp, "diagnostics.enabled": False, "optim.lr": 0.01})
+        splits = load_splits(cfg.data, seed=0)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        result = fit(cfg, splits=splits)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+        print(f"{arch:<10} {result.last['images_per_second']:>18.0f} {peak:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()

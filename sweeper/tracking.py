@@ -1,0 +1,328 @@
+"""MLflow tracking for a sweep: one parent run per sweep, exactly one child run per trial.
+
+Nothing talks to MLflow directly from the sweep's event loop. Every intent (open the parent run, open a
+trial's run, log an epoch, tag an outcome, close a run, upload the report) is appended to a spool file
+in the sweep record, and :meth:`Tracker.flush` delivers the spool in order. So:
+
+* a tracking server that is down never ends a sweep: delivery stops at the first failure, backs off,
+  and resumes where it stopped when the server is back (``sweeper sync NAME`` delivers by hand);
+* a replay never duplicates anything: a trial's run is found again by its ``sweeper.trial_id`` tag
+  (after a retry, a driver crash or a restore), and an epoch whose step the run already has is skipped.
+  Each step's sentinel metric (``epoch``; ``initial_loss`` at step 0) is logged in the step's last
+  request, so a step counts as delivered only when all of it was. Every point carries the trial's own
+  timestamp, so a request repeated after a crash is an exact duplicate, which MLflow's SQL store drops.
+
+This module imports MLflow, never Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = ["SENTINELS", "Tracker", "default_tracking_uri", "redact"]
+
+SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
+_MAX_PARAM_VALUE, _MAX_TAG_VALUE, _MAX_KEY = 6000, 8000, 250
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_INIT = "init/"
+
+
+def redact(value: Any) -> Any:
+    """Strip ``user:pass@`` from URIs inside strings; never log credentials."""
+    if isinstance(value, str):
+        return _CREDENTIALS.sub(r"\g<scheme>***@", value)
+    return value
+
+
+def default_tracking_uri(storage_root: str | Path) -> str:
+    """The embedded store: SQLite beside the sweeps (no server needed on one machine)."""
+    return f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Tracker:
+    """Spools tracking intents for one sweep and delivers them to MLflow."""
+
+    def __init__(self, record_dir: str | Path, tracking_uri: str, experiment: str, sweep_uid: str):
+        self.dir = Path(record_dir)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.sweep_uid = sweep_uid
+        self._client = None
+        self._verified: set[str] = set()  # runs whose logged steps were read back in this process
+        self._next_try = 0.0
+        self._backoff = 1.0
+
+    def __getstate__(self):  # the client holds sockets; rebuild it after unpickling
+        state = dict(self.__dict__)
+        state.update(_client=None, _verified=set(), _next_try=0.0, _backoff=1.0)
+        return state
+
+    # ---- files ----------------------------------------------------------------------------------
+
+    @property
+    def spool_path(self) -> Path:
+        return self.dir / "mlflow_spool.jsonl"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "mlflow_state.json"
+
+    def _state(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text())
+        return {"delivered": 0, "experiment_id": None, "parent": None, "runs": {}, "steps": {},
+                "last_error": None}
+
+    def _save_state(self, state: Mapping[str, Any]) -> None:
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+
+    def _enqueue(self, op: Mapping[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.spool_path, "a") as f:
+            f.write(json.dumps(op, default=str) + "\n")
+
+    def _ops(self) -> list[dict[str, Any]]:
+        if not self.spool_path.is_file():
+            return []
+        return [json.loads(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
+
+    def pending(self) -> int:
+        return max(0, len(self._ops()) - self._state()["delivered"])
+
+    def last_error(self) -> str | None:
+        return self._state().get("last_error")
+
+    def run_ids(self) -> dict[str, str]:
+        """trial_id -> MLflow run id, for runs delivered so far."""
+        return dict(self._state()["runs"])
+
+    def parent_run_id(self) -> str | None:
+        return self._state()["parent"]
+
+    # ---- intents (cheap, never raise on the network) ---------------------------------------------
+
+    def start_sweep(self, *, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any],
+                    texts: Mapping[str, str]) -> None:
+        self._enqueue({"op": "parent", "run_name": run_name, "tags": dict(tags),
+                       "params": dict(params), "texts": dict(texts)})
+
+    def start_trial(self, trial_id: str, *, run_name: str, config: Mapping[str, Any]) -> None:
+        self._enqueue({"op": "child", "trial_id": trial_id, "run_name": run_name,
+                       "config": dict(config)})
+
+    def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """One Tune result = one MLflow step (the epoch); its init/ part is step 0."""
+        timestamp = int(float(result.get("timestamp", time.time())) * 1000)
+        init = {k[len(_INIT):]: v for k, v in result.items() if k.startswith(_INIT)}
+        if init:
+            numbers, strings = _split(init)
+            self._enqueue({"op": "metrics", "trial_id": trial_id, "step": 0,
+                           "timestamp": timestamp, "metrics": numbers})
+            layers = {k: v for k, v in strings.items() if k.startswith("layer/")}
+            if layers:
+                self._enqueue({"op": "params", "trial_id": trial_id, "params": layers})
+        epoch = result.get("epoch")
+        if isinstance(epoch, (int, float)):
+            numbers, _ = _split({k: v for k, v in result.items() if not k.startswith(_INIT)})
+            self._enqueue({"op": "metrics", "trial_id": trial_id, "step": int(epoch),
+                           "timestamp": timestamp, "metrics": numbers})
+
+    def set_tags(self, trial_id: str | None, tags: Mapping[str, Any]) -> None:
+        self._enqueue({"op": "tags", "trial_id": trial_id, "tags": dict(tags)})
+
+    def finish(self, trial_id: str | None, status: str) -> None:
+        self._enqueue({"op": "terminate", "trial_id": trial_id, "status": status})
+
+    def log_artifacts(self, trial_id: str | None, local_dir: str | Path, artifact_path: str) -> None:
+        self._enqueue({"op": "artifacts", "trial_id": trial_id, "local_dir": str(local_dir),
+                       "artifact_path": artifact_path})
+
+    # ---- delivery -------------------------------------------------------------------------------
+
+    def flush(self, *, force: bool = False) -> bool:
+        """Deliver what is pending, in order; False (and the error recorded) at the first failure.
+
+        After a failure, calls within the back-off window return at once, so a dead server costs the
+        sweep's event loop nothing.
+        """
+        if not force and time.time() < self._next_try:
+            return False
+        state = self._state()
+        ops = self._ops()
+        try:
+            while state["delivered"] < len(ops):
+                self._apply(ops[state["delivered"]], state)
+                state["delivered"] += 1
+                state["last_error"] = None
+                self._save_state(state)
+        except Exception as exc:  # the tracking server, the network, a full disk...
+            state["last_error"] = f"{type(exc).__name__}: {_truncate(str(exc), 300)}"
+            self._save_state(state)
+            self._next_try = time.time() + self._backoff
+            self._backoff = min(self._backoff * 2, 30.0)
+            return False
+        self._backoff = 1.0
+        return True
+
+    def flush_until(self, deadline_s: float) -> bool:
+        """Keep trying for up to ``deadline_s`` seconds (end of a sweep: give a restart a chance)."""
+        end = time.time() + deadline_s
+        while True:
+            if self.flush(force=True):
+                return True
+            if time.time() >= end:
+                return False
+            time.sleep(min(2.0, max(0.0, end - time.time())))
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            # One "View run" line per trial would drown the sweep's own progress output.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+            if self.tracking_uri.startswith(("http://", "https://")):
+                # Fail fast (the spool retries) instead of mlflow's ~4 minutes of retries per call.
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _experiment_id(self, state: dict[str, Any]) -> str:
+        if state["experiment_id"] is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                location = None
+                if self.tracking_uri.startswith("sqlite:///"):
+                    db = Path(self.tracking_uri[len("sqlite:///"):])
+                    location = (db.parent / "mlartifacts" / self.experiment).resolve().as_uri()
+                exp_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            state["experiment_id"] = exp_id
+        return state["experiment_id"]
+
+    def _find_run(self, state: dict[str, Any], tag: str, value: str) -> str | None:
+        runs = self.client.search_runs(
+            [self._experiment_id(state)],
+            filter_string=f"tags.`sweeper.sweep_uid` = '{self.sweep_uid}' and tags.`{tag}` = '{value}'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _run_for(self, state: dict[str, Any], trial_id: str | None) -> str:
+        run_id = state["parent"] if trial_id is None else state["runs"].get(trial_id)
+        if run_id is None:
+            raise RuntimeError(f"no MLflow run for {trial_id or 'the sweep'} yet (spool out of order)")
+        return run_id
+
+    def _apply(self, op: dict[str, Any], state: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        kind = op["op"]
+        if kind == "parent":
+            run_id = state["parent"] or self._find_run(state, "sweeper.role", "sweep")
+            if run_id is None:
+                tags = {"sweeper.sweep_uid": self.sweep_uid, "sweeper.role": "sweep",
+                        **{k: str(redact(v)) for k, v in op["tags"].items()}}
+                run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
+                                                tags=_tag_values(tags)).info.run_id
+                self._log_params(run_id, op["params"])
+                for name, text in op["texts"].items():
+                    self.client.log_text(run_id, redact(text), name)
+            state["parent"] = run_id
+        elif kind == "child":
+            trial_id = op["trial_id"]
+            run_id = state["runs"].get(trial_id) or self._find_run(state, "sweeper.trial_id", trial_id)
+            if run_id is None:
+                tags = {"mlflow.parentRunId": self._run_for(state, None),
+                        "sweeper.sweep_uid": self.sweep_uid, "sweeper.trial_id": trial_id,
+                        "sweeper.role": "trial", "sweeper.outcome": "running"}
+                run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
+                                                tags=tags).info.run_id
+                self._log_params(run_id, op["config"])
+                self.client.log_dict(run_id, {k: redact(v) for k, v in op["config"].items()},
+                                     "config.json")
+            state["runs"][trial_id] = run_id
+            self._verify_steps(state, trial_id, run_id)
+        elif kind == "params":
+            run_id = self._run_for(state, op["trial_id"])
+            existing = self.client.get_run(run_id).data.params
+            self._log_params(run_id, {k: v for k, v in op["params"].items() if k not in existing})
+        elif kind == "metrics":
+            trial_id, step = op["trial_id"], int(op["step"])
+            run_id = self._run_for(state, trial_id)
+            self._verify_steps(state, trial_id, run_id)
+            if step <= state["steps"].get(trial_id, -1):
+                return  # this step is already in the run: a replay
+            sentinel = SENTINELS.get(step, "epoch")
+            items = sorted(op["metrics"].items(), key=lambda kv: kv[0] == sentinel)
+            metrics = [Metric(_truncate(k, _MAX_KEY), float(v), op["timestamp"], step)
+                       for k, v in items]
+            for chunk in _chunks(metrics, _MAX_METRICS):
+                self.client.log_batch(run_id, metrics=chunk)
+            state["steps"][trial_id] = step
+        elif kind == "tags":
+            run_id = self._run_for(state, op["trial_id"])
+            tags = [RunTag(_truncate(k, _MAX_KEY), _truncate(str(redact(v)), _MAX_TAG_VALUE))
+                    for k, v in op["tags"].items() if v is not None]
+            for chunk in _chunks(tags, _MAX_TAGS):
+                self.client.log_batch(run_id, tags=chunk)
+        elif kind == "terminate":
+            self.client.set_terminated(self._run_for(state, op["trial_id"]), status=op["status"])
+        elif kind == "artifacts":
+            local = Path(op["local_dir"])
+            if local.is_dir():
+                self.client.log_artifacts(self._run_for(state, op["trial_id"]), str(local),
+                                          op["artifact_path"])
+        else:
+            raise ValueError(f"unknown spool operation {kind!r}")
+
+    def _verify_steps(self, state: dict[str, Any], trial_id: str, run_id: str) -> None:
+        """Read back the last complete step of a run once per process: the spool state may lag."""
+        if trial_id in self._verified:
+            return
+        steps = [m.step for m in self.client.get_metric_history(run_id, "epoch")]
+        if not steps and self.client.get_metric_history(run_id, SENTINELS[0]):
+            steps = [0]
+        state["steps"][trial_id] = max(steps, default=-1)
+        self._verified.add(trial_id)
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(_truncate(str(k), _MAX_KEY), _truncate(str(redact(v)), _MAX_PARAM_VALUE))
+                 for k, v in params.items()]
+        for chunk in _chunks(items, _MAX_PARAMS):
+            self.client.log_batch(run_id, params=chunk)
+
+
+def _split(values: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """Numbers become metrics (NaN and inf too: a diverged reading is a reading); strings go apart."""
+    numbers, strings = {}, {}
+    for k, v in values.items():
+        if isinstance(v, (bool, int, float)):
+            numbers[k] = float(v)
+        elif isinstance(v, str):
+            strings[k] = v
+    return numbers, strings
+
+
+def _tag_values(tags: Mapping[str, Any]) -> dict[str, str]:
+    return {_truncate(k, _MAX_KEY): _truncate(str(v), _MAX_TAG_VALUE) for k, v in tags.items()}

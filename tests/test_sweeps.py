@@ -1,0 +1,310 @@
+"""Sweeps on a real local Ray with a real MLflow server: the quick study end to end, export, status,
+restore after a killed driver, retry from a checkpoint, Optuna pruning, a tracking-server outage.
+
+Each test drives the real CLI in a subprocess that starts (and stops) its own Ray.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import MlflowServer, run_sweeper
+from sweeper.records import SweepRecord
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+VGG_DEPTH = str(ROOT / "search_spaces" / "vgg_depth.py")
+QUICK = ["dataset=digits", "width=1/8", "max_epochs=6", "num_samples=2"]
+OUTCOMES = {"completed", "pruned", "stalled", "diverged", "failed"}
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory, mlflow_server):
+    storage = tmp_path_factory.mktemp("quick")
+    t0 = time.time()
+    out = run_sweeper("launch", VGG_DEPTH, "--local", "--storage", str(storage), "--quiet",
+                      "--tracking-uri", mlflow_server.url, *QUICK, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return SweepRecord(storage / "vgg_depth"), storage, out, time.time() - t0
+
+
+def _cell(t):
+    c = t["config"]
+    return c["model.arch"], c["model.init"], c["model.batch_norm"]
+
+
+def test_quick_study_runs_every_cell_and_asha_stops_trials(quick_study):
+    record, _, out, seconds = quick_study
+    trials = record.trials()
+    assert len(trials) == 48
+    assert len({_cell(t) for t in trials}) == 24  # every cell of 4 depths x 3 inits x BN on/off
+    assert all(t["status"] == "finished" and t["outcome"] in OUTCOMES for t in trials)
+    total_epochs = sum(t["epochs"] for t in trials)
+    assert total_epochs < 48 * 6, total_epochs  # ASHA stopped some trials early
+    stopped = [t for t in trials if t.get("prune")]
+    assert stopped
+    for t in stopped:  # explainable pruning: rung, cutoff, peers and the trial's value
+        p = t["prune"]
+        assert p["rung"] == 3 and p["peers"] >= 1 and p["value"] <= p["cutoff"]
+        assert t["epochs"] == 3
+    assert "48 trials" in out.stdout
+
+
+def test_quick_study_labels_stalls_by_cause(quick_study):
+    record, *_ = quick_study
+    for t in record.trials():
+        arch, init, bn = _cell(t)
+        if init == "normal" and not bn:
+            assert t["outcome"] == "stalled", (t["name"], t["outcome"], t["reason"])
+            assert t["reason"] in ("vanishing_signal", "vanishing_gradient"), t["reason"]
+    for arch in ("vgg11", "vgg13", "vgg16", "vgg19"):
+        best = max((t["best"] or {}).get("val_accuracy", 0) for t in record.trials()
+                   if _cell(t) == (arch, "he", True))
+        assert best > 0.5, (arch, best)  # He + BN trains at every depth
+
+
+def test_status_and_export_round_trip(quick_study, tmp_path):
+    record, storage, *_ = quick_study
+    status = run_sweeper("status", "vgg_depth", "--storage", str(storage))
+    assert status.returncode == 0, status.stderr
+    assert "48/48 trials started" in status.stdout and "stalled" in status.stdout
+    assert "MLflow: all delivered" in status.stdout
+
+    out = run_sweeper("export", "vgg_depth", "--storage", str(storage), "--format", "parquet",
+                      "--epochs", "--out", str(tmp_path / "vgg"))
+    assert out.returncode == 0, out.stderr
+    trials = pq.read_table(tmp_path / "vgg.trials.parquet")
+    schema = {f.name: str(f.type) for f in trials.schema}
+    assert trials.num_rows == 48
+    for column, kind in [("trial_id", "string"), ("outcome", "string"), ("epochs", "int64"),
+                         ("config.optim.lr", "double"), ("config.model.arch", "string"),
+                         ("config.model.batch_norm", "bool"), ("best.val_accuracy", "double"),
+                         ("last.train_loss", "double"), ("prune.rung", "int64"),
+                         ("prune.cutoff", "double")]:
+        assert schema.get(column) == kind, (column, schema.get(column))
+    epochs = pq.read_table(tmp_path / "vgg.epochs.parquet")
+    assert epochs.num_rows == sum(t["epochs"] for t in record.trials())
+    assert "grad_norm/l00_conv" in epochs.column_names
+    csv = run_sweeper("export", "vgg_depth", "--storage", str(storage), "--format", "csv",
+                      "--out", str(tmp_path / "vgg"))
+    assert csv.returncode == 0 and (tmp_path / "vgg.csv").read_text().count("\n") == 49
+
+
+@pytest.mark.mlflow
+def test_mlflow_has_one_parent_and_one_child_per_trial_with_layer_metrics(quick_study, mlflow_server):
+    record, *_ = quick_study
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("vgg_depth")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweeper.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 48
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert parent.data.tags["sweeper.git_sha"]
+    by_trial = {c.data.tags["sweeper.trial_id"]: c for c in children}
+    assert set(by_trial) == {t["trial_id"] for t in record.trials()}
+    for t in record.trials()[:12]:
+        run = by_trial[t["trial_id"]]
+        assert run.data.tags["sweeper.outcome"] == t["outcome"]
+        assert run.data.params["model.init"] == t["config"]["model.init"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/l00_conv")]
+        assert steps == list(range(0, t["epochs"] + 1))  # step 0 = init, then one per epoch
+        for key in ("act_std/l05_conv", "dead_frac/l03_conv", "update_ratio/l00_conv", "val_loss"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert len(history) == len({m.step for m in history}) >= t["epochs"]
+        if t["outcome"] == "stalled":
+            assert run.data.tags["sweeper.stall_reason"] == t["reason"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/heatmap.png"} <= artifacts
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_file.py", "plan.json"} <= top
+
+
+def _grid_file(tmp_path, body: str) -> Path:
+    path = tmp_path / "space.py"
+    path.write_text(body)
+    return path
+
+
+SMALL = """
+from ray import tune
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="small",
+    space={"model.arch": "vgg11", "model.width": 0.125, "data.name": "digits",
+           "data.limit": 512, "model.batch_norm": True,
+           "model.init": tune.grid_search(["he", "xavier", "normal"]),
+           "optim.lr": tune.grid_search([0.02, 0.05])},
+    scheduler="fifo", max_epochs=4, max_failures=2, seed=1,
+)
+"""
+
+
+def _flat_metric_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.mark.mlflow
+def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_server):
+    space = _grid_file(tmp_path, SMALL.replace('name="small"', 'name="killed"'))
+    storage = tmp_path / "store"
+    args = [sys.executable, "-m", "sweeper.cli", "launch", str(space), "--local", "--num-cpus", "2",
+            "--storage", str(storage), "--tracking-uri", mlflow_server.url, "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    record = SweepRecord(storage / "killed")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        trials = record.trials() if record.exists() else []
+        done = [t for t in trials if t.get("status") == "finished"]
+        mid = [t for t in trials if t.get("status") == "running" and t.get("epochs", 0) >= 2]
+        if len(done) >= 2 and mid:
+            break
+        time.sleep(0.5)
+    else:
+        driver.kill()
+        pytest.fail("sweep did not get going: " + driver.stdout.read().decode()[-2000:])
+    finished_before = {t["trial_id"]: t["finished"] for t in record.trials()
+                       if t.get("status") == "finished"}
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+
+    again = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                        str(storage), "--tracking-uri", mlflow_server.url, "--quiet")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = record.trials()
+    assert len(trials) == 6 and all(t["outcome"] == "completed" for t in trials)
+    for trial_id, finished in finished_before.items():  # completed trials were not re-run
+        assert record.trial(trial_id)["finished"] == finished
+    for t in trials:
+        lines = [json.loads(l)["epoch"] for l in
+                 (record.trials_dir / f"{t['trial_id']}.jsonl").read_text().splitlines()]
+        # A resumed trial continues from its checkpoint: epochs never fall back to 1.
+        assert lines[0] == 1 and 1 not in lines[1:], lines
+        assert lines[-1] == 4
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("killed")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    children = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(children) == 6 and len([r for r in runs if r.data.tags.get("sweeper.role") == "sweep"]) == 1
+    for run in children:
+        steps = _flat_metric_steps(client, run.info.run_id, "train_loss")
+        assert steps == [1, 2, 3, 4], steps  # no (key, step) logged twice
+
+
+@pytest.mark.mlflow
+def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path, mlflow_server):
+    space = _grid_file(tmp_path, SMALL.replace('name="small"', 'name="retry"').replace(
+        'tune.grid_search(["he", "xavier", "normal"])', '"he"'))
+    marker = tmp_path / "failed-once"
+    out = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                      str(tmp_path / "store"), "--tracking-uri", mlflow_server.url, "--quiet",
+                      env={"SWEEPER_TEST_FAIL_ONCE": f"{marker}:2"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert marker.exists()
+    record = SweepRecord(tmp_path / "store" / "retry")
+    trials = record.trials()
+    assert len(trials) == 2 and all(t["outcome"] == "completed" for t in trials)
+    retried = [t for t in trials if t["num_failures"] == 1]
+    assert len(retried) == 1
+    epochs = [json.loads(l)["epoch"] for l in
+              (record.trials_dir / f"{retried[0]['trial_id']}.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4], epochs  # resumed at epoch 3, not from scratch
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("retry")
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(children) == 2
+    for run in children:
+        assert _flat_metric_steps(client, run.info.run_id, "val_accuracy") == [1, 2, 3, 4]
+
+
+OPTUNA = """
+from ray import tune
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="optuna_small",
+    space={"model.arch": "smallcnn", "model.width": 0.125, "model.batch_norm": True,
+           "data.name": "digits", "data.limit": 256, "diagnostics.enabled": False,
+           "optim.lr": tune.loguniform(1e-5, 3e-1)},
+    search="optuna", num_samples=10, max_concurrent=2, max_epochs=4, grace_period=1,
+    reduction_factor=2, seed=3,
+)
+"""
+
+
+def test_trials_stopped_by_asha_reach_optuna_as_pruned(tmp_path):
+    from sweeper.tuner import PrunedAwareOptunaSearch
+
+    space = _grid_file(tmp_path, OPTUNA)
+    storage = tmp_path / "store"
+    out = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage", str(storage),
+                      "--quiet", "--tracking-uri", f"sqlite:///{tmp_path / 'ml.db'}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = SweepRecord(storage / "optuna_small")
+    trials = record.trials()
+    assert len(trials) == 10
+    stopped = {t["trial_id"] for t in trials if t.get("prune")}
+    assert stopped, "ASHA should stop some of 10 trials with lr spanning 4 decades"
+    searcher = PrunedAwareOptunaSearch()
+    searcher.restore_from_dir(str(storage / "optuna_small"))
+    import optuna
+
+    states = [t.state for t in searcher._ot_study.trials]
+    pruned = states.count(optuna.trial.TrialState.PRUNED)
+    complete = states.count(optuna.trial.TrialState.COMPLETE)
+    assert pruned == len(stopped) and complete == 10 - len(stopped), (states, len(stopped))
+    for t in searcher._ot_study.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert t.intermediate_values  # the value it was stopped with stays in the study
+
+
+@pytest.mark.mlflow
+def test_tracking_server_outage_mid_sweep_loses_nothing(tmp_path):
+    server = MlflowServer(tmp_path / "server").start()
+    space = _grid_file(tmp_path, SMALL.replace('name="small"', 'name="outage"').replace(
+        '"data.limit": 512', '"data.limit": 1024'))
+    storage = tmp_path / "store"
+    args = [sys.executable, "-m", "sweeper.cli", "launch", str(space), "--local", "--num-cpus", "2",
+            "--storage", str(storage), "--tracking-uri", server.url, "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    record = SweepRecord(storage / "outage")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if record.exists() and any(t.get("epochs", 0) >= 1 for t in record.trials()):
+                break
+            time.sleep(0.5)
+        server.stop()  # down while trials keep reporting
+        time.sleep(8)
+        server.start()
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out.decode()[-3000:]
+    client = MlflowClient(server.url)
+    exp = client.get_experiment_by_name("outage")
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(children) == 6
+    for run in children:
+        trial_id = run.data.tags["sweeper.trial_id"]
+        epochs = [row["epoch"] for row in record.epochs(trial_id)]
+        assert _flat_metric_steps(client, run.info.run_id, "train_loss") == epochs == [1, 2, 3, 4]
+        assert run.data.tags["sweeper.outcome"] == "completed"
+    server.stop()
