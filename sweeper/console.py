@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Mapping
 
 from rich.console import Console
@@ -10,9 +11,10 @@ from rich.table import Table
 
 __all__ = ["EpochPrinter", "config_table", "console", "error_console", "fmt"]
 
-# soft_wrap: a log file or pipe gets whole lines, not lines cut at rich's default 80 columns.
-console = Console(highlight=False, soft_wrap=True)
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# A log file or pipe gets whole lines and full tables, not rich's default 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
 _OUTCOME_STYLE = {"completed": "green", "running": "", "diverged": "red", "stalled": "yellow",
                   "pruned": "cyan", "failed": "red"}

@@ -51,6 +51,8 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
             save(checkpoint_dir)
 
     result = fit(cfg, report=report, resume_from=resume, hooks=_hooks(cfg))
+    if cfg.diagnostics.enabled and result.history:
+        console.print(layer_table(result.initial, result.last))
     style = "green" if result.outcome == "completed" else "yellow"
     summary = f"outcome: {result.outcome}"
     if result.reason:
@@ -63,13 +65,31 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
     return result
 
 
+def layer_table(initial: dict, last: dict):
+    """Per-layer health at init and now: where the signal dies, what moves, what is dead."""
+    from rich.table import Table
+
+    keys = [k.split("/", 1)[1] for k in last if k.startswith("act_std/")]
+    table = Table(title=f"layers at init -> after epoch {last.get('epoch')}", title_justify="left")
+    for col in ("layer", "module", "act_std", "grad_norm", "update_ratio", "dead_frac", "gain pred/meas"):
+        table.add_column(col, justify="right" if col not in ("layer", "module") else "left")
+
+    def pair(name: str, key: str) -> str:
+        a, b = initial.get(f"{name}/{key}"), last.get(f"{name}/{key}")
+        return "-" if b is None else f"{fmt(a)} -> {fmt(b)}" if a is not None else fmt(b)
+
+    for key in keys:
+        table.add_row(key, str(initial.get(f"layer/{key}", "")), pair("act_std", key),
+                      pair("grad_norm", key), pair("update_ratio", key), pair("dead_frac", key),
+                      f"{fmt(initial.get(f'gain_pred/{key}'))} / {fmt(initial.get(f'gain_meas/{key}'))}")
+    return table
+
+
 def _hooks(cfg: TrialConfig) -> list:
     if not cfg.diagnostics.enabled:
         return []
-    try:
-        from sweeper.diagnostics import Diagnostics
-    except ImportError:  # diagnostics land with the tracking work
-        return []
+    from sweeper.diagnostics import Diagnostics
+
     return [Diagnostics(cfg.diagnostics)]
 
 

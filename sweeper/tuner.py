@@ -225,15 +225,21 @@ def _make_scheduler(sweep: Sweep, record: SweepRecord):
 class PrunedAwareOptunaSearch(OptunaSearch):
     """Tune hands Optuna an ASHA-stopped trial as COMPLETE with its last value; it was pruned.
 
-    Telling Optuna PRUNED (its intermediate values stay recorded) keeps TPE from treating a trial cut
-    at epoch 3 as if it had converged there.
+    Telling Optuna PRUNED, with the value it was stopped at as its last intermediate value, keeps TPE
+    from treating a trial cut at epoch 3 as if it had converged there.
     """
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if (result and not error and result.get("outcome") == "running"
                 and trial_id in self._ot_trials and trial_id not in self._completed_trials):
             try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                ot_trial = self._ot_trials[trial_id]
+                value, step = result.get(self.metric), result.get("training_iteration")
+                if value is not None and step is not None:
+                    # Tune withholds the stopping result from the searcher; without it a trial
+                    # stopped at its first rung would reach Optuna with no value at all.
+                    ot_trial.report(value, step)
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
             except Exception as exc:  # never let bookkeeping end a sweep
                 error_console.print(f"warning: could not mark trial {trial_id} pruned: {exc}")
             self._completed_trials.add(trial_id)
