@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=0.125)
     ap.add_argument("--batch-norm", action="store_true")
     ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--size", type=int, default=2048, help="examples, for --dataset synthetic")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
@@ -33,6 +34,7 @@ def main() -> None:
     cfg = TrialConfig.from_flat({"model.arch": args.arch, "model.width": args.width,
                                  "model.batch_norm": args.batch_norm, "model.init": "he",
                                  "data.name": args.dataset, "epochs": args.epochs,
+                                 "data.synthetic_size": args.size,
                                  "optim.lr": 0.01, "device": args.device})
     splits = load_splits(cfg.data, seed=cfg.seed)
     times = {"plain": [], "diagnostics": []}
@@ -45,8 +47,10 @@ def main() -> None:
             # Per-epoch time includes the hook's end-of-epoch probe: that is the cost we measure.
             times[mode].append(total / result.epochs)
     plain, diag = statistics.median(times["plain"]), statistics.median(times["diagnostics"])
+    steps = len(splits.train_y) // cfg.data.batch_size
     print(f"{args.arch} width={args.width} bn={args.batch_norm} on {resolve_device(cfg.device)}, "
-          f"{args.epochs} epochs x {args.repeats} repeats, probe of {cfg.diagnostics.probe_size}")
+          f"{args.dataset}: {steps} steps/epoch, {args.epochs} epochs x {args.repeats} repeats, "
+          f"probe of {cfg.diagnostics.probe_size}")
     print(f"median seconds/epoch (incl. evaluation): plain {plain:.3f}, with diagnostics {diag:.3f}")
     print(f"overhead: {100 * (diag / plain - 1):+.1f}%  (repeats: plain {times['plain']}, "
           f"diagnostics {times['diagnostics']})")

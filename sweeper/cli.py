@@ -64,11 +64,14 @@ def debug(
         None, help="Save a checkpoint here after every epoch."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint directory."),
     diagnostics: bool = typer.Option(True, help="Per-layer health metrics and stall detection."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where real datasets live (data.dir)."),
 ) -> None:
     """Run one trial in the foreground, without Ray: real tracebacks, pdb works."""
     from sweeper.local import run_debug
 
     file, overrides = _split_args(args or [])
+    if data_dir is not None:
+        overrides.append(f"data.dir={data_dir.resolve()}")
     result = run_debug(file, overrides, sample=sample, epochs=epochs, device=device,
                        checkpoint_dir=checkpoint_dir, resume=resume, diagnostics=diagnostics)
     if result.outcome not in ("completed",):
@@ -104,13 +107,18 @@ def launch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final summary."),
     tracking_uri: Optional[str] = typer.Option(
         None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the storage)."),
+    data_dir: Optional[str] = typer.Option(
+        None, help="Where real datasets live on every node (data.dir)."),
 ) -> None:
     """Run a sweep on Ray Tune; a sweep of the same name that exists is resumed."""
     from sweeper.local import print_plan
     from sweeper.spaces import dry_run as build_once
     from sweeper.spaces import load_sweep, parse_overrides
 
-    sweep, text = load_sweep(file, overrides or [])
+    overrides = list(overrides or [])
+    if data_dir is not None:
+        overrides.append(f"data.dir={data_dir}")
+    sweep, text = load_sweep(file, overrides)
     if storage is not None:
         sweep = sweep.replace(storage=storage)
     if name is not None:
@@ -122,7 +130,7 @@ def launch(
     from sweeper.tuner import launch as run_sweep
 
     result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
-                       overrides=parse_overrides(overrides or []), restore=not fresh,
+                       overrides=parse_overrides(overrides), restore=not fresh,
                        tracking_uri=tracking_uri)
     _print_summary(result)
     _exit_for(result)

@@ -276,9 +276,13 @@ class SweepCallback(Callback):
     """Writes the sweep record and prints progress; runs in the driver."""
 
     def __init__(self, sweep: Sweep, record_dir: str, tracker: Tracker, *, quiet: bool,
-                 planned: int):
+                 planned: int, scheduler=None):
         self.sweep, self.record_dir, self.quiet, self.planned = sweep, record_dir, quiet, planned
         self.tracker = tracker
+        # Tune checkpoints searchers but not schedulers: a restored ASHA would start with empty
+        # rungs and judge resumed trials against nobody. Its rungs travel in this callback's state.
+        # (tuner.pkl pickles scheduler and callbacks together, so this reference survives a restore.)
+        self.scheduler = scheduler
         self.opened: set[str] = set()  # trials whose MLflow run was asked for by this driver
         self.started = time.time()
         self.last_print = 0.0
@@ -291,12 +295,22 @@ class SweepCallback(Callback):
         return SweepRecord(self.record_dir)
 
     def get_state(self):
-        return {"epochs": self.epochs, "best": self.best, "states": self.states}
+        state = {"epochs": self.epochs, "best": self.best, "states": self.states}
+        if isinstance(self.scheduler, ASHAScheduler):
+            # One dict, pickled at once: trial_info keeps pointing into these same brackets.
+            state["asha"] = {"brackets": self.scheduler._brackets,
+                             "trial_info": self.scheduler._trial_info,
+                             "num_stopped": self.scheduler._num_stopped}
+        return state
 
     def set_state(self, state):
         self.epochs = state["epochs"]
         self.best = tuple(state["best"]) if state["best"] else None
         self.states = dict(state["states"])
+        if "asha" in state and isinstance(self.scheduler, ASHAScheduler):
+            self.scheduler._brackets = state["asha"]["brackets"]
+            self.scheduler._trial_info = state["asha"]["trial_info"]
+            self.scheduler._num_stopped = state["asha"]["num_stopped"]
 
     def _base(self, trial) -> dict[str, Any]:
         existing = self._record.trial(trial.trial_id) or {}
@@ -389,9 +403,10 @@ class SweepCallback(Callback):
         if self.quiet or (not force and now - self.last_print < 10):
             return
         self.last_print = now
-        running = sum(1 for t in trials if t.status == "RUNNING")
+        # Inside on_trial_complete Tune still shows the trial RUNNING: count our own outcomes.
+        done = sum(1 for outcome in self.states.values() if outcome != "running")
+        running = max(0, sum(1 for t in trials if t.status == "RUNNING") - (1 if force else 0))
         pending = sum(1 for t in trials if t.status == "PENDING")
-        done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
         elapsed = now - self.started
         budget = self.planned * self.sweep.max_epochs
         eta = ""
@@ -517,8 +532,9 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 
         trainable = tune.with_resources(train_trial, resources)
         param_space = _param_space(sweep)
+        scheduler = _make_scheduler(sweep, record)
         callback = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=quiet,
-                                 planned=planned)
+                                 planned=planned, scheduler=scheduler)
         if restored:
             console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
@@ -531,7 +547,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     metric=sweep.metric, mode=sweep.mode,
-                    scheduler=_make_scheduler(sweep, record),
+                    scheduler=scheduler,
                     search_alg=_make_searcher(sweep),
                     num_samples=sweep.num_samples,
                     max_concurrent_trials=sweep.max_concurrent,

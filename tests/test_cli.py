@@ -34,7 +34,7 @@ def test_several_bad_settings_are_reported_together():
 
 
 def test_missing_dataset_names_the_directory_and_the_alternatives(tmp_path):
-    out = sweeper("debug", "dataset=cifar10", f"data.dir={tmp_path}", "epochs=1")
+    out = sweeper("debug", "dataset=cifar10", "--data-dir", str(tmp_path), "epochs=1")
     assert out.returncode == 2
     assert "cifar10" in out.stderr and str(tmp_path) in out.stderr
     assert "Traceback" not in out.stderr
