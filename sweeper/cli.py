@@ -264,6 +264,9 @@ def _print_summary(result) -> None:
     outcomes = ", ".join(f"{n} {k}" for k, n in sorted(result.outcomes.items()))
     console.print(f"sweep {result.name!r}: {result.trials} trials ({outcomes}); "
                   f"{result.epochs} epochs run; results in {result.experiment_dir}")
+    if result.interrupted:
+        console.print(f"stopped before its end: `sweeper resume {result.name}` (or the same "
+                      "launch command) continues it", style="yellow")
     if result.best:
         console.print(f"best: {result.best['name']} "
                       + " ".join(f"{k}={fmt(v)}" for k, v in result.best["best"].items()

@@ -290,6 +290,9 @@ class SweepCallback(Callback):
         self.best: tuple[float, str] | None = None
         self.states: dict[str, str] = {}
 
+    def setup(self, **info):
+        self.started, self.last_print = time.time(), 0.0  # a resumed sweep's clock starts now
+
     @property
     def _record(self) -> SweepRecord:
         return SweepRecord(self.record_dir)

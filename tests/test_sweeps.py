@@ -130,6 +130,18 @@ def test_mlflow_has_one_parent_and_one_child_per_trial_with_layer_metrics(quick_
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_file.py", "plan.json"} <= top
 
+    # What the MLflow UI asks its server for to draw the run tree: children under the parent.
+    import urllib.request
+
+    body = json.dumps({"experiment_ids": [exp.experiment_id], "max_results": 1000,
+                       "filter": f"tags.mlflow.parentRunId = '{parent.info.run_id}'"}).encode()
+    request = urllib.request.Request(mlflow_server.url + "/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        nested = json.loads(response.read())["runs"]
+    assert len(nested) == 48
+    assert {r["info"]["run_name"] for r in nested} == {c.info.run_name for c in children}
+
 
 def _grid_file(tmp_path, body: str) -> Path:
     path = tmp_path / "space.py"
@@ -155,15 +167,20 @@ def _flat_metric_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+def _start_launch(space: Path, storage: Path, tracking_uri: str) -> subprocess.Popen:
+    """`sweeper launch` in the background, in its own session so that a test can kill it whole."""
+    args = [sys.executable, "-m", "sweeper.cli", "launch", str(space), "--local", "--num-cpus", "2",
+            "--storage", str(storage), "--tracking-uri", tracking_uri, "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
 @pytest.mark.mlflow
 def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_server):
     space = _grid_file(tmp_path, SMALL.replace('name="small"', 'name="killed"'))
     storage = tmp_path / "store"
-    args = [sys.executable, "-m", "sweeper.cli", "launch", str(space), "--local", "--num-cpus", "2",
-            "--storage", str(storage), "--tracking-uri", mlflow_server.url, "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    driver = _start_launch(space, storage, mlflow_server.url)
     record = SweepRecord(storage / "killed")
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -277,11 +294,7 @@ def test_tracking_server_outage_mid_sweep_loses_nothing(tmp_path):
     space = _grid_file(tmp_path, SMALL.replace('name="small"', 'name="outage"').replace(
         '"data.limit": 512', '"data.limit": 1024'))
     storage = tmp_path / "store"
-    args = [sys.executable, "-m", "sweeper.cli", "launch", str(space), "--local", "--num-cpus", "2",
-            "--storage", str(storage), "--tracking-uri", server.url, "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    driver = _start_launch(space, storage, server.url)
     record = SweepRecord(storage / "outage")
     try:
         deadline = time.time() + 300
