@@ -261,7 +261,7 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> No
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
         if exp is None:
             raise ConfigError([f"no MLflow experiment named {name!r} in {uri}"])
-        url += f"/#/experiments/{exp.experiment_id}"
+        url += f"/#/experiments/{exp.experiment_id}/runs"
     console.print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                     "--host", host, "--port", str(port)], check=False)

@@ -213,7 +213,10 @@ class Tracker:
                 if self.tracking_uri.startswith("sqlite:///"):
                     db = Path(self.tracking_uri[len("sqlite:///"):])
                     location = (db.parent / "mlartifacts" / self.experiment).resolve().as_uri()
-                exp_id = self.client.create_experiment(self.experiment, artifact_location=location)
+                # The MLflow 3 UI opens "GenAI" experiments on a traces overview; ours are training.
+                exp_id = self.client.create_experiment(
+                    self.experiment, artifact_location=location,
+                    tags={"mlflow.experimentKind": "custom_model_development"})
             else:
                 exp_id = exp.experiment_id
             state["experiment_id"] = exp_id

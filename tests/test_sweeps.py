@@ -321,3 +321,32 @@ def test_tracking_server_outage_mid_sweep_loses_nothing(tmp_path):
         assert _flat_metric_steps(client, run.info.run_id, "train_loss") == epochs == [1, 2, 3, 4]
         assert run.data.tags["sweeper.outcome"] == "completed"
     server.stop()
+
+
+@pytest.mark.mlflow
+def test_mlflow_ui_shows_the_trials_nested_under_the_sweep(quick_study, mlflow_server, tmp_path):
+    """Headless Chromium renders the experiment's runs page: one top-level row (the sweep's parent
+    run, collapsed) stands for 49 matching runs; no trial is listed beside it."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (the REST check above covers the nesting)")
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("vgg_depth")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = next(r for r in runs if r.data.tags.get("sweeper.role") == "sweep")
+    url = f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1600,1000", "--virtual-time-budget=30000"]
+    dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180).stdout
+    subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'b'}",
+                    f"--screenshot={tmp_path / 'runs.png'}", url], capture_output=True, timeout=180)
+    assert parent.info.run_name in dom
+    assert "49 matching runs" in dom
+    children = [r.info.run_name for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+    assert not any(name in dom for name in children)  # folded under the parent until expanded
+    assert (tmp_path / "runs.png").stat().st_size > 10_000
