@@ -30,7 +30,8 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Numbers and short strings of a result, without Tune's bookkeeping."""
     skip = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp", "done",
             "checkpoint_dir_name", "should_checkpoint", "experiment_tag", "time_this_iter_s",
-            "iterations_since_restore", "time_since_restore", "time_total_s"}
+            "iterations_since_restore", "time_since_restore", "time_total_s",
+            "training_iteration"}  # = epoch
     out = {}
     for k, v in metrics.items():
         if k in skip:

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from sweeper.records import scalar_metrics
+
 __all__ = ["SENTINELS", "Tracker", "default_tracking_uri", "redact"]
 
 SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
@@ -130,6 +132,7 @@ class Tracker:
     def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """One Tune result = one MLflow step (the epoch); its init/ part is step 0."""
         timestamp = int(float(result.get("timestamp", time.time())) * 1000)
+        result = scalar_metrics(result)  # without Tune's bookkeeping (pid, timestamp, ...)
         init = {k[len(_INIT):]: v for k, v in result.items() if k.startswith(_INIT)}
         if init:
             numbers, strings = _split(init)
