@@ -1,0 +1,236 @@
+"""The study report from hand-made sweep records: files, tables, and text that follows the data."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from sweeper.records import SweepRecord
+from sweeper.report import Report, build_report
+
+LN10 = math.log(10)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LAYERS = {"vgg11": 9, "vgg13": 11}  # 8 / 10 convs + the compact head's linear layer
+DEPTH = {"vgg11": 11, "vgg13": 13}  # weight layers as the paper counts them
+DECAY = 0.08  # per-layer factor of the normal-init plain nets' activation std at init
+
+
+def _layer_keys(arch: str) -> list[str]:
+    n = LAYERS[arch]
+    return [f"l{i:02d}_{'fc' if i == n - 1 else 'conv'}" for i in range(n)]
+
+
+def _per_layer(arch: str, init: str, bn: bool) -> tuple[dict, dict]:
+    """(step-0 values, epoch values): the small-init plain net's signal decays DECAY per layer."""
+    vanishing = init == "normal" and not bn
+    init_vals, epoch_vals = {}, {}
+    for i, key in enumerate(_layer_keys(arch)):
+        std = 0.5 * DECAY ** i if vanishing else 0.9 ** i
+        init_vals[f"init/act_std/{key}"] = std
+        init_vals[f"init/act_std_pred/{key}"] = std * (1.1 if vanishing else 1.3)
+        init_vals[f"init/grad_norm/{key}"] = 1e-9 * DECAY ** (LAYERS[arch] - i) if vanishing else 0.1
+        epoch_vals[f"act_std/{key}"] = std * 1.01
+        epoch_vals[f"grad_norm/{key}"] = 1e-9 if vanishing else 0.05
+        epoch_vals[f"gain_pred/{key}"] = DECAY ** 2 if vanishing else 1.0
+    init_vals["init/initial_loss"] = LN10 if vanishing else LN10 + 0.4
+    return init_vals, epoch_vals
+
+
+def _add_trial(record: SweepRecord, n: int, arch: str, init: str, bn: bool, lr: float, outcome: str,
+               accs: list[float], losses: list[float], reason: str | None = None) -> str:
+    trial_id = f"t_{n:05d}"
+    init_vals, epoch_vals = _per_layer(arch, init, bn)
+    for e, (acc, loss) in enumerate(zip(accs, losses), start=1):
+        row = {"epoch": e, "train_loss": loss, "val_loss": loss, "val_accuracy": acc, "lr": lr,
+               **epoch_vals, "stalled": float(outcome == "stalled" and e == len(accs))}
+        if outcome == "stalled" and e == len(accs):
+            row["stall_reason"] = reason
+        if e == 1:
+            row.update(init_vals)
+        record.append_epoch(trial_id, row)
+    prune = None
+    if outcome == "pruned":
+        prune = {"rung": len(accs), "cutoff": 0.5, "peers": 4, "value": accs[-1], "metric": "val_accuracy",
+                 "epoch": len(accs)}
+        record.append_decision({"trial_id": trial_id, **prune, "time": float(n)})
+    best = max(range(len(accs)), key=lambda i: accs[i]) if accs else None
+    record.write_trial(trial_id, {
+        "trial_id": trial_id, "name": f"{arch}-{init}-{'bn' if bn else 'plain'}-lr{lr:.2g}",
+        "config": {"model.arch": arch, "model.init": init, "model.batch_norm": bn, "model.width": 0.125,
+                   "optim.lr": lr, "data.name": "digits", "epochs": 3},
+        "created": float(n), "status": "finished", "outcome": outcome,
+        "reason": reason if outcome == "stalled" else None, "prune": prune, "epochs": len(accs),
+        "best": {"val_accuracy": accs[best]} if best is not None else {},
+        "last": {"val_accuracy": accs[-1]} if accs else {},
+    })
+    return trial_id
+
+
+def _meta(**extra) -> dict:
+    return {"name": "toy_depth", "question": "Which deep plain VGGs stall, and why?", "metric": "val_accuracy",
+            "mode": "max", "max_epochs": 3, "planned_trials": 16, "git_sha": "abc123", **extra}
+
+
+FLAT = [LN10 + 0.0004, LN10 + 0.0001, LN10]
+FALLING = [2.0, 1.0, 0.5]
+
+
+def _study(tmp_path, *, fixed: bool) -> SweepRecord:
+    """2 depths x {normal, he} x BN off/on, 2 lrs per cell. normal without BN stalls everywhere.
+
+    fixed=True: he and BN train every cell. fixed=False: at depth 13 he stalls without BN and with BN.
+    """
+    record = SweepRecord(tmp_path / "toy_depth")
+    record.create(_meta(), "SWEEP = ...\n")
+    n = 0
+    for arch in ("vgg11", "vgg13"):
+        for bn in (False, True):
+            for init in ("normal", "he"):
+                for lr, scale in ((0.01, 1.0), (0.05, 0.5)):
+                    n += 1
+                    broken = (init == "normal" and not bn) or (not fixed and arch == "vgg13" and init == "he")
+                    if broken:
+                        reason = ("vanishing_signal" if init == "normal" else
+                                  "dead_relu" if bn else "lr_too_high")
+                        _add_trial(record, n, arch, init, bn, lr, "stalled", [0.1, 0.1, 0.1], FLAT, reason)
+                    elif scale < 1:  # the high lr does worse: ASHA prunes it after one epoch
+                        _add_trial(record, n, arch, init, bn, lr, "pruned", [0.3], [1.9])
+                    else:
+                        acc = ({"he": 0.9, "normal": 0.8}[init] + (0.05 if bn else 0.0)
+                               - (0.02 if arch == "vgg13" else 0.0))
+                        _add_trial(record, n, arch, init, bn, lr, "completed", [0.4, 0.7, acc], FALLING)
+    return record
+
+
+def _read_csv(path) -> dict[tuple, dict]:
+    with open(path) as f:
+        return {(int(r["depth"]), r["init"], r["batch_norm"] == "True"): r for r in csv.DictReader(f)}
+
+
+def _assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5000, (path, len(data))
+
+
+def test_report_files_tables_and_text(tmp_path):
+    record = _study(tmp_path, fixed=True)
+    report = build_report(record, tmp_path / "out")
+
+    assert isinstance(report, Report)
+    names = {p.name for p in report.figures}
+    assert names == {"heatmap.png", "layers_at_init.png", "predicted_vs_measured.png", "curves.png"}
+    for p in report.figures:
+        assert p.parent == tmp_path / "out"
+        _assert_png(p)
+
+    text = report.html.read_text()
+    assert report.html == tmp_path / "out" / "report.html"
+    assert text.count("data:image/png;base64,") == 4
+    assert "Which deep plain VGGs stall, and why?" in text  # the question from meta, at the top
+    assert text.index("Which deep plain VGGs stall") < text.index("<h2>Cells</h2>")
+    assert "<table>" in text and "best val acc" in text and "stalled: vanishing_signal" in text
+    assert "<h2>ASHA decisions</h2>" in text and "vgg11-he-plain-lr0.05" in text
+    assert "Figure skipped" not in text
+    assert (tmp_path / "out" / "summary.md").read_text() == report.summary
+
+    # cells.csv: one row per (depth, init, BN), best accuracy over lr and the lr that reached it.
+    cells = _read_csv(tmp_path / "out" / "cells.csv")
+    assert len(cells) == len(report.cells) == 8
+    expected = {
+        (11, "normal", False): (0.1, "stalled: vanishing_signal"),
+        (13, "normal", False): (0.1, "stalled: vanishing_signal"),
+        (11, "he", False): (0.9, "trained"), (13, "he", False): (0.88, "trained"),
+        (11, "normal", True): (0.85, "trained"), (13, "normal", True): (0.83, "trained"),
+        (11, "he", True): (0.95, "trained"), (13, "he", True): (0.93, "trained"),
+    }
+    for key, (acc, outcome) in expected.items():
+        row = cells[key]
+        assert float(row["best_val_accuracy"]) == pytest.approx(acc), key
+        assert row["outcome"] == outcome, key
+        assert int(row["trials"]) == 2
+        if outcome == "trained":
+            assert float(row["best_lr"]) == pytest.approx(0.01)  # the lr 0.05 trial was pruned at 30%
+
+    # The summary names each stalled cell, its reason and where the init signal fell below 1e-6:
+    # std_l / std_0 = DECAY**l, first below 1e-6 at l = 6 (0.08**5 = 3.3e-6, 0.08**6 = 2.6e-7).
+    layer = next(l for l in range(1, 20) if DECAY ** l < 1e-6)
+    assert layer == 6
+    summary = report.summary
+    for depth, n_layers in ((11, 9), (13, 11)):
+        line = next(l for l in summary.splitlines() if f"depth {depth}, normal, no BN" in l and "stalled" in l)
+        assert "vanishing_signal" in line
+        assert f"l{layer:02d}_conv" in line and "1e-6" in line and "at init" in line.lower()
+        assert f"weight layer {layer + 1} of {n_layers}" in line
+        assert cells[(depth, "normal", False)]["signal_below_floor_at"] == f"l{layer:02d}_conv"
+    # Only plain normal cells stalled; he and BN fixed them, and the text says so because the data does.
+    assert "depth 11, he" not in summary.split("## Stalled cells")[1].split("##")[0]
+    lower = summary.lower()
+    assert "he init trains at every depth" in lower
+    assert "batchnorm trains every init at every depth" in lower
+    assert "10 classes" in summary
+
+
+def test_report_does_not_claim_a_fix_the_data_does_not_show(tmp_path):
+    record = _study(tmp_path, fixed=False)
+    report = build_report(record, tmp_path / "out")
+    lower = report.summary.lower()
+
+    assert "he init trains at every depth" not in lower
+    assert "batchnorm trains every init" not in lower
+    stalled = report.summary.split("## Stalled cells")[1].split("\n## ")[0]
+    assert "depth 13, he, no BN" in stalled and "lr_too_high" in stalled
+    assert "depth 13, he, BN" in stalled and "dead_relu" in stalled
+    assert "depth 11, he" not in stalled
+    # He rescues depth 11 only, BN rescues the normal cells but not he at depth 13: both are said.
+    assert "he init (no bn) trains at 11 where normal stalled, but itself stalls at 13" in lower
+    assert "with batchnorm still stalled: depth 13, he, bn (dead_relu)" in lower
+    assert "nothing in the sweep trained at: depth 13" not in lower  # normal+BN does train at 13
+    cells = _read_csv(tmp_path / "out" / "cells.csv")
+    assert cells[(13, "he", True)]["outcome"] == "stalled: dead_relu"
+    assert cells[(13, "he", False)]["outcome"] == "stalled: lr_too_high"
+    # The he cell at 13 has a healthy signal at init: the text must not invent a layer for it.
+    line = next(l for l in report.summary.splitlines() if "depth 13, he, no BN" in l)
+    assert "stays above 1e-6" in line
+
+
+def test_empty_record_says_there_is_nothing_to_show(tmp_path):
+    record = SweepRecord(tmp_path / "empty")
+    record.create(_meta(name="empty"), "")
+    report = build_report(record, tmp_path / "out")
+
+    assert report.figures == [] and report.cells == []
+    assert "nothing to show" in report.summary.lower()
+    text = report.html.read_text()
+    assert "nothing to show" in text.lower() and "Figure skipped" in text
+    assert (tmp_path / "out" / "cells.csv").read_text().startswith("depth,init,batch_norm")
+
+    # Not even a sweep.json: still a report, not a traceback.
+    report = build_report(SweepRecord(tmp_path / "missing"), tmp_path / "out2")
+    assert "nothing to show" in report.summary.lower()
+
+
+def test_partial_record_skips_figures_instead_of_crashing(tmp_path):
+    """Trials without epochs, a non-VGG arch, non-finite losses, no per-layer data, no BN cells."""
+    record = SweepRecord(tmp_path / "partial")
+    record.create(_meta(name="partial"), "")
+    record.write_trial("r0", {"trial_id": "r0", "name": "resnet18-he", "status": "running", "outcome": None,
+                              "config": {"model.arch": "resnet18", "model.init": "he", "optim.lr": 0.1}})
+    record.write_trial("r1", {"trial_id": "r1", "name": "resnet18-normal", "status": "finished",
+                              "outcome": "diverged",
+                              "config": {"model.arch": "resnet18", "model.init": "normal", "optim.lr": 1.0}})
+    record.append_epoch("r1", {"epoch": 1, "train_loss": float("nan"), "val_accuracy": 0.1})
+    with open(record.trials_dir / "r1.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # the driver is mid-append: a torn last line
+    report = build_report(record, tmp_path / "out")
+
+    text = report.html.read_text()
+    assert {p.name for p in report.figures} <= {"heatmap.png", "curves.png"}
+    assert "Figure skipped" in text  # the per-layer figures, with the reason
+    assert "per-layer" in text
+    rows = {(r["depth"], r["init"]): r for r in report.cells}
+    assert rows[("resnet18", "he")]["outcome"] == "running"
+    assert rows[("resnet18", "normal")]["outcome"] == "stalled: diverged"
+    assert "1 of 2 trials have no epochs yet" in report.summary
