@@ -124,9 +124,8 @@ class Sweep:
 
     def _space_problems(self) -> list[str]:
         p: list[str] = []
-        for key in ("epochs",):
-            if key in self.space:
-                p.append(f"space[{key!r}] is set by the Sweep: use max_epochs={self.space[key]!r}")
+        if "epochs" in self.space:  # one budget for ASHA and the trials: the Sweep's
+            p.append(f"space['epochs'] is set by the Sweep: use max_epochs={self.space['epochs']!r}")
         for key, value in self.space.items():
             if _is_domain(value) and type(value).__name__ == "Function":
                 p.append(f"space[{key!r}] uses tune.sample_from, which Optuna cannot search and "

@@ -87,8 +87,8 @@ class Tracker:
     def _state(self) -> dict[str, Any]:
         if self.state_path.is_file():
             return json.loads(self.state_path.read_text())
-        return {"delivered": 0, "experiment_id": None, "parent": None, "runs": {}, "steps": {},
-                "last_error": None}
+        return {"offset": 0, "delivered": 0, "experiment_id": None, "parent": None, "runs": {},
+                "steps": {}, "last_error": None}
 
     def _save_state(self, state: Mapping[str, Any]) -> None:
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
@@ -97,16 +97,37 @@ class Tracker:
 
     def _enqueue(self, op: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.spool_path, "a") as f:
-            f.write(json.dumps(op, default=str) + "\n")
+        with open(self.spool_path, "ab") as f:
+            # A driver killed mid-write leaves a line without its end: close it (it is skipped as
+            # unreadable) rather than glue this operation onto it.
+            torn = f.tell() > 0 and _last_byte(self.spool_path) != b"\n"
+            f.write((b"\n" if torn else b"") + json.dumps(op, default=str).encode() + b"\n")
 
-    def _ops(self) -> list[dict[str, Any]]:
+    def _undelivered(self, state: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        """(end offset, operation) for each spooled line past the delivered offset.
+
+        Reading from a byte offset keeps each flush proportional to what is new, not to the
+        sweep's whole history. A line without its newline is still being written: it waits.
+        """
         if not self.spool_path.is_file():
             return []
-        return [json.loads(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
+        out = []
+        with open(self.spool_path, "rb") as f:
+            f.seek(state["offset"])
+            position = state["offset"]
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                position += len(line)
+                if line.strip():
+                    try:
+                        out.append((position, json.loads(line)))
+                    except json.JSONDecodeError:  # the torn end of a killed writer's line
+                        continue
+        return out
 
     def pending(self) -> int:
-        return max(0, len(self._ops()) - self._state()["delivered"])
+        return len(self._undelivered(self._state()))
 
     def last_error(self) -> str | None:
         return self._state().get("last_error")
@@ -168,10 +189,10 @@ class Tracker:
         if not force and time.time() < self._next_try:
             return False
         state = self._state()
-        ops = self._ops()
         try:
-            while state["delivered"] < len(ops):
-                self._apply(ops[state["delivered"]], state)
+            for end, op in self._undelivered(state):
+                self._apply(op, state)
+                state["offset"] = end
                 state["delivered"] += 1
                 state["last_error"] = None
                 self._save_state(state)
@@ -317,6 +338,12 @@ class Tracker:
                  for k, v in params.items()]
         for chunk in _chunks(items, _MAX_PARAMS):
             self.client.log_batch(run_id, params=chunk)
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def _split(values: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:

@@ -117,3 +117,8 @@ def test_resources_may_be_a_function_of_the_config():
     bad = sweep.replace(resources=lambda cfg: {"cpu": -1})
     with pytest.raises(ConfigError, match=r"resources\(config of vgg11\)\['cpu'\]=-1 must be"):
         trial_resources(bad, TrialConfig())
+
+
+def test_the_epoch_budget_belongs_to_the_sweep():
+    with pytest.raises(ConfigError, match=r"space\['epochs'\] is set by the Sweep: use max_epochs=5"):
+        Sweep(name="s", space={"epochs": 5})

@@ -80,6 +80,7 @@ def test_replays_and_a_restarted_driver_never_duplicate_a_point(tmp_path):
     state = json.loads(t.state_path.read_text())
     state["steps"] = {}
     t.state_path.write_text(json.dumps(state))
+    assert state["offset"] == t.spool_path.stat().st_size  # delivery is tracked by byte offset
     t2 = _tracker(tmp_path)
     t2.start_trial("t1", run_name="r", config={"a": 1})
     t2.log_result("t1", {**_result(2, train_loss=99.0), "timestamp": 1_800_000_000})
@@ -145,3 +146,28 @@ def test_ui_serves_the_embedded_store(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_half_written_spool_line_waits_for_its_end(tmp_path):
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    with open(t.spool_path, "a") as f:  # a writer caught mid-line (e.g. the driver was killed)
+        f.write('{"op": "tags", "trial_id": null, "tags": {"a": ')
+    assert t.pending() == 1 and t.flush()
+    with open(t.spool_path, "a") as f:
+        f.write('"b"}}\n')
+    assert t.pending() == 1 and t.flush() and t.pending() == 0
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_run(t.parent_run_id()).data.tags["a"] == "b"
+
+
+def test_a_torn_line_from_a_killed_driver_is_skipped_not_glued(tmp_path):
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    with open(t.spool_path, "a") as f:
+        f.write('{"op": "tags", "trial_id": null, "tag')  # the old driver died here
+    t2 = _tracker(tmp_path)  # the next driver carries on
+    t2.set_tags(None, {"after": "restart"})
+    assert t2.flush() and t2.pending() == 0
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_run(t2.parent_run_id()).data.tags["after"] == "restart"
