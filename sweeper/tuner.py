@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeper.checkpoints import repair_restorable_checkpoints
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
 from sweeper.records import SweepRecord, scalar_metrics
@@ -217,7 +218,9 @@ class ExplainedASHA(ASHAScheduler):
 def _make_scheduler(sweep: Sweep, record: SweepRecord):
     if sweep.scheduler == "fifo":
         return FIFOScheduler()
-    return ExplainedASHA(record_dir=str(record.experiment_dir), time_attr="training_iteration",
+    # The trial's own epoch, not Tune's iteration count: the two part when a restore resumes a trial
+    # from a newer checkpoint than Tune's state names (see sweeper.checkpoints).
+    return ExplainedASHA(record_dir=str(record.experiment_dir), time_attr="epoch",
                          max_t=sweep.max_epochs, grace_period=sweep.grace_period,
                          reduction_factor=sweep.reduction_factor)
 
@@ -234,7 +237,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                 and trial_id in self._ot_trials and trial_id not in self._completed_trials):
             try:
                 ot_trial = self._ot_trials[trial_id]
-                value, step = result.get(self.metric), result.get("training_iteration")
+                value, step = result.get(self.metric), result.get("epoch")
                 if value is not None and step is not None:
                     # Tune withholds the stopping result from the searcher; without it a trial
                     # stopped at its first rung would reach Optuna with no value at all.
@@ -540,6 +543,9 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                                  planned=planned, scheduler=scheduler)
         if restored:
             console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
+            for fix in repair_restorable_checkpoints(exp_dir):
+                console.print(f"  {fix.trial_dir}: {fix.missing} was pruned before Ray's state "
+                              f"named its successor; resuming from {fix.used}", style="yellow")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
                                        resume_errored=True)
         else:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import MlflowServer, run_sweeper
+from sweeper.checkpoints import restorable_checkpoints
 from sweeper.records import SweepRecord
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -205,10 +207,20 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
                        if t.get("status") == "finished"}
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
+    # Make Ray's delete-then-save race certain for one running trial (it also happens on its own):
+    # the checkpoint the saved state names is gone, only its successor exists.
+    named = restorable_checkpoints(str(storage / "killed"))
+    victim = next(t["trial_id"] for t in mid if t["trial_id"] in named)
+    (trial_dir,) = (storage / "killed").glob(f"*-{victim}")
+    index = int(named[victim].rsplit("_", 1)[1])
+    if (trial_dir / named[victim]).exists():
+        shutil.rmtree(trial_dir / f"checkpoint_{index + 1:06d}", ignore_errors=True)
+        (trial_dir / named[victim]).rename(trial_dir / f"checkpoint_{index + 1:06d}")
 
     again = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
                         str(storage), "--tracking-uri", mlflow_server.url, "--quiet")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"{trial_dir.name}: {named[victim]} was pruned" in again.stdout, again.stdout[-3000:]
     trials = record.trials()
     assert len(trials) == 6 and all(t["outcome"] == "completed" for t in trials)
     for trial_id, finished in finished_before.items():  # completed trials were not re-run
@@ -219,6 +231,9 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
         # A resumed trial continues from its checkpoint: epochs never fall back to 1.
         assert lines[0] == 1 and 1 not in lines[1:], lines
         assert lines[-1] == 4
+        # Ray pruned superseded checkpoints (keep_checkpoints=1), repaired ones included.
+        ckpts = list((storage / "killed").glob(f"*-{t['trial_id']}/checkpoint_*"))
+        assert len(ckpts) == 1, ckpts
     client = MlflowClient(mlflow_server.url)
     children = _runs(client, "killed", "trial")
     assert len(children) == 6 and len(_runs(client, "killed", "sweep")) == 1
