@@ -1,17 +1,24 @@
 """Making a killed sweep restorable when Ray deleted the checkpoint its saved state names.
 
 Ray's ``CheckpointConfig(num_to_keep=N)`` deletes a superseded checkpoint the moment its successor is
-registered, and writes the experiment state that ``Tuner.restore`` reads just after (it forces a
-save every N checkpoints per trial). A driver killed in that instant leaves a state naming a deleted
-checkpoint, and the resumed trial fails with "Could not recover from checkpoint as it does not exist
-on storage anymore" (seen in CI: the driver-kill test caught it about once in three runs).
+registered, but writes the experiment state that ``Tuner.restore`` reads only later (a forced save
+every N checkpoints per trial, after the deletion). A driver killed in that window leaves a state
+whose checkpoint manager names a deleted checkpoint, and the resumed trial fails with "Could not
+recover from checkpoint as it does not exist on storage anymore" (seen in CI about once in three
+runs of the driver-kill test). The state's ``last_result`` is no guide: it is updated before the
+checkpoint is registered, so it can name a newer checkpoint than the one Ray restores from.
 
 Deletion only ever follows a newer checkpoint being written, so the fix is on disk, before restore:
-where the named checkpoint is missing, copy its trial's next newer checkpoint under the missing name.
-The trial resumes from that newer state (the checkpoint carries its own epoch; ASHA and the record
-count the trial's epochs, not Tune's iterations), losing nothing. Keeping every checkpoint instead
-would close the race too, but Ray's state stores each checkpoint's full result: with per-layer
-diagnostics that is ~14 kB per trial and epoch, read and written on every state save.
+where the checkpoint Ray will restore is missing, copy its trial's next newer checkpoint under the
+missing name. The trial resumes from that newer state (the checkpoint carries its own epoch; ASHA and
+the record count the trial's epochs, not Tune's iterations), losing nothing. Keeping every checkpoint
+instead would close the race too, but Ray's state stores each checkpoint's full result: with
+per-layer diagnostics that is ~14 kB per trial and epoch, read and written on every state save.
+
+Checkpoints newer than the one the state restores are then removed. Ray never reads them: a worker
+runs ahead of the driver and persists checkpoints whose results the driver never processed (so no
+record or MLflow metric has those epochs, and they are trained again), and Ray's restored numbering
+lags, so they would outlive the trial as orphans -- a full model and optimizer state each.
 """
 
 from __future__ import annotations
@@ -35,9 +42,17 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 @dataclass(frozen=True)
 class Repair:
+    """What was done to one trial's directory before restore."""
+
     trial_dir: str
-    missing: str  # the checkpoint Ray's state names
-    used: str  # the newer checkpoint copied under that name
+    restored: str  # the checkpoint Ray's state resumes the trial from
+    copied_from: str | None = None  # `restored` was gone: this newer checkpoint was put in its place
+    discarded: tuple[str, ...] = ()  # newer checkpoints Ray's state does not know (removed)
+
+    @property
+    def rerun(self) -> tuple[str, ...]:
+        """Discarded checkpoints whose epochs the trial trains again."""
+        return tuple(name for name in self.discarded if name != self.copied_from)
 
 
 def _names(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -61,10 +76,8 @@ def restorable_checkpoints(experiment_uri: str) -> dict[str, str] | None:
         named: dict[str, str] = {}
         for trial_json, runtime_json in state["trial_data"]:
             trial_id = json.loads(trial_json)["trial_id"]
-            last = json.loads(runtime_json).get("last_result") or {}
-            # Every report carries a checkpoint (trial.py), so the last result's is the latest.
-            name = last.get("checkpoint_dir_name")
-            if isinstance(name, str) and _CHECKPOINT_RE.match(name):
+            name = _restore_checkpoint_name(runtime_json)
+            if name is not None:
                 named[trial_id] = name
         return named
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -72,8 +85,29 @@ def restorable_checkpoints(experiment_uri: str) -> dict[str, str] | None:
         return None
 
 
+def _restore_checkpoint_name(runtime_json: str) -> str | None:
+    """The checkpoint a restored trial resumes from: its checkpoint manager's latest (Ray 2.60).
+
+    Ray stores the manager pickled inside the runtime JSON, so it is decoded with Ray's own loader
+    (an internal one: ``Trial.restore_run_metadata`` does the same). Undecodable → None, and the
+    trial is left to Ray's own error.
+    """
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    try:
+        manager = _TrainingRunMetadata.from_json_state(runtime_json).checkpoint_manager
+        latest = manager.latest_checkpoint_result
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means "cannot tell"
+        log.debug("trial runtime state undecodable: %s", exc)
+        return None
+    if latest is None or latest.checkpoint is None:
+        return None
+    name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    return name if _CHECKPOINT_RE.match(name) else None
+
+
 def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
-    """Put a checkpoint back wherever the saved state names one that is gone; say what was done.
+    """Make each trial's checkpoints match the saved state Ray restores from; say what was done.
 
     Trial directories are named ``<label>-<trial_id>`` (``tuner.trial_label``).
     """
@@ -91,15 +125,19 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
         present = {int(m.group(1)): name for name in _names(fs, info.path)
                    if (m := _CHECKPOINT_RE.match(name))}
         index = int(_CHECKPOINT_RE.match(want).group(1))
-        if index in present:
-            continue
         newer = sorted(i for i in present if i > index)
-        if not newer:  # nothing to resume from: Ray's own error will say so
-            log.warning("%s: %s is missing and no newer checkpoint exists", info.path, want)
-            continue
-        used = present[newer[0]]
-        _copy_dir(fs, f"{info.path}/{used}", f"{info.path}/{want}")
-        repairs.append(Repair(trial_dir=info.base_name, missing=want, used=used))
+        copied_from = None
+        if index not in present:
+            if not newer:  # nothing to resume from: Ray's own error will say so
+                log.warning("%s: %s is missing and no newer checkpoint exists", info.path, want)
+                continue
+            copied_from = present[newer[0]]
+            _copy_dir(fs, f"{info.path}/{copied_from}", f"{info.path}/{want}")
+        for i in newer:
+            fs.delete_dir(f"{info.path}/{present[i]}")
+        if copied_from or newer:
+            repairs.append(Repair(trial_dir=info.base_name, restored=want, copied_from=copied_from,
+                                  discarded=tuple(present[i] for i in newer)))
     return repairs
 
 

@@ -544,8 +544,14 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
         if restored:
             console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
             for fix in repair_restorable_checkpoints(exp_dir):
-                console.print(f"  {fix.trial_dir}: {fix.missing} was pruned before Ray's state "
-                              f"named its successor; resuming from {fix.used}", style="yellow")
+                if fix.copied_from:
+                    console.print(f"  {fix.trial_dir}: {fix.restored} was pruned before Ray's state "
+                                  f"named its successor; resuming from {fix.copied_from}",
+                                  style="yellow")
+                if fix.rerun:
+                    console.print(f"  {fix.trial_dir}: removed {', '.join(fix.rerun)}, saved after "
+                                  f"the state Ray resumes from; those epochs run again",
+                                  style="yellow")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
                                        resume_errored=True)
         else:

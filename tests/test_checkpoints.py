@@ -7,10 +7,32 @@ import pytest
 from sweeper.checkpoints import Repair, repair_restorable_checkpoints, restorable_checkpoints
 
 
-def _state(exp, name, trials):
-    """An experiment state in Ray 2.60's layout: trial_data = [[trial json, runtime json], ...]."""
+def _runtime(exp, trial_id, latest, last_result):
+    """A trial's runtime state as Ray 2.60 writes it: its checkpoint manager pickled inside."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    meta = _TrainingRunMetadata()
+    meta.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+    if latest is not None:
+        path = exp / f"vgg11-he-lr0.01-{trial_id}" / latest
+        meta.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=Checkpoint(str(path)), metrics={"epoch": 1}))
+    meta.last_result = {"checkpoint_dir_name": last_result} if last_result else {}
+    return meta.get_json_state()
+
+
+def _state(exp, name, trials, last_results=None):
+    """An experiment state in Ray 2.60's layout: trial_data = [[trial json, runtime json], ...].
+
+    ``trials`` maps trial id -> the checkpoint its manager holds; ``last_results`` optionally
+    gives a different (newer) checkpoint name for the last result, as a kill can leave it.
+    """
+    last_results = last_results or {}
     data = [[json.dumps({"trial_id": tid, "stub": False}),
-             json.dumps({"last_result": {"checkpoint_dir_name": ckpt} if ckpt else {}})]
+             _runtime(exp, tid, ckpt, last_results.get(tid, ckpt))]
             for tid, ckpt in trials.items()]
     (exp / name).write_text(json.dumps({"trial_data": data, "runner_data": {}}))
 
@@ -35,12 +57,44 @@ def test_a_missing_named_checkpoint_is_replaced_by_the_next_newer_one(tmp_path):
     _state(tmp_path, "experiment_state-2026-11-24_10-00-00.json",
            {"aaaa_00000": "checkpoint_000001", "aaaa_00001": "checkpoint_000004"})
     repairs = repair_restorable_checkpoints(str(tmp_path))
-    assert repairs == [Repair(trial_dir=gone.name, missing="checkpoint_000001",
-                              used="checkpoint_000002")]
+    assert repairs == [Repair(trial_dir=gone.name, restored="checkpoint_000001",
+                              copied_from="checkpoint_000002",
+                              discarded=("checkpoint_000002", "checkpoint_000003"))]
+    assert repairs[0].rerun == ("checkpoint_000003",)
     assert (gone / "checkpoint_000001" / "state.pt").read_text() == "epoch 3"
-    assert _left(gone) == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
+    # Ray restores checkpoint 1 and never reads 2 or 3 (its numbering would leave them orphaned).
+    assert _left(gone) == ["checkpoint_000001"]
     assert _left(fine) == ["checkpoint_000004"]
     assert repair_restorable_checkpoints(str(tmp_path)) == []  # nothing left to do
+
+
+def test_the_checkpoint_manager_decides_not_the_last_result(tmp_path):
+    # Seen in CI: the state was saved after the epoch-2 result but before checkpoint 1 was
+    # registered; then checkpoint 1 deleted checkpoint 0. Ray restores checkpoint 0, not 1.
+    d = _trial(tmp_path, "aaaa_00000", [1])
+    _state(tmp_path, "experiment_state-2026-11-24_10-00-00.json",
+           {"aaaa_00000": "checkpoint_000000"}, last_results={"aaaa_00000": "checkpoint_000001"})
+    assert restorable_checkpoints(str(tmp_path)) == {"aaaa_00000": "checkpoint_000000"}
+    assert repair_restorable_checkpoints(str(tmp_path)) == [
+        Repair(trial_dir=d.name, restored="checkpoint_000000", copied_from="checkpoint_000001",
+               discarded=("checkpoint_000001",))]
+    assert (d / "checkpoint_000000" / "state.pt").read_text() == "epoch 2"
+    assert _left(d) == ["checkpoint_000000"]
+
+
+def test_checkpoints_the_driver_never_registered_are_removed(tmp_path):
+    # The worker ran two epochs ahead of a driver that was then killed: Ray's state restores
+    # checkpoint 1 (present) and would never read 2 and 3; the record lacks their epochs.
+    ahead = _trial(tmp_path, "aaaa_00000", [1, 2, 3])
+    done = _trial(tmp_path, "aaaa_00001", [3])
+    _state(tmp_path, "experiment_state-2026-11-24_10-00-00.json",
+           {"aaaa_00000": "checkpoint_000001", "aaaa_00001": "checkpoint_000003"})
+    (fix,) = repair_restorable_checkpoints(str(tmp_path))
+    assert fix == Repair(trial_dir=ahead.name, restored="checkpoint_000001",
+                         discarded=("checkpoint_000002", "checkpoint_000003"))
+    assert fix.rerun == ("checkpoint_000002", "checkpoint_000003")
+    assert (ahead / "checkpoint_000001" / "state.pt").read_text() == "epoch 2"
+    assert _left(ahead) == ["checkpoint_000001"] and _left(done) == ["checkpoint_000003"]
 
 
 def test_the_newest_state_file_decides(tmp_path):
@@ -48,8 +102,8 @@ def test_the_newest_state_file_decides(tmp_path):
     _state(tmp_path, "experiment_state-2026-11-24_10-00-00.json", {"aaaa_00000": "checkpoint_000003"})
     _state(tmp_path, "experiment_state-2026-11-24_11-00-00.json", {"aaaa_00000": "checkpoint_000002"})
     assert restorable_checkpoints(str(tmp_path)) == {"aaaa_00000": "checkpoint_000002"}
-    assert [r.missing for r in repair_restorable_checkpoints(str(tmp_path))] == ["checkpoint_000002"]
-    assert _left(d) == ["checkpoint_000002", "checkpoint_000003"]
+    assert [r.copied_from for r in repair_restorable_checkpoints(str(tmp_path))] == ["checkpoint_000003"]
+    assert _left(d) == ["checkpoint_000002"]
 
 
 def test_nothing_newer_means_nothing_is_invented(tmp_path):
@@ -75,5 +129,17 @@ def test_an_unreadable_state_changes_nothing(tmp_path, state):
     if state is not None:  # missing, torn, or another Ray's layout: leave it to Ray's own errors
         (tmp_path / "experiment_state-2026-11-24_10-00-00.json").write_text(state)
     assert restorable_checkpoints(str(tmp_path)) is None
+    assert repair_restorable_checkpoints(str(tmp_path)) == []
+    assert _left(d) == ["checkpoint_000002"]
+
+
+def test_a_runtime_state_without_a_checkpoint_manager_is_left_to_ray(tmp_path):
+    # Another Ray's layout (only a last result): no guess is made from the last result.
+    d = _trial(tmp_path, "aaaa_00000", [2])
+    data = [[json.dumps({"trial_id": "aaaa_00000"}),
+             json.dumps({"last_result": {"checkpoint_dir_name": "checkpoint_000001"}})]]
+    (tmp_path / "experiment_state-2026-11-24_10-00-00.json").write_text(
+        json.dumps({"trial_data": data}))
+    assert restorable_checkpoints(str(tmp_path)) == {}
     assert repair_restorable_checkpoints(str(tmp_path)) == []
     assert _left(d) == ["checkpoint_000002"]

@@ -208,14 +208,17 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     # Make Ray's delete-then-save race certain for one running trial (it also happens on its own):
-    # the checkpoint the saved state names is gone, only its successor exists.
+    # the checkpoint the saved state will restore is gone, only its successor exists.
     named = restorable_checkpoints(str(storage / "killed"))
     victim = next(t["trial_id"] for t in mid if t["trial_id"] in named)
     (trial_dir,) = (storage / "killed").glob(f"*-{victim}")
-    index = int(named[victim].rsplit("_", 1)[1])
+    successor = trial_dir / f"checkpoint_{int(named[victim].rsplit('_', 1)[1]) + 1:06d}"
     if (trial_dir / named[victim]).exists():
-        shutil.rmtree(trial_dir / f"checkpoint_{index + 1:06d}", ignore_errors=True)
-        (trial_dir / named[victim]).rename(trial_dir / f"checkpoint_{index + 1:06d}")
+        # As if the driver had registered a successor holding the same state. (A successor already
+        # on disk may be one the worker wrote but the driver never saw: its epoch is unrecorded, so
+        # resuming from it would skip that epoch's metrics. In the real race the driver has seen it.)
+        shutil.rmtree(successor, ignore_errors=True)
+        (trial_dir / named[victim]).rename(successor)
 
     again = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
                         str(storage), "--tracking-uri", mlflow_server.url, "--quiet")
