@@ -9,7 +9,7 @@ runs of the driver-kill test). The state's ``last_result`` is no guide: it is up
 checkpoint is registered, so it can name a newer checkpoint than the one Ray restores from.
 
 Deletion only ever follows a newer checkpoint being written, so the fix is on disk, before restore:
-where the checkpoint Ray will restore is missing, copy its trial's next newer checkpoint under the
+where the checkpoint Ray will restore is missing, move its trial's next newer checkpoint to the
 missing name. The trial resumes from that newer state (the checkpoint carries its own epoch; ASHA and
 the record count the trial's epochs, not Tune's iterations), losing nothing. Keeping every checkpoint
 instead would close the race too, but Ray's state stores each checkpoint's full result: with
@@ -46,13 +46,13 @@ class Repair:
 
     trial_dir: str
     restored: str  # the checkpoint Ray's state resumes the trial from
-    copied_from: str | None = None  # `restored` was gone: this newer checkpoint was put in its place
+    moved_from: str | None = None  # `restored` was gone: this newer checkpoint was moved there
     discarded: tuple[str, ...] = ()  # newer checkpoints Ray's state does not know (removed)
 
     @property
     def rerun(self) -> tuple[str, ...]:
         """Discarded checkpoints whose epochs the trial trains again."""
-        return tuple(name for name in self.discarded if name != self.copied_from)
+        return tuple(name for name in self.discarded if name != self.moved_from)
 
 
 def _names(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -125,29 +125,27 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
         present = {int(m.group(1)): name for name in _names(fs, info.path)
                    if (m := _CHECKPOINT_RE.match(name))}
         index = int(_CHECKPOINT_RE.match(want).group(1))
-        newer = sorted(i for i in present if i > index)
-        copied_from = None
+        # Ray's state knows none of the newer ones: the first may stand in for a missing one.
+        discarded = tuple(present[i] for i in sorted(present) if i > index)
+        moved_from = None
         if index not in present:
-            if not newer:  # nothing to resume from: Ray's own error will say so
+            if not discarded:  # nothing to resume from: Ray's own error will say so
                 log.warning("%s: %s is missing and no newer checkpoint exists", info.path, want)
                 continue
-            copied_from = present[newer[0]]
-            _copy_dir(fs, f"{info.path}/{copied_from}", f"{info.path}/{want}")
-        for i in newer:
-            fs.delete_dir(f"{info.path}/{present[i]}")
-        if copied_from or newer:
-            repairs.append(Repair(trial_dir=info.base_name, restored=want, copied_from=copied_from,
-                                  discarded=tuple(present[i] for i in newer)))
+            moved_from = discarded[0]
+            _move_dir(fs, f"{info.path}/{moved_from}", f"{info.path}/{want}")
+        for name in discarded:
+            if name != moved_from:
+                fs.delete_dir(f"{info.path}/{name}")
+        if discarded:
+            repairs.append(Repair(trial_dir=info.base_name, restored=want, moved_from=moved_from,
+                                  discarded=discarded))
     return repairs
 
 
-def _copy_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
-        # Copy under a temporary name, then rename: a repair cut short leaves no half checkpoint.
-        staging = f"{dst}.repair"
-        fs.delete_dir_contents(staging, missing_dir_ok=True)
-        fs.create_dir(staging, recursive=True)
-        pafs.copy_files(src, staging, source_filesystem=fs, destination_filesystem=fs)
-        fs.move(staging, dst)
-    else:  # object stores have no directories to rename: the prefix appears as it is written
+        fs.move(src, dst)  # a rename: a repair cut short leaves no half checkpoint
+    else:  # object stores cannot rename a prefix: copy it (it appears as written), then delete
         pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)

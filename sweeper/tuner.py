@@ -544,9 +544,9 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
         if restored:
             console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
             for fix in repair_restorable_checkpoints(exp_dir):
-                if fix.copied_from:
+                if fix.moved_from:
                     console.print(f"  {fix.trial_dir}: {fix.restored} was pruned before Ray's state "
-                                  f"named its successor; resuming from {fix.copied_from}",
+                                  f"named its successor; resuming from {fix.moved_from}",
                                   style="yellow")
                 if fix.rerun:
                     console.print(f"  {fix.trial_dir}: removed {', '.join(fix.rerun)}, saved after "

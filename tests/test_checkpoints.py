@@ -58,7 +58,7 @@ def test_a_missing_named_checkpoint_is_replaced_by_the_next_newer_one(tmp_path):
            {"aaaa_00000": "checkpoint_000001", "aaaa_00001": "checkpoint_000004"})
     repairs = repair_restorable_checkpoints(str(tmp_path))
     assert repairs == [Repair(trial_dir=gone.name, restored="checkpoint_000001",
-                              copied_from="checkpoint_000002",
+                              moved_from="checkpoint_000002",
                               discarded=("checkpoint_000002", "checkpoint_000003"))]
     assert repairs[0].rerun == ("checkpoint_000003",)
     assert (gone / "checkpoint_000001" / "state.pt").read_text() == "epoch 3"
@@ -76,7 +76,7 @@ def test_the_checkpoint_manager_decides_not_the_last_result(tmp_path):
            {"aaaa_00000": "checkpoint_000000"}, last_results={"aaaa_00000": "checkpoint_000001"})
     assert restorable_checkpoints(str(tmp_path)) == {"aaaa_00000": "checkpoint_000000"}
     assert repair_restorable_checkpoints(str(tmp_path)) == [
-        Repair(trial_dir=d.name, restored="checkpoint_000000", copied_from="checkpoint_000001",
+        Repair(trial_dir=d.name, restored="checkpoint_000000", moved_from="checkpoint_000001",
                discarded=("checkpoint_000001",))]
     assert (d / "checkpoint_000000" / "state.pt").read_text() == "epoch 2"
     assert _left(d) == ["checkpoint_000000"]
@@ -102,7 +102,7 @@ def test_the_newest_state_file_decides(tmp_path):
     _state(tmp_path, "experiment_state-2026-11-24_10-00-00.json", {"aaaa_00000": "checkpoint_000003"})
     _state(tmp_path, "experiment_state-2026-11-24_11-00-00.json", {"aaaa_00000": "checkpoint_000002"})
     assert restorable_checkpoints(str(tmp_path)) == {"aaaa_00000": "checkpoint_000002"}
-    assert [r.copied_from for r in repair_restorable_checkpoints(str(tmp_path))] == ["checkpoint_000003"]
+    assert [r.moved_from for r in repair_restorable_checkpoints(str(tmp_path))] == ["checkpoint_000003"]
     assert _left(d) == ["checkpoint_000002"]
 
 
