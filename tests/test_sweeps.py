@@ -186,6 +186,26 @@ def _start_launch(space: Path, storage: Path, tracking_uri: str) -> subprocess.P
                             start_new_session=True)
 
 
+def _wait_for_session_to_die(sid: int, timeout: float = 60.0) -> None:
+    """Ray's workers lead their own process groups: killing the driver's group leaves them running
+    for a second or two (until they notice their raylet is gone), long enough to persist one more
+    checkpoint. They stay in the driver's session, so wait until nothing live is left in it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited while we looked
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # session id; Z: a zombie, already dead
+                alive.append(stat.parent.name)
+        if not alive:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"processes of the killed sweep still running after {timeout:.0f} s: {alive}")
+
+
 @pytest.mark.mlflow
 def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_server):
     space = _grid_file(tmp_path, SMALL.replace('name="small"', 'name="killed"'))
@@ -207,6 +227,7 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
                        if t.get("status") == "finished"}
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
+    _wait_for_session_to_die(driver.pid)  # no worker writes a checkpoint behind the test's back
     # Make Ray's delete-then-save race certain for one running trial (it also happens on its own):
     # the checkpoint the saved state will restore is gone, only its successor exists.
     named = restorable_checkpoints(str(storage / "killed"))
