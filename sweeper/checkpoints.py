@@ -19,6 +19,11 @@ Checkpoints newer than the one the state restores are then removed. Ray never re
 runs ahead of the driver and persists checkpoints whose results the driver never processed (so no
 record or MLflow metric has those epochs, and they are trained again), and Ray's restored numbering
 lags, so they would outlive the trial as orphans -- a full model and optimizer state each.
+
+A checkpoint that is gone with nothing newer to stand in for it (deleted by hand, a lifecycle rule on
+the bucket) would fail the trial on every relaunch. Its directory is made again holding only a marker
+file (Ray checks that the path exists), and the trainable, finding no trial state in it, starts the
+trial again from scratch; the launch says so in yellow.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Repair:
     restored: str  # the checkpoint Ray's state resumes the trial from
     moved_from: str | None = None  # `restored` was gone: this newer checkpoint was moved there
     discarded: tuple[str, ...] = ()  # newer checkpoints Ray's state does not know (removed)
+    restarted: bool = False  # `restored` was gone with nothing newer: the trial starts from scratch
 
     @property
     def rerun(self) -> tuple[str, ...]:
@@ -129,8 +135,9 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
         discarded = tuple(present[i] for i in sorted(present) if i > index)
         moved_from = None
         if index not in present:
-            if not discarded:  # nothing to resume from: Ray's own error will say so
-                log.warning("%s: %s is missing and no newer checkpoint exists", info.path, want)
+            if not discarded:  # nothing to resume from: the trial starts again
+                _write_marker(fs, f"{info.path}/{want}")
+                repairs.append(Repair(trial_dir=info.base_name, restored=want, restarted=True))
                 continue
             moved_from = discarded[0]
             _move_dir(fs, f"{info.path}/{moved_from}", f"{info.path}/{want}")
@@ -141,6 +148,14 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
             repairs.append(Repair(trial_dir=info.base_name, restored=want, moved_from=moved_from,
                                   discarded=discarded))
     return repairs
+
+
+def _write_marker(fs: pafs.FileSystem, directory: str) -> None:
+    from sweeper.trial import MISSING_CHECKPOINT_MARKER
+
+    fs.create_dir(directory, recursive=True)
+    with fs.open_output_stream(f"{directory}/{MISSING_CHECKPOINT_MARKER}") as f:
+        f.write(b"this checkpoint was missing from storage; the trial restarted from scratch\n")
 
 
 def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:

@@ -1,45 +1,87 @@
 """The ``sweeper`` command line: argument parsing only; the work happens in the modules it calls.
 
-User errors (a bad setting, a missing dataset) print one clear message per problem and exit 2, with no
-traceback; anything else is a bug or a real failure and surfaces with its real traceback.
+Exit status (also in ``sweeper --help`` and the README):
+
+- 0: done (a sweep: every trial ended, none failed);
+- 1: an internal error (a bug, a real failure: its traceback is shown), or trials that failed
+  after their retries;
+- 2: bad input: a setting, a file, a dataset, storage, resources (one message per problem, no
+  traceback unless ``--traceback``; nothing started, nothing written);
+- 3: interrupted (Ctrl-C, ``sweeper stop``): the sweep saved its state; launch or resume continues it;
+- 4: finished, but tracking data is still undelivered (``sweeper sync NAME`` delivers it).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from rich.markup import escape
 
 from sweeper.config import ConfigError
 from sweeper.console import console, error_console
 
-__all__ = ["app", "main"]
+# Token authentication on, said before anything imports Ray (Ray reads the mode once, at import):
+# a fresh local Ray then makes or reuses ~/.ray/auth_token, and a driver joining a cluster at an
+# explicit address presents the token instead of failing for a minute. RAY_AUTH_MODE=disabled in
+# the environment still opts out. Where Ray is already imported (a program that imported it first),
+# the variable is left alone: Ray would start a token-only cluster it cannot itself join.
+if "ray" not in sys.modules:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_UNDELIVERED", "EXIT_USAGE", "app",
+           "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
+EXIT_UNDELIVERED = 4
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ray Tune sweeps of PyTorch image classifiers, with MLflow tracking that "
-                       "explains why deep plain nets stall.")
+                       "explains why deep plain nets stall.\n\n"
+                       "Exit status: 0 done; 1 internal error or failed trials; 2 bad input "
+                       "(nothing started); 3 interrupted (resumable); 4 done, tracking not "
+                       "delivered (`sweeper sync`).")
 
-EXIT_USAGE = 2
+_SHOW_TRACEBACK = {"on": False}
+
+
+@app.callback()
+def _options(traceback: bool = typer.Option(
+        False, "--traceback", help="Show the full traceback of input errors too (for bug reports).")
+) -> None:
+    _SHOW_TRACEBACK["on"] = traceback
 
 
 def user_errors(func: Callable) -> Callable:
-    """Turn the errors a user can fix into messages and exit code 2."""
+    """Turn the errors a user can fix into messages and exit code 2; Ctrl-C into exit code 3."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except ConfigError as exc:
+            if _SHOW_TRACEBACK["on"]:
+                raise
             for problem in exc.problems:
-                error_console.print(f"[red]error:[/red] {problem}")
+                error_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            error_console.print("interrupted", style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED)
         except Exception as exc:
             from sweeper.data import DatasetUnavailable  # lazy: torch is slow to import
 
-            if not isinstance(exc, DatasetUnavailable):
+            if not isinstance(exc, DatasetUnavailable) or _SHOW_TRACEBACK["on"]:
                 raise
-            error_console.print(f"[red]error:[/red] {exc}")
+            error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_USAGE)
 
     return wrapper
@@ -246,16 +288,15 @@ def ui(
     run_ui(name, storage, host=host, port=port)
 
 
-EXIT_UNDELIVERED = 3
-
-
 def _exit_for(result) -> None:
+    if result.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.outcomes.get("failed"):
+        raise typer.Exit(EXIT_FAILED)
     if result.undelivered:
         error_console.print(f"[yellow]{result.undelivered} tracking operation(s) not delivered: "
                             f"{result.tracking_error}[/yellow]")
         raise typer.Exit(EXIT_UNDELIVERED)
-    if result.outcomes.get("failed"):
-        raise typer.Exit(1)
 
 
 def _print_summary(result) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 __all__ = [
+    "EPOCH_METRICS",
     "ConfigError",
     "DataConfig",
     "DiagnosticsConfig",
@@ -92,6 +93,10 @@ class OptimConfig:
     step_size: int = 10  # epochs between decays for schedule='step'
     gamma: float = 0.1  # decay factor for 'plateau' and 'step'
     label_smoothing: float = 0.0
+    # False: no weight decay on 1-D parameters (BatchNorm/norm scales and shifts, biases); two param
+    # groups. Decaying a BN scale only fights the next layer's rescaling (the fast CIFAR trainers and
+    # timm exclude them); True keeps the VGG recipe, which decays every parameter.
+    decay_norm_bias: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,15 @@ class TrialConfig:
     device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:N'
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA; ignored on CPU
+    # torch.compile the model for training and evaluation steps. Compiling takes from seconds (small
+    # nets) to minutes, once per process and shape: it pays off only when a worker trains many
+    # same-shaped models or long trials; for short sweeps of varied architectures it costs more than it
+    # saves. Needs a C++ compiler on CPU and Triton on CUDA.
+    compile: bool = False
+    # Same seed, same device -> bit-identical metrics: deterministic kernels, cudnn.benchmark off,
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8. Slower on CUDA; an op without a deterministic kernel warns
+    # by name (the 'paper' head's 7x7 adaptive pool, GoogLeNet's auxiliary pools).
+    deterministic: bool = False
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -217,6 +231,7 @@ class TrialConfig:
         _at_least(p, "optim.step_size", o.step_size, 1)
         _in_range(p, "optim.gamma", o.gamma, 0.0, 1.0, lo_open=True)
         _in_range(p, "optim.label_smoothing", o.label_smoothing, 0.0, 1.0, hi_open=True)
+        _boolean(p, "optim.decay_norm_bias", o.decay_norm_bias)
 
         _at_least(p, "diagnostics.probe_size", g.probe_size, 1)
         _positive(p, "diagnostics.stall_tolerance", g.stall_tolerance)
@@ -227,8 +242,27 @@ class TrialConfig:
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             p.append(f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+        _boolean(p, "compile", self.compile)
+        _boolean(p, "deterministic", self.deterministic)
         return p
 
+
+# Every metric a trial reports after EVERY epoch (sweeper.train.fit: the train_* and val_* summaries
+# of ``evaluate``), with the direction in which it is better. A Sweep's metric must be one of them:
+# ASHA compares trials at each rung, Optuna receives each epoch's value. (lr, epoch_seconds and
+# images_per_second are reported too but say nothing about the model; test_* only after the last
+# epoch.) Note: an epoch whose training loss is non-finite ends the trial before validation, so that
+# last report has no val_* metrics.
+EPOCH_METRICS: dict[str, str] = {
+    "train_loss": "min",
+    "train_accuracy": "max",
+    "train_top1_error": "min",
+    "train_top5_error": "min",
+    "val_loss": "min",
+    "val_accuracy": "max",
+    "val_top1_error": "min",
+    "val_top5_error": "min",
+}
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -251,10 +285,55 @@ def _all_keys() -> list[str]:
     return keys + [n for n in _field_types(TrialConfig) if n not in _SECTIONS]
 
 
+# Names people reach for, mapped to the field they mean (matched on the part after the last dot).
+_SYNONYMS: dict[str, str] = {
+    "learning_rate": "lr", "learningrate": "lr", "eta": "lr", "lr0": "lr",
+    "bn": "batch_norm", "batchnorm": "batch_norm", "batch_normalization": "batch_norm",
+    "batch_normalisation": "batch_norm", "use_bn": "batch_norm",
+    "wd": "weight_decay", "l2": "weight_decay", "decay": "weight_decay",
+    "bs": "batch_size", "batchsize": "batch_size",
+    "architecture": "arch", "model": "arch", "network": "arch", "net": "arch",
+    "initialization": "init", "initialisation": "init", "initializer": "init", "initialiser": "init",
+    "optimizer": "name", "optimiser": "name", "dataset": "name",
+    "num_epochs": "epochs", "n_epochs": "epochs", "epoch": "epochs",
+    "smoothing": "label_smoothing", "scheduler": "schedule", "lr_schedule": "schedule",
+    "width_multiplier": "width", "aux": "aux_heads",
+}
+
+
 def _unknown(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+    close = _suggestions(key, allowed)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown setting {key!r}{hint} (settings are 'section.name', e.g. 'model.arch', 'optim.lr')"
+
+
+def _suggestions(key: str, allowed: list[str], n: int = 3) -> list[str]:
+    """Close settings: by known synonym or close spelling of the name after the dot (preferring the
+    same or a similarly spelt section), else by the whole key's spelling."""
+    if not isinstance(key, str):
+        return []
+    section, _, name = key.strip().rpartition(".")
+    norm = name.lower().replace("-", "_")
+    by_name: dict[str, list[str]] = {}
+    for candidate in allowed:
+        by_name.setdefault(candidate.rpartition(".")[2], []).append(candidate)
+    names = [_SYNONYMS[norm]] if norm in _SYNONYMS and _SYNONYMS[norm] in by_name else []
+    if norm in by_name:
+        names.append(norm)  # right name, wrong or misspelt section
+    names += difflib.get_close_matches(norm, list(by_name), n=n, cutoff=0.75)
+
+    def section_rank(candidate: str) -> float:
+        own = candidate.rpartition(".")[0]
+        return -difflib.SequenceMatcher(None, section.lower(), own).ratio()
+
+    out: list[str] = []
+    for matched in dict.fromkeys(names):
+        for candidate in sorted(by_name[matched], key=section_rank):
+            if candidate != key and candidate not in out:
+                out.append(candidate)
+    if not out:
+        out = difflib.get_close_matches(key, allowed, n=n, cutoff=0.6)
+    return out[:n]
 
 
 def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -328,6 +407,11 @@ def _choice(p: list[str], key: str, value: Any, allowed: Any) -> None:
     names = sorted(allowed)
     if value not in names:
         p.append(f"{key}={value!r} is not one of {names}")
+
+
+def _boolean(p: list[str], key: str, value: Any) -> None:
+    if not isinstance(value, bool):  # from_flat coerces; a directly built config may hold anything
+        p.append(f"{key}={value!r} is not a boolean (true/false)")
 
 
 def _positive(p: list[str], key: str, value: float) -> None:

@@ -94,7 +94,13 @@ def _hooks(cfg: TrialConfig) -> list:
 
 
 def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
-    """Load, validate and dry-run each file; print a summary; True when all are valid."""
+    """Load, validate and dry-run each file; print a summary; True when all are valid.
+
+    Every file is checked, whatever the others do: a file that fails to import, raises, calls
+    ``sys.exit()`` or hangs (see ``SWEEPER_LOAD_TIMEOUT``) is reported as that file's problem. Problems
+    go to stderr, one block per file: ``"{file}: N problem(s)"`` then ``"  - {problem}"`` lines."""
+    from rich.markup import escape
+
     from sweeper.spaces import dry_run, grid_cells, load_sweep, trial_count
 
     ok = True
@@ -102,45 +108,54 @@ def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
         try:
             sweep, _ = load_sweep(file, overrides)
             cfg = dry_run(sweep)
+            problems = []
         except ConfigError as exc:
+            problems = exc.problems
+        except Exception as exc:  # noqa: BLE001 -- report it with this file; the rest still get checked
+            problems = [f"{file}: dry run failed with {type(exc).__name__}: {exc} (run `sweeper debug "
+                        f"{file}` for the traceback)"]
+        if problems:
             ok = False
-            error_console.print(f"[red]{file}: {len(exc.problems)} problem(s)[/red]")
-            for problem in exc.problems:
-                error_console.print(f"  - {problem}")
+            error_console.print(f"[red]{escape(str(file))}: {len(problems)} problem(s)[/red]")
+            for problem in problems:
+                error_console.print(f"  - {escape(problem)}")
             continue
         cells = grid_cells(sweep)
-        console.print(f"[green]{file}: ok[/green] -- sweep {sweep.name!r}: {len(cells)} grid "
-                      f"cell(s) x {sweep.num_samples} sample(s) = {trial_count(sweep)} trials, "
-                      f"search={sweep.search}, scheduler={sweep.scheduler}, "
-                      f"max_epochs={sweep.max_epochs}; dry run built {cfg.model.arch}")
+        console.print(f"[green]{escape(str(file))}: ok[/green] -- sweep {escape(repr(sweep.name))}: "
+                      f"{len(cells)} grid cell(s) x {sweep.num_samples} sample(s) = "
+                      f"{trial_count(sweep)} trials, search={sweep.search}, "
+                      f"scheduler={sweep.scheduler}, max_epochs={sweep.max_epochs}; dry run built "
+                      f"{cfg.model.arch}")
     return ok
 
 
 def print_plan(sweep) -> None:
     """`launch --dry-run`: the grid, the sampled axes and the trial count."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from sweeper.spaces import grid_cells, trial_count
+    from sweeper.spaces import describe_domain, grid_cells, trial_count
 
     cells = grid_cells(sweep)
-    sampled = {k: repr(v) for k, v in sweep.space.items()
-               if callable(getattr(v, "sample", None))}
-    console.print(f"sweep {sweep.name!r}: {len(cells)} grid cell(s) x {sweep.num_samples} "
-                  f"sample(s) = {trial_count(sweep)} trials; search={sweep.search}, "
-                  f"scheduler={sweep.scheduler} (grace {sweep.grace_period}, reduction "
-                  f"{sweep.reduction_factor}), max_epochs={sweep.max_epochs}")
+    sampled = {k: describe_domain(v) for k, v in sweep.space.items()
+               if callable(getattr(v, "sample", None)) and not isinstance(v, type)}
+    console.print(f"sweep {escape(repr(sweep.name))}: {len(cells)} grid cell(s) x "
+                  f"{sweep.num_samples} sample(s) = {trial_count(sweep)} trials; "
+                  f"search={sweep.search}, scheduler={sweep.scheduler} (grace {sweep.grace_period}, "
+                  f"reduction {sweep.reduction_factor}), max_epochs={sweep.max_epochs}, "
+                  f"metric={sweep.metric} ({sweep.mode})")
     if sweep.question:
-        console.print(sweep.question.splitlines()[0], style="italic")
+        console.print(escape(sweep.question.splitlines()[0]), style="italic")
     if cells and cells[0]:
         table = Table(title="grid", title_justify="left")
         table.add_column("#")
         for key in cells[0]:
-            table.add_column(key)
+            table.add_column(escape(key))
         for i, cell in enumerate(cells):
-            table.add_row(str(i), *(fmt(v) for v in cell.values()))
+            table.add_row(str(i), *(escape(fmt(v)) for v in cell.values()))
         console.print(table)
     for key, text in sampled.items():
-        console.print(f"sampled per trial: {key} ~ {text}")
+        console.print(f"sampled per trial: {escape(key)} ~ {escape(text)}")
 
 
 def existing_record(name: str, storage: str | None):
@@ -178,8 +193,10 @@ def print_status(name: str, storage: str | None) -> None:
     meta = record.meta()
     trials = record.trials()
     metric = meta.get("metric", "val_accuracy")
-    driver = record.driver()
-    state = f"running (pid {driver['pid']} on {driver['host']})" if driver else "not running"
+    state, live = _driver_state(record, name)
+    if not live:  # a trial left "running" by a driver that is gone is not running
+        trials = [{**t, "status": "interrupted"} if t.get("status") == "running" else t
+                  for t in trials]
     counts: dict[str, int] = {}
     for t in trials:
         key = t.get("outcome") or t.get("status", "?")
@@ -209,6 +226,20 @@ def print_status(name: str, storage: str | None) -> None:
                       t.get("outcome") or t.get("status", "?"), str(t.get("epochs", 0)),
                       fmt(best) if best is not None else "-", (t.get("reason") or "")[:70])
     console.print(table)
+
+
+def _driver_state(record, name: str) -> tuple[str, bool]:
+    """('running (pid ... on host, heartbeat 2s ago)', True), or why it is not running."""
+    from sweeper.lease import LEASE_FILE, read_lease
+
+    info = read_lease(record.dir)
+    if info is not None and info.alive:
+        return f"running (driver {info.describe()})", True
+    if info is not None or (record.dir / LEASE_FILE).exists():
+        who = info.describe() if info else "an older driver"
+        return (f"not running: its driver ({who}) died without finishing; "
+                f"`sweeper resume {name}` continues it"), False
+    return "not running", False
 
 
 def _varying_keys(configs: list[dict]) -> list[str]:

@@ -4,7 +4,8 @@ Layout of ``<root>/<sweep name>/sweeper/`` (beside Ray's experiment state when s
 
     sweep.json             settings, overrides, git SHA, command line, Ray experiment path
     sweep_file.py          the search-space file's text, as launched
-    driver.json            pid and host of the running driver (``sweeper stop``)
+    driver.json            the running driver's lease: host, pid, start time, heartbeat (sweeper.lease)
+    stop_request.json      `sweeper stop` asks the driver to save its state and exit
     decisions.jsonl        every ASHA stop: trial, rung, cutoff, peers, the trial's value
     trials/<id>.json       one trial: config, status, outcome, stop reason, best/last metrics
     trials/<id>.jsonl      one line per reported epoch (a restored sweep may replay an epoch: the
@@ -18,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,13 +60,6 @@ class SweepRecord:
         meta.update(changes)
         _write_json(self.dir / "sweep.json", meta)
 
-    def claim_driver(self) -> None:
-        _write_json(self.dir / "driver.json", {"pid": os.getpid(), "host": socket.gethostname(),
-                                               "started": time.time()})
-
-    def release_driver(self) -> None:
-        (self.dir / "driver.json").unlink(missing_ok=True)
-
     def append_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
         with open(self.trials_dir / f"{trial_id}.jsonl", "a") as f:
             f.write(json.dumps(_json_safe(scalar_metrics(metrics))) + "\n")
@@ -87,10 +79,6 @@ class SweepRecord:
 
     def meta(self) -> dict[str, Any]:
         return json.loads((self.dir / "sweep.json").read_text())
-
-    def driver(self) -> dict[str, Any] | None:
-        path = self.dir / "driver.json"
-        return json.loads(path.read_text()) if path.is_file() else None
 
     def trial(self, trial_id: str) -> dict[str, Any] | None:
         path = self.trials_dir / f"{trial_id}.json"

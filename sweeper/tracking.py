@@ -12,6 +12,11 @@ in the sweep record, and :meth:`Tracker.flush` delivers the spool in order. So:
   request, so a step counts as delivered only when all of it was. Every point carries the trial's own
   timestamp, so a request repeated after a crash is an exact duplicate, which MLflow's SQL store drops.
 
+Delivery runs off the sweep's event loop: the driver callback only appends to the spool and calls
+:meth:`Tracker.deliver_soon`, which wakes one background thread; Tune's controller never waits on the
+tracking server (a synchronous flush per result cost ~0.5 s each and set the pace of short trials).
+:meth:`Tracker.close` stops that thread before the last, synchronous delivery of a sweep.
+
 This module imports MLflow, never Ray.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -68,11 +74,52 @@ class Tracker:
         self._verified: set[str] = set()  # runs whose logged steps were read back in this process
         self._next_try = 0.0
         self._backoff = 1.0
+        self._lock = _spool_lock(self.dir)  # one delivery at a time: the state is read-modify-write
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __getstate__(self):  # the client holds sockets; rebuild it after unpickling
+    def __getstate__(self):  # the client holds sockets, the thread and lock are this process's
         state = dict(self.__dict__)
-        state.update(_client=None, _verified=set(), _next_try=0.0, _backoff=1.0)
+        state.update(_client=None, _verified=set(), _next_try=0.0, _backoff=1.0, _lock=None,
+                     _wake=None, _closing=None, _thread=None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock, self._wake, self._closing = (_spool_lock(self.dir), threading.Event(),
+                                                 threading.Event())
+
+    # ---- background delivery ----------------------------------------------------------------------
+
+    def deliver_soon(self) -> None:
+        """Have the background thread deliver what is spooled; returns at once."""
+        if self._thread is None or not self._thread.is_alive():
+            self._closing.clear()
+            self._thread = threading.Thread(target=self._deliver_loop, name="sweeper-tracking",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the background thread (after the delivery it is in, if any)."""
+        if self._thread is not None:
+            self._closing.set()
+            self._wake.set()
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _deliver_loop(self) -> None:
+        while not self._closing.is_set():
+            # Woken by new work, or every few seconds to retry after a failure (flush backs off).
+            self._wake.wait(5.0)
+            self._wake.clear()
+            if self._closing.is_set():
+                return
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - flush records its errors; never die silently twice
+                time.sleep(1.0)
 
     # ---- files ----------------------------------------------------------------------------------
 
@@ -186,6 +233,10 @@ class Tracker:
         After a failure, calls within the back-off window return at once, so a dead server costs the
         sweep's event loop nothing.
         """
+        with self._lock:
+            return self._flush(force=force)
+
+    def _flush(self, *, force: bool) -> bool:
         if not force and time.time() < self._next_try:
             return False
         state = self._state()
@@ -338,6 +389,18 @@ class Tracker:
                  for k, v in params.items()]
         for chunk in _chunks(items, _MAX_PARAMS):
             self.client.log_batch(run_id, params=chunk)
+
+
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _spool_lock(record_dir: Path) -> threading.RLock:
+    """One lock per spool in this process, shared by every Tracker of that sweep (a restored
+    callback's and the launch's): two deliveries of one spool at once would send ops twice."""
+    key = str(Path(record_dir).resolve())
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.RLock())
 
 
 def _last_byte(path: Path) -> bytes:

@@ -3,11 +3,18 @@
 Everything a trial does lives in :func:`sweeper.train.fit`; this adapter only turns the sampled dict
 into a strict :class:`~sweeper.config.TrialConfig`, resumes from Tune's checkpoint when the trial is a
 retry or a restored sweep, and reports.
+
+Every report carries the sweep's metric. A diverged epoch has no validation pass, and Tune's strict
+metric check would otherwise raise in the controller and end the whole sweep; instead the metric gets
+the worst value for its mode (:func:`worst_value`), so ASHA and the searcher see a bad trial, and the
+trial's ``outcome`` says what happened.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,15 +22,34 @@ from typing import Any
 from ray import tune
 
 from sweeper.config import TrialConfig
-from sweeper.train import fit
+from sweeper.train import CHECKPOINT_FILE, fit
 
-__all__ = ["FAIL_ONCE_ENV", "train_trial"]
+__all__ = ["FAIL_ONCE_ENV", "MISSING_CHECKPOINT_MARKER", "train_trial", "with_metric",
+           "worst_value"]
 # Fault injection for the retry test: the first trial to finish epoch N (after its checkpoint is saved)
 # raises once, claiming a marker file so that no trial fails twice. Unset in normal use.
 FAIL_ONCE_ENV = "SWEEPER_TEST_FAIL_ONCE"
+# Left by sweeper.checkpoints in place of a checkpoint that is gone from storage with nothing newer
+# to stand in for it: Ray needs the directory to exist, and the trial starts again from scratch.
+MISSING_CHECKPOINT_MARKER = "SWEEPER_CHECKPOINT_MISSING"
 
 
-def train_trial(config: dict[str, Any]) -> None:
+def worst_value(metric: str, mode: str) -> float:
+    """The worst value a metric can take: a bounded one's bound, else infinity the wrong way."""
+    if mode == "max":
+        return 0.0 if "accuracy" in metric else -math.inf
+    return 1.0 if metric.endswith("error") else math.inf
+
+
+def with_metric(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    """``metrics`` with the sweep's metric present and finite-or-worst (see the module docstring)."""
+    value = metrics.get(metric)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        return metrics
+    return {**metrics, metric: worst_value(metric, mode)}
+
+
+def train_trial(config: dict[str, Any], metric: str = "val_accuracy", mode: str = "max") -> None:
     cfg = TrialConfig.from_flat(config)
     hooks = []
     if cfg.diagnostics.enabled:
@@ -35,6 +61,7 @@ def train_trial(config: dict[str, Any]) -> None:
     fail_at = _fail_once_epoch()
 
     def report(metrics: dict[str, Any], save) -> None:
+        metrics = with_metric(metrics, metric, mode)
         with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as d:
             save(Path(d))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -45,7 +72,12 @@ def train_trial(config: dict[str, Any]) -> None:
         resume_from = None
         if checkpoint is not None:  # a retry, or a restored sweep: continue where it stopped
             checkpoint.to_directory(resume_dir)
-            resume_from = Path(resume_dir)
+            if (Path(resume_dir) / CHECKPOINT_FILE).is_file():
+                resume_from = Path(resume_dir)
+            else:
+                print(f"sweeper: the checkpoint {checkpoint.path} holds no trial state "
+                      "(it was lost from storage): this trial starts again from scratch",
+                      file=sys.stderr)
         fit(cfg, report=report, resume_from=resume_from, hooks=hooks)
 
 

@@ -1,41 +1,37 @@
 """The only module that configures Ray: a validated Sweep in, a Ray Tune run out.
 
-``launch`` connects to a cluster (``--address`` / ``RAY_ADDRESS``) or starts a fresh local one
-(``address="local"``: never a stale cluster), runs the pre-flight checks, then restores the sweep if
-its experiment exists (restore-or-start) or builds a new ``Tuner``: ASHA on epochs (or FIFO), Ray's
-basic generator (grid axes expanded, other domains sampled) or Optuna TPE, per-trial resources
-(possibly a function of the config), checkpoints every epoch and retries from the last one.
+``launch`` checks what needs no cluster before Ray starts, takes the sweep's driver lease, connects to a
+cluster (``--address`` / ``RAY_ADDRESS``) or starts a fresh local one (``address="local"``: never a
+stale cluster), runs the checks that need it, then restores the sweep if its experiment exists
+(restore-or-start) or builds a new ``Tuner``: the scheduler and searcher from
+:mod:`sweeper.schedulers` (ASHA per grid cell on epochs, or FIFO; random/grid or Optuna TPE), per-trial
+resources (possibly a function of the config), checkpoints every epoch, retries from the last one, and
+reused worker processes.
 
-Driver-side bookkeeping lives in :class:`SweepCallback`: the sweep record on disk (status/export read
-it without Ray), the live progress line, and every trial's outcome: completed, pruned (with ASHA's
-rung, cutoff, peers and the trial's value), diverged, stalled or failed.
+Driver-side bookkeeping lives in :mod:`sweeper.callback` (the sweep record, progress, outcomes) and
+:mod:`sweeper.lease` (one driver per sweep); tracking in :mod:`sweeper.tracking`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import optuna
 import ray
 from ray import tune
-from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.optuna import OptunaSearch
 
+from sweeper.callback import SweepCallback, activate, trial_label
 from sweeper.checkpoints import repair_restorable_checkpoints
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
-from sweeper.records import SweepRecord, scalar_metrics
+from sweeper.records import SweepRecord
+from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
@@ -129,16 +125,11 @@ def _configs_to_check(sweep: Sweep) -> list[TrialConfig]:
     return configs
 
 
-def preflight(sweep: Sweep, *, root: str, gpu_available: bool) -> list[str]:
-    """Everything that would otherwise fail later: placement, storage, data. Returns problems."""
-
-    problems: list[str] = []
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    capacity = [{"cpu": n["Resources"].get("CPU", 0.0), "gpu": n["Resources"].get("GPU", 0.0)}
-                for n in nodes]
-    configs = _configs_to_check(sweep)
-    seen = set()
-    for cfg in configs:
+def _resource_problems(sweep: Sweep, capacity: list[dict[str, float]], *,
+                       gpu_available: bool) -> list[str]:
+    """Trials that no node could ever place (they would wait PENDING forever)."""
+    problems, seen = [], set()
+    for cfg in _configs_to_check(sweep):
         need = trial_resources(sweep, cfg)
         if not gpu_available:
             need["gpu"] = 0.0
@@ -149,439 +140,354 @@ def preflight(sweep: Sweep, *, root: str, gpu_available: bool) -> list[str]:
         if not any(c["cpu"] >= need["cpu"] and c["gpu"] >= need["gpu"] for c in capacity):
             biggest = max(capacity, key=lambda c: (c["gpu"], c["cpu"]), default={"cpu": 0, "gpu": 0})
             problems.append(
-                f"a trial of {cfg.model.arch} asks for {fmt(need['cpu'])} CPU and {fmt(need['gpu'])} "
-                f"GPU, but no node has that much (largest: {fmt(biggest['cpu'])} CPU, "
-                f"{fmt(biggest['gpu'])} GPU): it would wait PENDING forever. Lower `resources` "
-                "or add nodes")
-    problems += _check_storage(root, multi_node=len(nodes) > 1)
+                f"resources: a trial of {cfg.model.arch} asks for {fmt(need['cpu'])} CPU and "
+                f"{fmt(need['gpu'])} GPU, but no node has that much (largest: "
+                f"{fmt(biggest['cpu'])} CPU, {fmt(biggest['gpu'])} GPU): it would wait PENDING "
+                "forever. Lower `resources`, or add nodes")
+    return problems
+
+
+def _data_problems(sweep: Sweep) -> list[str]:
+    """Every dataset the grid names is present (decoded once into this node's cache)."""
     from sweeper.data import DatasetUnavailable, load_splits
 
-    checked = set()
-    for cfg in configs:
+    problems, checked = [], set()
+    for cfg in _configs_to_check(sweep):
         key = (cfg.data.name, cfg.data.dir, cfg.data.resolution)
         if key in checked:
             continue
         checked.add(key)
         try:
-            load_splits(cfg.data, seed=cfg.seed)  # decodes once into the node's cache
+            load_splits(cfg.data, seed=cfg.seed)
         except DatasetUnavailable as exc:
             problems.append(str(exc))
     return problems
 
 
-# ---- scheduler and searcher ---------------------------------------------------------------------------
+def preflight(sweep: Sweep, *, root: str, gpu_available: bool, local: bool = False) -> list[str]:
+    """The checks that need the cluster: placement on its nodes, shared storage, data. Problems.
 
-
-class ExplainedASHA(ASHAScheduler):
-    """ASHA that writes down, for every trial it stops, the rung, cutoff, peers and value."""
-
-    def __init__(self, *, record_dir: str, **kwargs):
-        super().__init__(**kwargs)
-        self.record_dir = record_dir
-
-    def on_trial_result(self, tune_controller, trial, result):
-        context = self._rung_context(trial, result)
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and context is not None:
-            milestone, recorded = context
-            raw_cutoff = self._trial_info[trial.trial_id].cutoff(recorded) if recorded else None
-            SweepRecord(self.record_dir).append_decision({
-                "trial_id": trial.trial_id,
-                "rung": milestone,
-                "epoch": result[self._time_attr],
-                "metric": self._metric,
-                "value": result[self._metric],
-                "cutoff": None if raw_cutoff is None else float(self._metric_op * raw_cutoff),
-                "peers": len(recorded),
-                "reduction_factor": self._reduction_factor,
-                "time": time.time(),
-            })
-        return action
-
-    def _rung_context(self, trial, result):
-        """(milestone, results recorded there before this trial) if this result meets a rung."""
-        if self._time_attr not in result or self._metric not in result:
-            return None
-        cur_iter = result[self._time_attr]
-        if cur_iter >= self._max_t:  # reaching the budget is finishing, not pruning
-            return None
-        bracket = self._trial_info.get(trial.trial_id)
-        if bracket is None:
-            return None
-        for milestone, recorded in bracket._rungs:  # descending milestones
-            if cur_iter < milestone or trial.trial_id in recorded:
-                continue
-            return milestone, dict(recorded)
-        return None
-
-
-def _make_scheduler(sweep: Sweep, record: SweepRecord):
-    if sweep.scheduler == "fifo":
-        return FIFOScheduler()
-    # The trial's own epoch, not Tune's iteration count: the two part when a restore resumes a trial
-    # from a newer checkpoint than Tune's state names (see sweeper.checkpoints).
-    return ExplainedASHA(record_dir=str(record.experiment_dir), time_attr="epoch",
-                         max_t=sweep.max_epochs, grace_period=sweep.grace_period,
-                         reduction_factor=sweep.reduction_factor)
-
-
-class PrunedAwareOptunaSearch(OptunaSearch):
-    """Tune hands Optuna an ASHA-stopped trial as COMPLETE with its last value; it was pruned.
-
-    Telling Optuna PRUNED, with the value it was stopped at as its last intermediate value, keeps TPE
-    from treating a trial cut at epoch 3 as if it had converged there.
+    For a fresh local Ray, storage and data were checked before it started (``_prepare``).
     """
-
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        if (result and not error and result.get("outcome") == "running"
-                and trial_id in self._ot_trials and trial_id not in self._completed_trials):
-            try:
-                ot_trial = self._ot_trials[trial_id]
-                value, step = result.get(self.metric), result.get("epoch")
-                if value is not None and step is not None:
-                    # Tune withholds the stopping result from the searcher; without it a trial
-                    # stopped at its first rung would reach Optuna with no value at all.
-                    ot_trial.report(value, step)
-                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-            except Exception as exc:  # never let bookkeeping end a sweep
-                error_console.print(f"warning: could not mark trial {trial_id} pruned: {exc}")
-            self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-
-def _make_searcher(sweep: Sweep):
-    if sweep.search == "random":
-        return BasicVariantGenerator(random_state=sweep.seed)
-    return PrunedAwareOptunaSearch(
-        metric=sweep.metric, mode=sweep.mode,
-        sampler=optuna.samplers.TPESampler(
-            seed=sweep.seed, n_startup_trials=min(10, max(2, sweep.num_samples // 3))))
-
-
-# ---- the driver callback ------------------------------------------------------------------------------
-
-
-def trial_label(config: Mapping[str, Any]) -> str:
-    """A readable trial name: vgg16-normal-plain-lr0.012."""
-    arch = config.get("model.arch", "model")
-    if arch == "vgg" and config.get("model.depth"):
-        arch = f"vgg{config['model.depth']}p"
-    parts = [str(arch), str(config.get("model.init", "he"))]
-    parts.append("bn" if config.get("model.batch_norm") else "plain")
-    lr = config.get("optim.lr")
-    if isinstance(lr, (int, float)):
-        parts.append(f"lr{lr:.2g}")
-    return "-".join(parts)
-
-
-class SweepCallback(Callback):
-    """Writes the sweep record and prints progress; runs in the driver."""
-
-    def __init__(self, sweep: Sweep, record_dir: str, tracker: Tracker, *, quiet: bool,
-                 planned: int, scheduler=None):
-        self.sweep, self.record_dir, self.quiet, self.planned = sweep, record_dir, quiet, planned
-        self.tracker = tracker
-        # Tune checkpoints searchers but not schedulers: a restored ASHA would start with empty
-        # rungs and judge resumed trials against nobody. Its rungs travel in this callback's state.
-        # (tuner.pkl pickles scheduler and callbacks together, so this reference survives a restore.)
-        self.scheduler = scheduler
-        self.opened: set[str] = set()  # trials whose MLflow run was asked for by this driver
-        self.started = time.time()
-        self.last_print = 0.0
-        self.epochs = 0
-        self.best: tuple[float, str] | None = None
-        self.states: dict[str, str] = {}
-
-    def setup(self, **info):
-        self.started, self.last_print = time.time(), 0.0  # a resumed sweep's clock starts now
-
-    @property
-    def _record(self) -> SweepRecord:
-        return SweepRecord(self.record_dir)
-
-    def get_state(self):
-        state = {"epochs": self.epochs, "best": self.best, "states": self.states}
-        if isinstance(self.scheduler, ASHAScheduler):
-            # One dict, pickled at once: trial_info keeps pointing into these same brackets.
-            state["asha"] = {"brackets": self.scheduler._brackets,
-                             "trial_info": self.scheduler._trial_info,
-                             "num_stopped": self.scheduler._num_stopped}
-        return state
-
-    def set_state(self, state):
-        self.epochs = state["epochs"]
-        self.best = tuple(state["best"]) if state["best"] else None
-        self.states = dict(state["states"])
-        if "asha" in state and isinstance(self.scheduler, ASHAScheduler):
-            self.scheduler._brackets = state["asha"]["brackets"]
-            self.scheduler._trial_info = state["asha"]["trial_info"]
-            self.scheduler._num_stopped = state["asha"]["num_stopped"]
-
-    def _base(self, trial) -> dict[str, Any]:
-        existing = self._record.trial(trial.trial_id) or {}
-        return {**existing, "trial_id": trial.trial_id, "name": trial_label(trial.config),
-                "config": dict(trial.config), "created": existing.get("created", time.time()),
-                "num_failures": trial.num_failures}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.states[trial.trial_id] = "running"
-        self._record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
-        self._open_run(trial)
-
-    def _open_run(self, trial) -> None:
-        if trial.trial_id not in self.opened:  # found again by tag after a retry or restore
-            self.tracker.start_trial(trial.trial_id, run_name=trial_label(trial.config),
-                                     config=trial.config)
-            self.opened.add(trial.trial_id)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._record.append_epoch(trial.trial_id, result)
-        self._open_run(trial)
-        self.tracker.log_result(trial.trial_id, result)
-        self.tracker.flush()
-        self.epochs += 1
-        value = result.get(self.sweep.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            better = (self.best is None or (value > self.best[0] if self.sweep.mode == "max"
-                                            else value < self.best[0]))
-            if better:
-                self.best = (float(value), trial_label(trial.config))
-        rec = self._base(trial)
-        rec.update(status="running", epochs=int(result.get("epoch", 0)),
-                   last=scalar_metrics(result))
-        rec["best"] = _best(rec.get("best"), scalar_metrics(result), self.sweep)
-        self._record.write_trial(trial.trial_id, rec)
-        self._progress(trials)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, error=None)
-        self._progress(trials, force=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, error=_error_text(trial))
-        self._progress(trials, force=True)
-
-    def _finish(self, trial, *, error: str | None) -> None:
-        rec = self._base(trial)
-        last = trial.last_result or {}
-        decision = self._record.decisions().get(trial.trial_id)
-        if error is not None:
-            outcome, reason = "failed", error
-        elif last.get("outcome") not in (None, "running"):
-            outcome, reason = last["outcome"], last.get("stop_reason")
-        elif last.get("stalled") and last.get("stall_reason"):
-            # Stopped by ASHA while at chance: the stall is the finding (its prune stays recorded).
-            outcome, reason = "stalled", last["stall_reason"]
-        elif decision is not None:
-            outcome = "pruned"
-            reason = (f"ASHA rung {decision['rung']}: {self.sweep.metric}="
-                      f"{fmt(decision['value'])} below cutoff {fmt(decision['cutoff'])} "
-                      f"of {decision['peers']} peers")
-        else:
-            outcome, reason = "stopped", "stopped before its budget (sweep interrupted?)"
-        rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
-                   epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
-        if last:
-            rec["last"] = scalar_metrics(last)
-        self._record.write_trial(trial.trial_id, rec)
-        self.states[trial.trial_id] = outcome
-        self._open_run(trial)
-        tags = {"sweeper.outcome": outcome, "sweeper.stop_reason": reason,
-                "sweeper.epochs": rec["epochs"]}
-        if outcome == "stalled":
-            tags["sweeper.stall_reason"] = reason
-        if decision is not None:
-            tags.update({f"sweeper.prune.{k}": decision.get(k)
-                         for k in ("rung", "cutoff", "peers", "value")})
-        self.tracker.set_tags(trial.trial_id, tags)
-        self.tracker.finish(trial.trial_id, "FAILED" if outcome == "failed" else "FINISHED")
-        self.tracker.flush()
-        if not self.quiet:
-            style = {"completed": "green", "pruned": "cyan", "failed": "red",
-                     "diverged": "red", "stalled": "yellow"}.get(outcome, "")
-            console.print(f"  {trial_label(trial.config):<32} {outcome:<9} after "
-                          f"{rec['epochs']:>3} epochs  {self.sweep.metric}="
-                          f"{fmt(last.get(self.sweep.metric))}  {reason or ''}", style=style)
-
-    def _progress(self, trials, force: bool = False) -> None:
-        now = time.time()
-        if self.quiet or (not force and now - self.last_print < 10):
-            return
-        self.last_print = now
-        # Inside on_trial_complete Tune still shows the trial RUNNING: count our own outcomes.
-        done = sum(1 for outcome in self.states.values() if outcome != "running")
-        running = max(0, sum(1 for t in trials if t.status == "RUNNING") - (1 if force else 0))
-        pending = sum(1 for t in trials if t.status == "PENDING")
-        elapsed = now - self.started
-        budget = self.planned * self.sweep.max_epochs
-        eta = ""
-        if self.epochs and done < self.planned:
-            # An upper bound: ASHA will cut some of the remaining budget.
-            eta = f" | ETA <= {_duration(elapsed / self.epochs * max(budget - self.epochs, 0))}"
-        best = f" | best {self.sweep.metric} {fmt(self.best[0])} ({self.best[1]})" if self.best else ""
-        console.print(f"[{_duration(elapsed)}] trials: {done}/{self.planned} done, {running} running, "
-                      f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
-
-
-
-def _best(previous: Mapping[str, Any] | None, metrics: Mapping[str, Any], sweep: Sweep):
-    value = metrics.get(sweep.metric)
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return previous
-    if previous is None or previous.get(sweep.metric) is None:
-        return dict(metrics)
-    old = previous[sweep.metric]
-    better = value > old if sweep.mode == "max" else value < old
-    return dict(metrics) if better else previous
-
-
-def _error_text(trial) -> str:
-    text = getattr(trial, "error_msg", None) or ""
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "the trial raised (see its error file)"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    capacity = [{"cpu": n["Resources"].get("CPU", 0.0), "gpu": n["Resources"].get("GPU", 0.0)}
+                for n in nodes]
+    problems = _resource_problems(sweep, capacity, gpu_available=gpu_available)
+    if not local:
+        problems += _check_storage(root, multi_node=len(nodes) > 1)
+        problems += _data_problems(sweep)
+    return problems
 
 
 # ---- launch -------------------------------------------------------------------------------------------
 
 
-def _connect(address: str | None, local: bool, num_cpus: int | None) -> None:
+def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | None:
+    """Start a fresh local Ray or join a cluster; the local session directory (None for a cluster)."""
     if ray.is_initialized():
-        return
+        return None
     for key, value in _TUNE_ENV.items():
         os.environ.setdefault(key, value)
     # With the per-trial loggers off, Tune's ResultGrid finds no result.json and warns about every
     # trial; the sweep record holds those metrics.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # Ray's "token authentication is enabled" notice would stand above our own first line; the
+    # README says how auth works.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     if local:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        return
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                           log_to_driver=False, configure_logging=False)
+        return context.address_info.get("session_dir")
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise ConfigError([
-            "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS) to use a cluster, or "
-            "--local to start a fresh Ray on this machine"])
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except RuntimeError as exc:
+        if "token" in str(exc).lower():
+            raise ConfigError([
+                f"the Ray cluster at {address!r} needs its authentication token, and this machine "
+                "has none: copy the head node's ~/.ray/auth_token to this machine's ~/.ray/, or "
+                "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"]) from None
+        raise
+    return None
+
+
+def _local_capacity(num_cpus: int | None) -> list[dict[str, float]]:
+    """What a fresh local Ray will offer, known before starting it."""
+    import torch
+
+    return [{"cpu": float(num_cpus or os.cpu_count() or 1),
+             "gpu": float(torch.cuda.device_count() if torch.cuda.is_available() else 0)}]
+
+
+def _check_space_unchanged(sweep: Sweep, record: SweepRecord) -> None:
+    """A sweep name is bound to its space: relaunching a changed one would run neither."""
+    from sweeper.spaces import space_signature
+
+    saved = record.meta().get("signature")
+    if saved is None:  # a sweep launched before signatures were recorded
+        return
+    now = space_signature(sweep)
+    if now == saved:
+        return
+    lines = []
+    for key in sorted(set(saved) | set(now)):
+        if key not in now:
+            lines.append(f"  - {key}: {saved[key]} (removed)")
+        elif key not in saved:
+            lines.append(f"  + {key}: {now[key]} (new)")
+        elif saved[key] != now[key]:
+            lines.append(f"  ~ {key}: {saved[key]} -> {now[key]}")
+    raise ConfigError([
+        f"sweep {sweep.name!r} already exists with a different space, and a relaunch would "
+        "resume the old one without running the new trials:\n" + "\n".join(lines) + "\n"
+        f"  Launch the new space under another name (--name {sweep.name}-v2), "
+        f"or continue the old one as launched (`sweeper resume {sweep.name}`)"])
+
+
+def _dirs_to_create(*paths: Path) -> list[Path]:
+    """The missing ones among paths and their parents, outermost first (to undo a failed start)."""
+    missing: list[Path] = []
+    for path in paths:
+        for p in [*reversed(path.parents), path]:
+            if not p.exists() and p not in missing:
+                missing.append(p)
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    import shutil
+
+    for path in created:  # outermost first: one rmtree removes the rest
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            return
+
+
+def _refuse_ray_client(address: str | None) -> None:
+    """Ray Client (ray://) runs Tune's controller on the head: the driver callback, ASHA's decisions
+    and the tracking spool would write there, while status/report/export read this machine. A Ray job
+    runs the whole driver on the head instead, and survives this machine going away."""
+    import shlex
+    import sys
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or not address.startswith("ray://"):
+        return
+    host = address[len("ray://"):].rsplit(":", 1)[0] or "HEAD"
+    argv, args, skip = list(sys.argv[1:]), [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--address":
+            skip = True
+            continue
+        if not arg.startswith("--address="):
+            args.append(arg)
+    if not args or args[0] not in ("launch", "resume"):
+        args = ["launch", "FILE"]
+    command = ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- sweeper "
+               + " ".join(shlex.quote(a) for a in args) + " --address auto")
+    raise ConfigError([
+        f"--address {address}: Ray Client (ray://) would run the sweep's controller on the head "
+        f"({host}) while its record stays here, so status, report and resume would not see it. "
+        f"Submit the sweep as a Ray job (through an SSH tunnel or port-forward to the head's "
+        f"dashboard port 8265; never expose it):\n  {command}"])
+
+
+def _prepare(sweep: Sweep, *, local: bool, num_cpus: int | None, restore: bool,
+             address: str | None = None) -> None:
+    """Every check that needs no cluster, before Ray starts: bad input exits with nothing started."""
+    if not local:
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            raise ConfigError([
+                "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS) to use a cluster, "
+                "or --local to start a fresh Ray on this machine"])
+        _refuse_ray_client(address)
+    root = storage_root(sweep.storage)
+    record = record_for(sweep.name, sweep.storage)
+    if record.exists():
+        if not restore:
+            raise ConfigError([f"sweep {sweep.name!r} already exists in "
+                               f"{experiment_dir(sweep.name, sweep.storage)}: launch without "
+                               "--fresh to resume it, or pick another --name"])
+        _check_space_unchanged(sweep, record)
+    if local:  # the cluster is this machine: nothing needs it to have started
+        capacity = _local_capacity(num_cpus)
+        problems = _resource_problems(sweep, capacity, gpu_available=bool(capacity[0]["gpu"]))
+        created = [] if "://" in root else _dirs_to_create(Path(root))
+        problems += _check_storage(root, multi_node=False)
+        problems += _data_problems(sweep)
+        if problems:
+            _remove_created(created)  # the storage probe made the directory: a refusal writes nothing
+            raise ConfigError(problems)
 
 
 def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
            num_cpus: int | None = None, quiet: bool = False, overrides: Mapping[str, Any] = {},
            restore: bool = True, tracking_uri: str | None = None,
            tracking_wait_s: float = 120.0) -> LaunchResult:
-    """Run (or resume) a sweep to the end, or until interrupted; return what happened."""
+    """Run (or resume) a sweep to the end, or until interrupted; return what happened.
+
+    Order matters: checks that need no cluster run before Ray starts; the driver lease is taken
+    before connecting (a second driver is refused without touching the cluster); checks that need
+    the cluster run right after connecting, and a failure there shuts Ray down and removes what
+    this launch created.
+    """
+    from sweeper.lease import DriverLease, LeaseHeld, clean_orphans
     from sweeper.provenance import provenance
+    from sweeper.spaces import space_signature
     from sweeper.trial import train_trial
 
     root = storage_root(sweep.storage)
     exp_dir = experiment_dir(sweep.name, sweep.storage)
     record = record_for(sweep.name, sweep.storage)
-    _connect(address, local, num_cpus)
+    _prepare(sweep, local=local, num_cpus=num_cpus, restore=restore, address=address)
+
+    created = _dirs_to_create(record.dir)
+    lease = DriverLease(record.dir)
     try:
+        lease.claim()
+    except LeaseHeld as held:
+        raise ConfigError([f"sweep {sweep.name!r} is already running (driver {held.info.describe()}): "
+                           f"one driver per sweep. `sweeper stop {sweep.name}` stops it; "
+                           f"`sweeper status {sweep.name}` shows it"]) from None
+    started = False
+    try:  # from here on, a failure undoes what this launch started and created
+        if lease.previous is not None:
+            ended = clean_orphans(lease.previous)
+            console.print(f"the previous driver of {sweep.name!r} ({lease.previous.describe()}) "
+                          "died without releasing the sweep: taking it over"
+                          + (f"; ended {len(ended)} process(es) its Ray left behind" if ended
+                             else ""), style="yellow")
+        lease.set_session_dir(_connect(address, local, num_cpus))
         gpu_available = ray.cluster_resources().get("GPU", 0) > 0
-        problems = preflight(sweep, root=root, gpu_available=gpu_available)
+        problems = preflight(sweep, root=root, gpu_available=gpu_available, local=local)
         if problems:
             raise ConfigError(problems)
-        if not gpu_available and any(trial_resources(sweep, c)["gpu"] for c in
-                                     _configs_to_check(sweep)):
-            console.print("no GPU in this Ray cluster: trials run on CPUs "
-                          "(GPU requests set to 0)", style="yellow")
-        planned = trial_count(sweep)
-        restored = restore and tune.Tuner.can_restore(exp_dir)
-        if not restore and record.exists():
-            raise ConfigError([f"sweep {sweep.name!r} already exists in {exp_dir}: launch without "
-                               "--fresh to resume it, or pick another --name"])
-        if not record.exists():
-            record.create({"sweep_uid": uuid.uuid4().hex,"name": sweep.name, "question": sweep.question, "metric": sweep.metric,
-                           "mode": sweep.mode, "max_epochs": sweep.max_epochs,
-                           "scheduler": sweep.scheduler, "search": sweep.search,
-                           "num_samples": sweep.num_samples, "planned_trials": planned,
-                           "grace_period": sweep.grace_period,
-                           "reduction_factor": sweep.reduction_factor, "seed": sweep.seed,
-                           "space": {k: repr(v) for k, v in sweep.space.items()},
-                           "overrides": dict(overrides), "experiment_dir": exp_dir,
-                           "created": time.time(), **provenance()}, file_text)
-        record.claim_driver()
-        meta = record.meta()
-        tracker = Tracker(record.dir, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                          or default_tracking_uri(record_root(sweep.storage)),
-                          experiment=sweep.name, sweep_uid=meta["sweep_uid"])
-        record.update_meta(tracking_uri=redact(tracker.tracking_uri))
-        tracker.start_sweep(
-            run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(meta['created']))}",
-            tags={"sweeper.sweep": sweep.name, "sweeper.git_sha": meta.get("git_sha"),
-                  "sweeper.git_dirty": meta.get("git_dirty"), "sweeper.command": meta.get("command"),
-                  "mlflow.note.content": sweep.question},
-            params={"metric": sweep.metric, "mode": sweep.mode, "max_epochs": sweep.max_epochs,
-                    "scheduler": sweep.scheduler, "search": sweep.search,
-                    "num_samples": sweep.num_samples, "planned_trials": planned,
-                    "grace_period": sweep.grace_period, "reduction_factor": sweep.reduction_factor,
-                    "seed": sweep.seed, **{f"override.{k}": v for k, v in overrides.items()}},
-            texts={"sweep_file.py": file_text,
-                   "plan.json": json.dumps({"cells": grid_cells(sweep),
-                                            "space": {k: repr(v) for k, v in sweep.space.items()},
-                                            "planned_trials": planned}, indent=1, default=str)})
-        tracker.flush()
-
-        def resources(config: dict[str, Any]) -> dict[str, float]:
-            need = trial_resources(sweep, TrialConfig.from_flat(config))
-            return {"cpu": need["cpu"], "gpu": need["gpu"] if gpu_available else 0.0}
-
-        trainable = tune.with_resources(train_trial, resources)
-        param_space = _param_space(sweep)
-        scheduler = _make_scheduler(sweep, record)
-        callback = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=quiet,
-                                 planned=planned, scheduler=scheduler)
-        if restored:
-            console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
-            for fix in repair_restorable_checkpoints(exp_dir):
-                if fix.moved_from:
-                    console.print(f"  {fix.trial_dir}: {fix.restored} was pruned before Ray's state "
-                                  f"named its successor; resuming from {fix.moved_from}",
-                                  style="yellow")
-                if fix.rerun:
-                    console.print(f"  {fix.trial_dir}: removed {', '.join(fix.rerun)}, saved after "
-                                  f"the state Ray resumes from; those epochs run again",
-                                  style="yellow")
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
-                                       resume_errored=True)
-        else:
-            console.print(f"starting sweep {sweep.name!r}: {planned} trials, "
-                          f"max {sweep.max_epochs} epochs each -> {exp_dir}")
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    metric=sweep.metric, mode=sweep.mode,
-                    scheduler=scheduler,
-                    search_alg=_make_searcher(sweep),
-                    num_samples=sweep.num_samples,
-                    max_concurrent_trials=sweep.max_concurrent,
-                    trial_name_creator=lambda t: trial_label(t.config),
-                    trial_dirname_creator=lambda t: f"{trial_label(t.config)}-{t.trial_id}",
-                ),
-                run_config=tune.RunConfig(
-                    name=sweep.name, storage_path=root, verbose=0,
-                    callbacks=[callback],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints),
-                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                ),
-            )
-        tuner.fit()
+        started = True
     finally:
-        record.release_driver()
+        if not started:
+            lease.release()
+            if ray.is_initialized():
+                ray.shutdown()
+            _remove_created(created)
+    try:
+        return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
+                    quiet=quiet, overrides=overrides, restore=restore, tracking_uri=tracking_uri,
+                    tracking_wait_s=tracking_wait_s, gpu_available=gpu_available,
+                    signature=space_signature(sweep), provenance=provenance,
+                    trainable_fn=train_trial, lease=lease)
+    finally:
+        lease.release()
         if ray.is_initialized() and local:
             ray.shutdown()
+
+
+def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_dir: str, local: bool,
+         quiet: bool, overrides: Mapping[str, Any], restore: bool, tracking_uri: str | None,
+         tracking_wait_s: float, gpu_available: bool, signature: dict[str, str], provenance,
+         trainable_fn, lease) -> LaunchResult:
+    if not gpu_available and any(trial_resources(sweep, c)["gpu"] for c in _configs_to_check(sweep)):
+        console.print("no GPU in this Ray cluster: trials run on CPUs "
+                      "(GPU requests set to 0)", style="yellow")
+    planned = trial_count(sweep)
+    restored = restore and tune.Tuner.can_restore(exp_dir)
+    if not record.exists():
+        record.create({"sweep_uid": uuid.uuid4().hex, "name": sweep.name,
+                       "question": sweep.question, "metric": sweep.metric,
+                       "mode": sweep.mode, "max_epochs": sweep.max_epochs,
+                       "scheduler": sweep.scheduler, "search": sweep.search,
+                       "num_samples": sweep.num_samples, "planned_trials": planned,
+                       "grace_period": sweep.grace_period,
+                       "reduction_factor": sweep.reduction_factor, "seed": sweep.seed,
+                       "space": signature, "signature": signature,
+                       "overrides": dict(overrides), "experiment_dir": exp_dir,
+                       "created": time.time(), **provenance()}, file_text)
+    meta = record.meta()
+    tracker = Tracker(record.dir, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                      or default_tracking_uri(record_root(sweep.storage)),
+                      experiment=sweep.name, sweep_uid=meta["sweep_uid"])
+    record.update_meta(tracking_uri=redact(tracker.tracking_uri))
+    tracker.start_sweep(
+        run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(meta['created']))}",
+        tags={"sweeper.sweep": sweep.name, "sweeper.git_sha": meta.get("git_sha"),
+              "sweeper.git_dirty": meta.get("git_dirty"), "sweeper.command": meta.get("command"),
+              "mlflow.note.content": sweep.question},
+        params={"metric": sweep.metric, "mode": sweep.mode, "max_epochs": sweep.max_epochs,
+                "scheduler": sweep.scheduler, "search": sweep.search,
+                "num_samples": sweep.num_samples, "planned_trials": planned,
+                "grace_period": sweep.grace_period, "reduction_factor": sweep.reduction_factor,
+                "seed": sweep.seed, **{f"override.{k}": v for k, v in overrides.items()}},
+        texts={"sweep_file.py": file_text,
+               "plan.json": json.dumps({"cells": grid_cells(sweep), "space": signature,
+                                        "planned_trials": planned}, indent=1, default=str)})
+    tracker.flush()
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        need = trial_resources(sweep, TrialConfig.from_flat(config))
+        return {"cpu": need["cpu"], "gpu": need["gpu"] if gpu_available else 0.0}
+
+    # The metric and its mode travel with the trainable: a diverged trial reports the worst value.
+    trainable = tune.with_resources(
+        tune.with_parameters(trainable_fn, metric=sweep.metric, mode=sweep.mode), resources)
+    param_space = _param_space(sweep)
+    scheduler = make_scheduler(sweep, str(record.experiment_dir), cell_keys=_cell_keys(sweep))
+    callback = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=quiet,
+                             planned=planned)
+    if restored:
+        console.print(f"resuming sweep {sweep.name!r} from {exp_dir}")
+        for fix in repair_restorable_checkpoints(exp_dir):
+            if fix.restarted:
+                console.print(f"  {fix.trial_dir}: its checkpoint {fix.restored} is missing from "
+                              "storage and nothing newer exists: the trial starts again from "
+                              "scratch", style="yellow")
+            if fix.moved_from:
+                console.print(f"  {fix.trial_dir}: {fix.restored} was pruned before Ray's state "
+                              f"named its successor; resuming from {fix.moved_from}",
+                              style="yellow")
+            if fix.rerun:
+                console.print(f"  {fix.trial_dir}: removed {', '.join(fix.rerun)}, saved after "
+                              f"the state Ray resumes from; those epochs run again",
+                              style="yellow")
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, param_space=param_space,
+                                   resume_errored=True)
+    else:
+        console.print(f"starting sweep {sweep.name!r}: {planned} trials, "
+                      f"max {sweep.max_epochs} epochs each -> {exp_dir}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode=sweep.mode,
+                scheduler=scheduler,
+                search_alg=make_searcher(sweep),
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent,
+                # A finished trial's worker process trains the next one: no fresh interpreter,
+                # torch import and dataset load per trial (short trials were paying seconds each).
+                reuse_actors=True,
+                trial_name_creator=lambda t: trial_label(t.config),
+                trial_dirname_creator=lambda t: f"{trial_label(t.config)}-{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.name, storage_path=root, verbose=0,
+                callbacks=[callback],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints),
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            ),
+        )
+    activate(tracker=tracker, quiet=quiet)
+    try:
+        tuner.fit()
+    finally:
+        activate()
+        tracker.close()  # the last delivery below is synchronous
+    if local:
+        ray.shutdown()  # the report and the last tracking delivery need no cluster
     result = _summarise(sweep, record, exp_dir, restored=restored)
+    result.interrupted = result.interrupted or lease.stop_requested
     _finish_tracking(sweep, record, tracker, result, wait_s=tracking_wait_s, quiet=quiet)
     result.undelivered = tracker.pending()
     result.tracking_error = tracker.last_error()
@@ -608,6 +514,14 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
         error_console.print(f"[yellow]{tracker.pending()} tracking operation(s) not delivered "
                             f"({tracker.last_error()}); run `sweeper sync {sweep.name}` when the "
                             "tracking server is back[/yellow]")
+
+
+def _cell_keys(sweep: Sweep) -> list[str]:
+    """The grid axes ASHA compares within (none: one comparison across the sweep)."""
+    if getattr(sweep, "prune_within", "cell") != "cell":
+        return []
+    cells = grid_cells(sweep)
+    return list(cells[0]) if cells and cells[0] else []
 
 
 def _param_space(sweep: Sweep) -> dict[str, Any]:
@@ -638,22 +552,24 @@ def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: boo
 
 
 def stop_sweep(name: str, storage: str | None) -> str:
-    """Ask the driver of a running sweep to save its state and exit (it stays resumable)."""
-    import socket
+    """Ask the driver of a running sweep to save its state and exit (it stays resumable).
+
+    The request is a file in the sweep's record that the driver's own heartbeat thread acts on:
+    no process is ever signalled from here, so a pid reused after a crash is never hit.
+    """
+    from sweeper.lease import read_lease, request_stop
 
     record = record_for(name, storage)
     if not record.exists():
-        raise ConfigError([f"no sweep named {name!r} under {storage_root(storage)}"])
-    driver = record.driver()
-    if driver is None:
-        return f"sweep {name!r} is not running"
-    if driver["host"] != socket.gethostname():
-        raise ConfigError([f"sweep {name!r} is driven from host {driver['host']!r} "
-                           f"(pid {driver['pid']}); run `sweeper stop` there"])
-    try:
-        # Tune treats SIGINT as "save the experiment state and stop": a later launch resumes it.
-        os.kill(int(driver["pid"]), signal.SIGINT)
-    except ProcessLookupError:
-        record.release_driver()
-        return f"sweep {name!r} is not running (its driver {driver['pid']} is gone)"
-    return f"asked sweep {name!r} (pid {driver['pid']}) to save its state and stop"
+        raise ConfigError([f"no sweep named {name!r} under {storage_root(storage)} "
+                           "(pass --storage where it was launched)"])
+    info = request_stop(record.dir)
+    if info is not None:
+        return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
+                f"`sweeper launch` or `sweeper resume {name}` continues it")
+    stale = read_lease(record.dir)
+    if stale is not None or (record.dir / "driver.json").exists():
+        who = stale.describe() if stale else "an older driver"
+        return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
+                f"`sweeper resume {name}` continues it")
+    return f"sweep {name!r} is not running"

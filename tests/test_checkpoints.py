@@ -106,11 +106,20 @@ def test_the_newest_state_file_decides(tmp_path):
     assert _left(d) == ["checkpoint_000002"]
 
 
-def test_nothing_newer_means_nothing_is_invented(tmp_path):
+def test_a_lost_checkpoint_with_nothing_newer_restarts_its_trial_from_scratch(tmp_path):
+    """No state is invented: the directory Ray will look for holds only a marker, which the trainable
+    reads as "start again" (older checkpoints are not what Ray's state resumes, so they stay unused)."""
+    from sweeper.trial import MISSING_CHECKPOINT_MARKER
+    from sweeper.train import CHECKPOINT_FILE
+
     d = _trial(tmp_path, "aaaa_00000", [0])
     _state(tmp_path, "experiment_state-2026-11-24_10-00-00.json", {"aaaa_00000": "checkpoint_000002"})
-    assert repair_restorable_checkpoints(str(tmp_path)) == []
-    assert _left(d) == ["checkpoint_000000"]
+    (repair,) = repair_restorable_checkpoints(str(tmp_path))
+    assert repair.restarted and repair.restored == "checkpoint_000002" and repair.moved_from is None
+    assert _left(d) == ["checkpoint_000000", "checkpoint_000002"]
+    assert sorted(p.name for p in (d / "checkpoint_000002").iterdir()) == [MISSING_CHECKPOINT_MARKER]
+    assert not (d / "checkpoint_000002" / CHECKPOINT_FILE).exists()
+    assert repair_restorable_checkpoints(str(tmp_path)) == []  # present now: nothing more to do
 
 
 def test_trials_without_a_checkpoint_or_a_directory_are_skipped(tmp_path):

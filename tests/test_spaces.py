@@ -1,5 +1,6 @@
 """Search-space files: loading, overrides, all-problems-at-once validation, sampling, dry runs."""
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -122,3 +123,178 @@ def test_resources_may_be_a_function_of_the_config():
 def test_the_epoch_budget_belongs_to_the_sweep():
     with pytest.raises(ConfigError, match=r"space\['epochs'\] is set by the Sweep: use max_epochs=5"):
         Sweep(name="s", space={"epochs": 5})
+
+
+# ---- loading robustness, domains, metric, signatures ----------------------------------------------------
+
+
+def test_every_failure_at_import_names_the_file_line_and_error_type(tmp_path):
+    cases = {
+        "import json\njson.loads('{')\n": "space.py:2: JSONDecodeError: Expecting property name",
+        "X = 1\nraise SystemExit(3)\n": "space.py:2: SystemExit: called sys.exit(3) while being loaded",
+        "def f():\n    return 1 / 0\nX = f()\n": "space.py:2: ZeroDivisionError: division by zero",
+        "x = (\n": "space.py:1: SyntaxError: '(' was never closed",
+    }
+    for body, expected in cases.items():
+        path = _write(tmp_path, body)
+        with pytest.raises(ConfigError) as info:
+            load_sweep(path)
+        assert len(info.value.problems) == 1 and info.value.problems[0].startswith(str(path))
+        assert expected in info.value.problems[0], info.value.problems[0]
+
+
+def test_loading_has_a_time_limit_and_restores_the_alarm(tmp_path, monkeypatch):
+    import signal
+
+    path = _write(tmp_path, "while True:\n    pass\n")
+    previous = signal.signal(signal.SIGALRM, lambda *a: None)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100)  # someone else's timer survives the load
+        with pytest.raises(ConfigError, match=r"space.py:\d: TimeoutError: took longer than 0.2 s"):
+            load_sweep(path, timeout_s=0.2)
+        assert 95 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
+        monkeypatch.setenv("SWEEPER_LOAD_TIMEOUT", "0.2")
+        with pytest.raises(ConfigError, match="took longer than 0.2 s"):
+            load_sweep(path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_metric_must_be_reported_every_epoch_and_mode_must_agree():
+    from sweeper.config import EPOCH_METRICS
+
+    for metric, better in EPOCH_METRICS.items():
+        Sweep(name="s", space={}, metric=metric, mode=better)
+        worse = "min" if better == "max" else "max"
+        with pytest.raises(ConfigError, match="would keep the worst trials"):
+            Sweep(name="s", space={}, metric=metric, mode=worse)
+    with pytest.raises(ConfigError, match=r"metric='val_acc' .*did you mean 'val_accuracy'\?"):
+        Sweep(name="s", space={}, metric="val_acc")
+
+
+def test_epoch_metrics_are_what_fit_reports_every_epoch():
+    from sweeper.config import EPOCH_METRICS
+    from sweeper.train import fit
+
+    cfg = TrialConfig.from_flat({"model.arch": "smallcnn", "model.width": 0.125, "data.name": "synthetic",
+                                 "data.synthetic_size": 40, "data.batch_size": 16, "epochs": 2,
+                                 "diagnostics.enabled": False, "device": "cpu"})
+    reports = []
+    fit(cfg, report=lambda metrics, save: reports.append(metrics))
+    assert len(reports) == 2
+    for metrics in reports:
+        assert set(EPOCH_METRICS) <= set(metrics)
+
+
+@pytest.mark.parametrize("domain,search,expected", [
+    (tune.randint(5, 1), "random", "randint(5, 1) needs lower < upper"),
+    (tune.uniform(1.0, 0.0), "random", "uniform(1.0, 0.0) needs lower < upper"),
+    (tune.loguniform(0.1, 0.001), "random", "swap them: loguniform(0.001, 0.1)"),
+    (tune.loguniform(0.1, 0.001), "optuna", "loguniform(0.1, 0.001) needs lower < upper"),
+    (tune.choice([]), "random", "choice([]) has nothing to choose from"),
+    (tune.randn(0.9, 0.01), "optuna", "cannot sample a normal distribution"),
+    (tune.qrandn(0.9, 0.01, 0.01), "optuna", "cannot sample a normal distribution"),
+    (tune.qloguniform(0.001, 0.1, 0.001), "optuna", "drops the step q=0.001"),
+    (tune.qlograndint(16, 256, 16), "optuna", "cannot step a log-scaled integer"),
+    (tune.sample_from(lambda c: 0.9), "optuna", "search='optuna' cannot convert tune.sample_from"),
+    (tune.choice([0.9, [0.8]]), "optuna", "not list [0.8]"),
+    (tune.qrandint(5, 7, 4), "random", "has no multiple of q=4 between 5 and 7"),
+])
+def test_every_domain_is_checked_under_the_search_that_samples_it(domain, search, expected):
+    with pytest.raises(ConfigError) as info:
+        Sweep(name="s", space={"optim.momentum": domain}, search=search, num_samples=2)
+    assert any(expected in p and "space['optim.momentum']=" in p for p in info.value.problems), \
+        info.value.problems
+
+
+def test_domains_optuna_converts_are_accepted():
+    space = {"optim.momentum": tune.uniform(0.5, 0.9), "optim.lr": tune.loguniform(1e-3, 1e-1),
+             "data.batch_size": tune.qrandint(16, 64, 16), "optim.step_size": tune.lograndint(1, 10),
+             "model.init": tune.choice(["he", "xavier"]), "model.init_distribution": tune.choice([None, "normal"]),
+             "optim.label_smoothing": tune.quniform(0.0, 0.2, 0.1)}
+    Sweep(name="s", space=space, search="optuna", num_samples=4)
+
+
+def test_describe_domain_is_readable_and_stable():
+    from sweeper.spaces import describe_domain
+
+    assert describe_domain(tune.loguniform(0.001, 0.1)) == "loguniform(0.001, 0.1)"
+    assert describe_domain(tune.uniform(0, 1)) == "uniform(0, 1)"
+    assert describe_domain(tune.randint(1, 5)) == "randint(1, 5)"
+    assert describe_domain(tune.qrandint(8, 64, 8)) == "qrandint(8, 64, 8)"
+    assert describe_domain(tune.lograndint(1, 64)) == "lograndint(1, 64)"
+    assert describe_domain(tune.qloguniform(0.001, 0.1, 0.001)) == "qloguniform(0.001, 0.1, 0.001)"
+    assert describe_domain(tune.quniform(0.0, 1.0, 0.25)) == "quniform(0.0, 1.0, 0.25)"
+    assert describe_domain(tune.randn(0.0, 1.0)) == "randn(0.0, 1.0)"
+    assert describe_domain(tune.choice(["a", "b"])) == "choice(['a', 'b'])"
+    assert describe_domain(tune.grid_search([11, 13])) == "grid_search([11, 13])"
+    assert describe_domain(0.01) == "0.01" and describe_domain("vgg11") == "'vgg11'"
+    assert re.fullmatch(r"sample_from\(\S*<lambda> at test_spaces.py:\d+\)",
+                        describe_domain(tune.sample_from(lambda c: 1)))
+    assert " at 0x" not in describe_domain(tune.choice([object, len]))
+
+
+def test_space_signature_is_deterministic_and_changes_with_any_key_or_value(tmp_path):
+    import json
+
+    from sweeper.spaces import space_signature
+
+    body = """
+        from ray import tune
+        from sweeper.spaces import Sweep
+        SWEEP = Sweep(name="s", space={"model.arch": tune.grid_search(["vgg11", "vgg13"]),
+                                       "optim.lr": tune.loguniform(1e-3, 1e-1), "model.width": 0.125},
+                      num_samples=2)
+    """
+    a, _ = load_sweep(_write(tmp_path, body))
+    b, _ = load_sweep(_write(tmp_path, body))
+    sig = space_signature(a)
+    assert sig == space_signature(b) and json.loads(json.dumps(sig)) == sig
+    assert sig["optim.lr"] == "loguniform(0.001, 0.1)" and sig["sweep.num_samples"] == "2"
+    assert space_signature(a.replace(question="other words")) == sig
+    changed = [
+        a.replace(space={**a.space, "optim.lr": tune.loguniform(1e-3, 2e-1)}),
+        a.replace(space={**a.space, "model.width": 0.25}),
+        a.replace(space={**a.space, "model.init": "he"}),
+        a.replace(space={k: v for k, v in a.space.items() if k != "model.width"}),
+        a.replace(space={"model.width": 0.125, **{k: v for k, v in a.space.items() if k != "model.width"}}),
+        a.replace(space={**a.space, "model.arch": tune.grid_search(["vgg11", "vgg16"])}),
+        a.replace(metric="train_accuracy"), a.replace(metric="val_loss", mode="min"),
+        *(a.replace(**{f: v}) for f, v in [("max_epochs", 5), ("scheduler", "fifo"), ("grace_period", 2),
+                                           ("seed", 1), ("reduction_factor", 2), ("num_samples", 3)]),
+    ]
+    signatures = [space_signature(s) for s in changed]
+    assert all(s != sig for s in signatures)
+    assert len({json.dumps(s, sort_keys=True) for s in signatures}) == len(signatures)
+
+
+def test_the_dry_run_plan_describes_sampled_domains(capsys):
+    from sweeper.local import print_plan
+
+    sweep = Sweep(name="s", space={"optim.lr": tune.loguniform(1e-3, 1e-1),
+                                   "model.arch": tune.grid_search(["vgg11", "vgg13"])})
+    print_plan(sweep)
+    out = capsys.readouterr().out
+    assert "sampled per trial: optim.lr ~ loguniform(0.001, 0.1)" in out
+    assert "object at 0x" not in out
+
+
+@pytest.mark.parametrize("key,suggestion", [
+    ("optim.learning_rate", "'optim.lr'"), ("optim.eta", "'optim.lr'"), ("model.lr", "'optim.lr'"),
+    ("model.bn", "'model.batch_norm'"), ("model.batchnorm", "'model.batch_norm'"),
+    ("optim.wd", "'optim.weight_decay'"), ("data.bs", "'data.batch_size'"),
+    ("optim.momentun", "'optim.momentum'"), ("optimizer.lr", "'optim.lr'"), ("modle.arch", "'model.arch'"),
+])
+def test_unknown_settings_suggest_what_was_meant(key, suggestion):
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_flat({key: 1})
+    assert f"did you mean {suggestion}?" in str(info.value)
+
+
+def test_a_directory_or_a_json_file_is_not_a_search_space(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a search-space file"):
+        load_sweep(tmp_path)
+    (tmp_path / "s.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"s.json: is a .json file, not a Python search-space file"):
+        load_sweep(tmp_path / "s.json")

@@ -306,7 +306,7 @@ SWEEP = Sweep(
 
 
 def test_trials_stopped_by_asha_reach_optuna_as_pruned(tmp_path):
-    from sweeper.tuner import PrunedAwareOptunaSearch
+    from sweeper.schedulers import PrunedAwareOptunaSearch
 
     space = _grid_file(tmp_path, OPTUNA)
     storage = tmp_path / "store"

@@ -1,34 +1,41 @@
-"""The Ray-side pieces without a cluster: explainable ASHA decisions, ASHA state that survives a
-restore, trial names, storage checks."""
+"""The Ray-side pieces without a cluster: ASHA per grid cell with recorded reasons, rungs that survive
+a restore, the Optuna internals we lean on, trial names, storage checks."""
 
+import json
 import pickle
 from types import SimpleNamespace
 
+import optuna
 import pytest
 from ray import tune
 from ray.tune.schedulers import TrialScheduler
 
+from sweeper.callback import trial_label
 from sweeper.records import SweepRecord
+from sweeper.schedulers import CellASHA, PrunedAwareOptunaSearch, milestones
 from sweeper.spaces import Sweep
-from sweeper.tracking import Tracker
-from sweeper.tuner import ExplainedASHA, SweepCallback, _check_storage, trial_label
+from sweeper.tuner import _cell_keys, _check_storage
 
 
-def _asha(tmp_path):
-    return ExplainedASHA(record_dir=str(tmp_path), time_attr="training_iteration",
-                         metric="val_accuracy", mode="max", max_t=9, grace_period=1,
-                         reduction_factor=3)
+def _asha(tmp_path, cell_keys=(), max_t=9, mode="max", metric="val_accuracy"):
+    return CellASHA(record_dir=str(tmp_path), metric=metric, mode=mode, max_t=max_t,
+                    grace_period=1, reduction_factor=3, cell_keys=cell_keys)
 
 
-def _feed(sched, trial_id, epoch, value):
-    trial = SimpleNamespace(trial_id=trial_id)
-    return sched.on_trial_result(None, trial, {"training_iteration": epoch, "val_accuracy": value})
+def _feed(sched, trial_id, epoch, value, config=None, metric="val_accuracy"):
+    trial = SimpleNamespace(trial_id=trial_id, config=config or {})
+    return sched.on_trial_result(None, trial, {"epoch": epoch, metric: value})
+
+
+def test_rungs_sit_at_grace_times_powers_of_the_reduction_factor_below_max_t():
+    assert milestones(3, 30, 3) == [3, 9, 27]
+    assert milestones(1, 9, 3) == [1, 3]  # reaching 9 is finishing
+    assert milestones(3, 6, 3) == [3]
+    assert milestones(2, 2, 2) == []
 
 
 def test_asha_stops_are_recorded_with_rung_cutoff_peers_and_value(tmp_path):
     sched = _asha(tmp_path)
-    for i in range(4):
-        sched.on_trial_add(None, SimpleNamespace(trial_id=f"t{i}"))
     assert _feed(sched, "t0", 1, 0.5) == TrialScheduler.CONTINUE  # first at the rung: no peers
     assert _feed(sched, "t1", 1, 0.9) == TrialScheduler.CONTINUE  # above the cutoff of [0.5]
     assert SweepRecord(tmp_path).decisions() == {}
@@ -39,29 +46,76 @@ def test_asha_stops_are_recorded_with_rung_cutoff_peers_and_value(tmp_path):
     assert d["cutoff"] == pytest.approx(0.5 + 2 / 3 * 0.4) and d["metric"] == "val_accuracy"
     assert _feed(sched, "t3", 9, 0.0) == TrialScheduler.STOP  # reaching max_t is finishing
     assert "t3" not in SweepRecord(tmp_path).decisions()
+    assert _feed(sched, "t0", 1, 0.5) == TrialScheduler.CONTINUE  # a replay is not judged twice
 
 
-def test_asha_rungs_survive_a_restore_through_the_callback_state(tmp_path):
-    sweep = Sweep(name="s", space={"model.arch": "vgg11"})
-    sched = _asha(tmp_path)
-    tracker = Tracker(tmp_path, "sqlite:///unused.db", "s", "uid")
-    cb = SweepCallback(sweep, str(tmp_path), tracker, quiet=True, planned=3, scheduler=sched)
+def test_asha_for_a_loss_stops_the_higher_values(tmp_path):
+    sched = _asha(tmp_path, mode="min", metric="val_loss")
+    assert _feed(sched, "a", 1, 1.0, metric="val_loss") == TrialScheduler.CONTINUE
+    assert _feed(sched, "b", 1, 0.5, metric="val_loss") == TrialScheduler.CONTINUE
+    assert _feed(sched, "c", 1, 2.0, metric="val_loss") == TrialScheduler.STOP
+    assert SweepRecord(tmp_path).decisions()["c"]["cutoff"] == pytest.approx(1.0 - 2 / 3 * 0.5)
+    # A diverged trial's worst value (+inf for a loss) is stopped, and breaks no quantile.
+    assert _feed(sched, "d", 1, float("inf"), metric="val_loss") == TrialScheduler.STOP
+    assert _feed(sched, "e", 1, 0.1, metric="val_loss") == TrialScheduler.CONTINUE
+
+
+def test_each_grid_cell_is_judged_only_against_its_own_trials(tmp_path):
+    """A small factorial (2 cells x 3 lrs): one cell trains far better than the other, yet the weak
+    cell still keeps its best trial to max_t -- across-cell ASHA would cut it at the first rung."""
+    sched = _asha(tmp_path, cell_keys=["model.init"], max_t=9)
+    strong = {"model.init": "he"}
+    weak = {"model.init": "normal"}
+    reached_max = {}
+    values = {"he": [0.9, 0.8, 0.95], "normal": [0.15, 0.11, 0.12]}
     for i in range(3):
-        sched.on_trial_add(None, SimpleNamespace(trial_id=f"t{i}"))
-        _feed(sched, f"t{i}", 1, 0.5 + i / 10)
-    saved = pickle.dumps(cb.get_state())  # what Tune writes into the experiment checkpoint
+        for cell, cfg in (("he", strong), ("normal", weak)):
+            trial_id = f"{cell}{i}"
+            for epoch in range(1, 10):
+                action = _feed(sched, trial_id, epoch, values[cell][i], cfg)
+                if action == TrialScheduler.STOP:
+                    break
+            reached_max[trial_id] = epoch == 9
+    assert any(reached_max[f"normal{i}"] for i in range(3))
+    assert any(reached_max[f"he{i}"] for i in range(3))
+    decisions = SweepRecord(tmp_path).decisions()
+    assert decisions and all(d["cell"] in ([["model.init", "he"]], [["model.init", "normal"]])
+                             for d in decisions.values())
+    across = _asha(tmp_path / "across", max_t=9)
+    for i in range(3):
+        _feed(across, f"he{i}", 1, values["he"][i], strong)
+    assert all(_feed(across, f"normal{i}", 1, values["normal"][i], weak) == TrialScheduler.STOP
+               for i in range(3))
 
-    fresh_sched = _asha(tmp_path)  # as unpickled from tuner.pkl: empty rungs
-    fresh = SweepCallback(sweep, str(tmp_path), tracker, quiet=True, planned=3,
-                          scheduler=fresh_sched)
-    fresh.set_state(pickle.loads(saved))
-    rung1 = [r for m, r in fresh_sched._brackets[0]._rungs if m == 1][0]
-    assert rung1 == {"t0": 0.5, "t1": 0.6, "t2": 0.7}
-    assert fresh_sched._trial_info["t1"] is fresh_sched._brackets[0]  # shared references kept
-    sched_trial = SimpleNamespace(trial_id="t0")
-    assert fresh_sched.on_trial_result(None, sched_trial, {"training_iteration": 3,
-                                                           "val_accuracy": 0.55}) in (
-        TrialScheduler.CONTINUE, TrialScheduler.STOP)
+
+def test_cell_keys_are_the_grid_axes_unless_pruning_across_the_sweep():
+    space = {"model.init": tune.grid_search(["he", "normal"]), "model.batch_norm":
+             tune.grid_search([False, True]), "optim.lr": tune.loguniform(1e-3, 1e-1)}
+    assert _cell_keys(Sweep(name="s", space=space)) == ["model.init", "model.batch_norm"]
+    assert _cell_keys(Sweep(name="s", space=space, prune_within="sweep")) == []
+
+
+def test_asha_rungs_survive_a_restore_through_the_sweep_record(tmp_path):
+    sched = _asha(tmp_path)
+    for i in range(3):
+        _feed(sched, f"t{i}", 1, 0.5 + i / 10)
+    fresh = pickle.loads(pickle.dumps(sched))  # as Tune unpickles it from tuner.pkl
+    assert fresh.table() == {"[]": {"1": {"t0": 0.5, "t1": 0.6, "t2": 0.7}}}
+    assert json.loads((tmp_path / "sweeper" / "rungs.json").read_text()) == fresh.table()
+    assert _feed(fresh, "t3", 1, 0.55) == TrialScheduler.STOP  # judged against the saved peers
+
+
+def test_optuna_internals_the_pruned_handoff_relies_on_still_exist():
+    """PrunedAwareOptunaSearch reads OptunaSearch's trial map and study (no public accessor in Ray
+    2.60). If a Ray upgrade renames them this fails here, not silently in a sweep."""
+    searcher = PrunedAwareOptunaSearch(space={"x": tune.uniform(0, 1)}, metric="m", mode="max",
+                                       sampler=optuna.samplers.RandomSampler(seed=0))
+    assert searcher.suggest("t1") is not None
+    assert "t1" in searcher._ot_trials and isinstance(searcher._ot_study, optuna.Study)
+    assert isinstance(searcher._completed_trials, set)
+    searcher.on_trial_complete("t1", result={"m": 0.3, "epoch": 2, "outcome": "running"})
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {2: 0.3}
 
 
 @pytest.mark.parametrize("config,label", [

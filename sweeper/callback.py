@@ -1,0 +1,214 @@
+"""The driver callback: the sweep record, the live progress line, and every trial's outcome.
+
+Runs in the driver, inside Tune's event loop, so nothing here may wait: record writes are small local
+appends and rewrites, and tracking only spools (delivery runs on the Tracker's own thread).
+Outcomes: completed, pruned (with the rung, cutoff, peers and value CellASHA recorded), diverged,
+stalled or failed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping
+
+from ray.tune import Callback
+
+from sweeper.console import console, fmt
+from sweeper.records import SweepRecord, scalar_metrics
+from sweeper.spaces import Sweep
+from sweeper.tracking import Tracker
+
+__all__ = ["SweepCallback", "activate", "trial_label"]
+
+
+
+def trial_label(config: Mapping[str, Any]) -> str:
+    """A readable trial name: vgg16-normal-plain-lr0.012."""
+    arch = config.get("model.arch", "model")
+    if arch == "vgg" and config.get("model.depth"):
+        arch = f"vgg{config['model.depth']}p"
+    parts = [str(arch), str(config.get("model.init", "he"))]
+    parts.append("bn" if config.get("model.batch_norm") else "plain")
+    lr = config.get("optim.lr")
+    if isinstance(lr, (int, float)):
+        parts.append(f"lr{lr:.2g}")
+    return "-".join(parts)
+
+
+# This launch's settings, read by a SweepCallback that Tuner.restore unpickled (see its setup).
+_ACTIVE: dict[str, Any] = {}
+
+
+def activate(**settings: Any) -> None:
+    """Make this launch's tracker and flags the ones every SweepCallback uses; none to clear."""
+    _ACTIVE.clear()
+    _ACTIVE.update(settings)
+
+
+class SweepCallback(Callback):
+    """Writes the sweep record and prints progress; runs in the driver."""
+
+    def __init__(self, sweep: Sweep, record_dir: str, tracker: Tracker, *, quiet: bool,
+                 planned: int):
+        self.sweep, self.record_dir, self.quiet, self.planned = sweep, record_dir, quiet, planned
+        self.tracker = tracker
+        self.opened: set[str] = set()  # trials whose MLflow run was asked for by this driver
+        self.started = time.time()
+        self.last_print = 0.0
+        self.epochs = 0
+        self.best: tuple[float, str] | None = None
+        self.states: dict[str, str] = {}
+
+    def setup(self, **info):
+        self.started, self.last_print = time.time(), 0.0  # a resumed sweep's clock starts now
+        # Tuner.restore brings this callback back from Ray's pickle with the first launch's
+        # settings; this launch's tracker (its tracking URI) and output flags win.
+        if _ACTIVE:
+            self.tracker, self.quiet = _ACTIVE["tracker"], _ACTIVE["quiet"]
+
+    @property
+    def _record(self) -> SweepRecord:
+        return SweepRecord(self.record_dir)
+
+    def get_state(self):
+        return {"epochs": self.epochs, "best": self.best, "states": self.states}
+
+    def set_state(self, state):
+        self.epochs = state["epochs"]
+        self.best = tuple(state["best"]) if state["best"] else None
+        self.states = dict(state["states"])
+
+    def _base(self, trial) -> dict[str, Any]:
+        existing = self._record.trial(trial.trial_id) or {}
+        return {**existing, "trial_id": trial.trial_id, "name": trial_label(trial.config),
+                "config": dict(trial.config), "created": existing.get("created", time.time()),
+                "num_failures": trial.num_failures}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.states[trial.trial_id] = "running"
+        self._record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
+        self._open_run(trial)
+
+    def _open_run(self, trial) -> None:
+        if trial.trial_id not in self.opened:  # found again by tag after a retry or restore
+            self.tracker.start_trial(trial.trial_id, run_name=trial_label(trial.config),
+                                     config=trial.config)
+            self.opened.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._record.append_epoch(trial.trial_id, result)
+        self._open_run(trial)
+        self.tracker.log_result(trial.trial_id, result)
+        self.tracker.deliver_soon()  # never wait on the tracking server in Tune's event loop
+        self.epochs += 1
+        value = result.get(self.sweep.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            better = (self.best is None or (value > self.best[0] if self.sweep.mode == "max"
+                                            else value < self.best[0]))
+            if better:
+                self.best = (float(value), trial_label(trial.config))
+        rec = self._base(trial)
+        rec.update(status="running", epochs=int(result.get("epoch", 0)),
+                   last=scalar_metrics(result))
+        rec["best"] = _best(rec.get("best"), scalar_metrics(result), self.sweep)
+        self._record.write_trial(trial.trial_id, rec)
+        self._progress(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=None)
+        self._progress(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, error=_error_text(trial))
+        self._progress(trials, force=True)
+
+    def _finish(self, trial, *, error: str | None) -> None:
+        rec = self._base(trial)
+        last = trial.last_result or {}
+        decision = self._record.decisions().get(trial.trial_id)
+        if error is not None:
+            outcome, reason = "failed", error
+        elif last.get("outcome") not in (None, "running"):
+            outcome, reason = last["outcome"], last.get("stop_reason")
+        elif last.get("stalled") and last.get("stall_reason"):
+            # Stopped by ASHA while at chance: the stall is the finding (its prune stays recorded).
+            outcome, reason = "stalled", last["stall_reason"]
+        elif decision is not None:
+            outcome = "pruned"
+            reason = (f"ASHA rung {decision['rung']}: {self.sweep.metric}="
+                      f"{fmt(decision['value'])} below cutoff {fmt(decision['cutoff'])} "
+                      f"of {decision['peers']} peers")
+        else:
+            outcome, reason = "stopped", "stopped before its budget (sweep interrupted?)"
+        rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
+                   epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
+        if last:
+            rec["last"] = scalar_metrics(last)
+        self._record.write_trial(trial.trial_id, rec)
+        self.states[trial.trial_id] = outcome
+        self._open_run(trial)
+        tags = {"sweeper.outcome": outcome, "sweeper.stop_reason": reason,
+                "sweeper.epochs": rec["epochs"]}
+        if outcome == "stalled":
+            tags["sweeper.stall_reason"] = reason
+        if decision is not None:
+            tags.update({f"sweeper.prune.{k}": decision.get(k)
+                         for k in ("rung", "cutoff", "peers", "value")})
+        self.tracker.set_tags(trial.trial_id, tags)
+        self.tracker.finish(trial.trial_id, "FAILED" if outcome == "failed" else "FINISHED")
+        self.tracker.deliver_soon()
+        if not self.quiet:
+            style = {"completed": "green", "pruned": "cyan", "failed": "red",
+                     "diverged": "red", "stalled": "yellow"}.get(outcome, "")
+            console.print(f"  {trial_label(trial.config):<32} {outcome:<9} after "
+                          f"{rec['epochs']:>3} epochs  {self.sweep.metric}="
+                          f"{fmt(last.get(self.sweep.metric))}  {reason or ''}", style=style)
+
+    def _progress(self, trials, force: bool = False) -> None:
+        now = time.time()
+        if self.quiet or (not force and now - self.last_print < 10):
+            return
+        self.last_print = now
+        # Inside on_trial_complete Tune still shows the trial RUNNING: count our own outcomes.
+        done = sum(1 for outcome in self.states.values() if outcome != "running")
+        running = max(0, sum(1 for t in trials if t.status == "RUNNING") - (1 if force else 0))
+        pending = sum(1 for t in trials if t.status == "PENDING")
+        elapsed = now - self.started
+        budget = self.planned * self.sweep.max_epochs
+        eta = ""
+        if self.epochs and done < self.planned:
+            # An upper bound: ASHA will cut some of the remaining budget.
+            eta = f" | ETA <= {_duration(elapsed / self.epochs * max(budget - self.epochs, 0))}"
+        best = f" | best {self.sweep.metric} {fmt(self.best[0])} ({self.best[1]})" if self.best else ""
+        console.print(f"[{_duration(elapsed)}] trials: {done}/{self.planned} done, {running} running, "
+                      f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
+
+
+
+def _best(previous: Mapping[str, Any] | None, metrics: Mapping[str, Any], sweep: Sweep):
+    value = metrics.get(sweep.metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return previous
+    if previous is None or previous.get(sweep.metric) is None:
+        return dict(metrics)
+    old = previous[sweep.metric]
+    better = value > old if sweep.mode == "max" else value < old
+    return dict(metrics) if better else previous
+
+
+def _error_text(trial) -> str:
+    text = getattr(trial, "error_msg", None) or ""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "the trial raised (see its error file)"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+

@@ -1,0 +1,221 @@
+"""Which trials to stop (ASHA, per grid cell) and which to try next (random/grid or Optuna TPE).
+
+:class:`CellASHA` is asynchronous successive halving (Li et al., MLSys 2020) built on Ray Tune's public
+scheduler interface (``FIFOScheduler``: trials run in the order the searcher made them; this class only
+decides STOP or CONTINUE on each result). It keeps its own rung table, for two reasons:
+
+- **Rungs per grid cell.** In a factorial study (depth x init x BatchNorm) the learning rate is tuned
+  *within* each cell: a trial is compared only with trials of its own cell, so every cell keeps its best
+  learning rate to the end, and "this cell stalled" means stalled at its best lr. One ASHA across cells
+  would cut a whole cell at its first rung because another cell trains faster. ``cell_keys=()`` gives
+  classic across-sweep ASHA.
+- **Its explanations and its state are its own.** Every stop is written to the sweep record with the
+  rung, the cutoff, the peers and the trial's value, and the rung table is saved beside it
+  (``rungs.json``), so a restored sweep judges resumed trials against the same peers -- without reading
+  Ray's private scheduler attributes, which move between Ray versions.
+
+Rungs sit at ``grace_period * reduction_factor**k`` epochs below ``max_t``. A trial reaching a rung is
+stopped when its value is worse than the ``1 - 1/reduction_factor`` quantile of the values already
+recorded there by its peers (Ray's ASHA rule, so behaviour matches what users know), then recorded.
+The first trial at a rung always continues, so every cell runs at least one trial to ``max_t``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import optuna
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from sweeper.console import error_console
+from sweeper.records import SweepRecord
+
+__all__ = ["CellASHA", "PrunedAwareOptunaSearch", "make_scheduler", "make_searcher", "milestones"]
+
+RUNGS_FILE = "rungs.json"
+
+
+def milestones(grace_period: int, max_t: int, reduction_factor: int) -> list[int]:
+    """Rung epochs where a trial can be stopped, ascending (integer arithmetic: no float edge cases)."""
+    out, m = [], grace_period
+    while m < max_t:
+        out.append(m)
+        m *= reduction_factor
+    return out
+
+
+class CellASHA(FIFOScheduler):
+    """ASHA with rungs per grid cell and a recorded reason for every stop (see the module docstring)."""
+
+    def __init__(self, *, record_dir: str, metric: str, mode: str, max_t: int, grace_period: int,
+                 reduction_factor: int, cell_keys: Sequence[str] = (), time_attr: str = "epoch"):
+        super().__init__()
+        self.record_dir = str(record_dir)
+        self._metric, self.mode, self.max_t = metric, mode, max_t  # .metric: Ray's property
+        self.grace_period, self.reduction_factor = grace_period, reduction_factor
+        self.cell_keys, self.time_attr = tuple(cell_keys), time_attr
+        self.rungs = milestones(grace_period, max_t, reduction_factor)
+        # cell -> rung (as str, for JSON) -> trial_id -> metric value; None until loaded
+        self._table: dict[str, dict[str, dict[str, float]]] | None = None
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        # Ours are fixed at construction; accept Tune's (equal) values.
+        return (metric in (None, self.metric)) and (mode in (None, self.mode))
+
+    # ---- the rung table, kept in the sweep record ---------------------------------------------
+
+    @property
+    def _path(self) -> Path:
+        return Path(self.record_dir) / "sweeper" / RUNGS_FILE
+
+    def table(self) -> dict[str, dict[str, dict[str, float]]]:
+        if self._table is None:  # a restored sweep: the rungs as the last driver left them
+            try:
+                self._table = json.loads(self._path.read_text())
+            except (OSError, ValueError):
+                self._table = {}
+        return self._table
+
+    def _save(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(f".{RUNGS_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._table))
+        os.replace(tmp, self._path)
+
+    def __getstate__(self):  # Tune pickles the scheduler into tuner.pkl: the table lives on disk
+        state = dict(self.__dict__)
+        state["_table"] = None
+        return state
+
+    # ---- decisions ------------------------------------------------------------------------------
+
+    def cell_of(self, config: Mapping[str, Any]) -> str:
+        return json.dumps([[k, config.get(k)] for k in self.cell_keys], default=str)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if self.time_attr not in result or self.metric not in result:
+            return TrialScheduler.CONTINUE
+        epoch = int(result[self.time_attr])
+        if epoch >= self.max_t:  # reaching the budget is finishing, not pruning
+            self._record(trial, epoch, result[self.metric])
+            return TrialScheduler.STOP
+        decision = self.judge(trial.trial_id, self.cell_of(getattr(trial, "config", {}) or {}),
+                              epoch, result[self.metric])
+        if decision is None:
+            return TrialScheduler.CONTINUE
+        SweepRecord(self.record_dir).append_decision(decision)
+        return TrialScheduler.STOP
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        # A finished trial's last value joins its rung too (later peers are judged against it).
+        if result and self.time_attr in result and self.metric in result:
+            self._record(trial, int(result[self.time_attr]), result[self.metric])
+
+    def judge(self, trial_id: str, cell: str, epoch: int, value: float) -> dict[str, Any] | None:
+        """Record the trial at the highest rung it reached first; the stop decision, or None."""
+        rungs = self.table().setdefault(cell, {})
+        for rung in reversed(self.rungs):
+            if epoch < rung:
+                continue
+            recorded = rungs.setdefault(str(rung), {})
+            if trial_id in recorded:
+                return None  # judged at this rung already (a replayed result after a restore)
+            cutoff = self._cutoff(list(recorded.values()))
+            recorded[trial_id] = _finite(value)
+            self._save()
+            if cutoff is not None and self._sign * _finite(value) < self._sign * cutoff:
+                return {"trial_id": trial_id, "rung": rung, "epoch": epoch, "metric": self.metric,
+                        "value": _finite(value), "cutoff": cutoff, "peers": len(recorded) - 1,
+                        "cell": json.loads(cell) if self.cell_keys else None,
+                        "reduction_factor": self.reduction_factor, "time": time.time()}
+            return None
+        return None
+
+    def _record(self, trial, epoch: int, value: float) -> None:
+        cell = self.cell_of(getattr(trial, "config", {}) or {})
+        rungs = self.table().setdefault(cell, {})
+        for rung in reversed(self.rungs):
+            if epoch >= rung:
+                if trial.trial_id not in rungs.setdefault(str(rung), {}):
+                    rungs[str(rung)][trial.trial_id] = _finite(value)
+                    self._save()
+                return
+
+    @property
+    def _sign(self) -> float:
+        return 1.0 if self.mode == "max" else -1.0
+
+    def _cutoff(self, values: list[float]) -> float | None:
+        """The value a trial must reach at a rung: the top 1/rf quantile of its peers (Ray's rule)."""
+        if not values:
+            return None
+        signed = [self._sign * v for v in values]
+        return self._sign * float(np.nanpercentile(signed, (1 - 1 / self.reduction_factor) * 100))
+
+    def debug_string(self) -> str:
+        return f"CellASHA: rungs {self.rungs} per cell of {list(self.cell_keys) or 'the sweep'}"
+
+
+def _finite(value: float) -> float:
+    """Diverged trials report +-inf as their worst value; quantiles need finite numbers."""
+    value = float(value)
+    if math.isnan(value):
+        return value
+    return max(min(value, 1e300), -1e300)
+
+
+def make_scheduler(sweep, record_dir: str, cell_keys: Sequence[str]):
+    if sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    # The trial's own epoch, not Tune's iteration count: the two part when a restore resumes a trial
+    # from a newer checkpoint than Tune's state names (see sweeper.checkpoints).
+    return CellASHA(record_dir=record_dir, metric=sweep.metric, mode=sweep.mode,
+                    max_t=sweep.max_epochs, grace_period=sweep.grace_period,
+                    reduction_factor=sweep.reduction_factor, cell_keys=cell_keys)
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """Tune hands Optuna an ASHA-stopped trial as COMPLETE with its last value; it was pruned.
+
+    Telling Optuna PRUNED, with the value it was stopped at as its last intermediate value, keeps TPE
+    from treating a trial cut at epoch 3 as if it had converged there. This reads OptunaSearch's
+    trial map and study (``_ot_trials``, ``_ot_study``: Ray 2.60 has no public accessor);
+    tests/test_tuner.py fails loudly if they move, and a failure here is a warning, never the end of
+    the sweep.
+    """
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and not error and result.get("outcome") == "running":
+            try:
+                ot_trials, study = self._ot_trials, self._ot_study
+                if trial_id in ot_trials and trial_id not in self._completed_trials:
+                    ot_trial = ot_trials[trial_id]
+                    value, step = result.get(self.metric), result.get("epoch")
+                    if value is not None and step is not None:
+                        # Tune withholds the stopping result from the searcher; without it a trial
+                        # stopped at its first rung would reach Optuna with no value at all.
+                        ot_trial.report(value, step)
+                    study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                    return
+            except Exception as exc:  # never let bookkeeping end a sweep
+                error_console.print(f"warning: could not mark trial {trial_id} pruned: {exc}")
+                return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(sweep):
+    if sweep.search == "random":
+        return BasicVariantGenerator(random_state=sweep.seed)
+    return PrunedAwareOptunaSearch(
+        metric=sweep.metric, mode=sweep.mode,
+        sampler=optuna.samplers.TPESampler(
+            seed=sweep.seed, n_startup_trials=min(10, max(2, sweep.num_samples // 3))))

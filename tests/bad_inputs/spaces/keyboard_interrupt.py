@@ -1,0 +1,3 @@
+"""Raises KeyboardInterrupt while being loaded."""
+from sweeper.spaces import Sweep
+raise KeyboardInterrupt

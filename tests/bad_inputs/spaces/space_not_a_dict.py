@@ -1,0 +1,4 @@
+"""space given as a list."""
+from sweeper.spaces import Sweep
+
+SWEEP = Sweep(name="space_list", space=["model.arch", "vgg11"])

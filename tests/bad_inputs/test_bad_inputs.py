@@ -1,0 +1,269 @@
+"""A catalogue of bad inputs: each is refused with exit code 2 and one clear first line, before Ray.
+
+One row per case: ``(id, command line, text the first problem line must contain)``. The command line
+is what a user types after ``sweeper``, split like a shell would; ``{S}`` stands for this directory's
+``spaces/`` (small bad search-space files, one per mistake) and leading ``NAME=value`` words are
+environment variables. Every case runs the real CLI in-process (typer's CliRunner on
+``sweeper.cli.app``) in an empty working directory and checks that:
+
+- the exit code is 2 and no traceback was printed;
+- the first line on stderr is a problem (``error: ...`` from ``launch``/``debug``, or the
+  ``"{file}: N problem(s)"`` header of a ``validate`` block), and the first problem line (``error: ...``
+  or ``"  - ..."``) contains the expected text: file name, line and error type where the file is at fault;
+- Ray was not started (``ray.is_initialized()`` is False and no ``/tmp/ray/session_*`` of this process
+  appeared), nothing was written in the working directory (no ``sweeps/``, no ``mlflow.db``), no
+  space module was left in ``sys.modules`` and the SIGALRM handler is what it was.
+
+To add a case: drop a file in ``spaces/`` if it needs one, and add a row.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from sweeper.cli import app
+
+SPACES = Path(__file__).parent / "spaces"
+TIMEOUT = "SWEEPER_LOAD_TIMEOUT=1"
+
+CASES = [
+    # ---- the file cannot be read or is not Python -------------------------------------------------
+    ("missing_file", "launch {S}/no_such_space.py --local", "no_such_space.py: search-space file does not exist"),
+    ("missing_file_typo", "validate {S}/good_optuan.py", "good_optuan.py: search-space file does not exist; did you mean '"),
+    ("directory", "validate {S}", "spaces: is a directory, not a search-space file (it holds "),
+    ("json_file", "launch {S}/sweep.json --dry-run", "sweep.json: is a .json file, not a Python search-space file; a search space is a Python file (.py)"),
+    ("non_utf8", "validate {S}/latin1.py", "latin1.py:1: UnicodeDecodeError: byte 0xe9 at column 25 is not UTF-8"),
+    ("nul_byte", "validate {S}/nul_byte.py", "nul_byte.py:2: SyntaxError: source code string cannot contain null bytes"),
+    ("not_python", "validate {S}/not_python.py", "not_python.py:1: SyntaxError: invalid syntax"),
+    ("syntax_error", "validate {S}/syntax_error.py", "syntax_error.py:4: SyntaxError: '(' was never closed"),
+    ("indentation_error", "launch {S}/indentation_error.py --dry-run", "indentation_error.py:3: IndentationError: unexpected indent"),
+    # ---- the file raises, exits or hangs while it is loaded -----------------------------------------
+    ("missing_module", "launch {S}/missing_module.py --dry-run", "missing_module.py:3: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+    ("wrong_keyword", "validate {S}/wrong_keyword.py", "wrong_keyword.py:4: TypeError: Sweep.__init__() got an unexpected keyword argument 'metrics'; did you mean 'metric'?"),
+    ("loguniform_zero", "validate {S}/loguniform_zero.py", "loguniform_zero.py:6: ValueError: LogUniform requires a lower bound greater than 0"),
+    ("quniform_indivisible", "launch {S}/quniform_indivisible.py --local", "quniform_indivisible.py:5: ValueError: Your upper variable bound 1 is not divisible"),
+    ("raises_in_helper", "validate {S}/raises_in_helper.py", "raises_in_helper.py:6: RuntimeError: no widths configured"),
+    ("sys_exit", "validate {S}/sys_exit.py", "sys_exit.py:3: SystemExit: called sys.exit(0) while being loaded"),
+    ("sys_exit_local", "launch {S}/sys_exit.py --local", "sys_exit.py:3: SystemExit: called sys.exit(0) while being loaded"),
+    ("sys_exit_debug", "debug {S}/sys_exit.py", "sys_exit.py:3: SystemExit: called sys.exit(0) while being loaded"),
+    ("keyboard_interrupt", "validate {S}/keyboard_interrupt.py", "keyboard_interrupt.py:3: KeyboardInterrupt: interrupted while being loaded"),
+    ("endless_loop", f"{TIMEOUT} validate {{S}}/endless_loop.py", "endless_loop.py:3: TimeoutError: took longer than 1 s to load (an endless loop at import?)"),
+    ("endless_loop_local", f"{TIMEOUT} launch {{S}}/endless_loop.py --local", "endless_loop.py:3: TimeoutError: took longer than 1 s to load"),
+    ("bad_load_timeout", "SWEEPER_LOAD_TIMEOUT=soon validate {S}/good.py", "SWEEPER_LOAD_TIMEOUT='soon' must be a number of seconds >= 0"),
+    ("resources_raise", "validate {S}/resources_raise.py", "resources_raise.py:7: resources(config of vgg11) raised KeyError: 'vgg11'"),
+    ("resources_raise_local", "launch {S}/resources_raise.py --local", "resources_raise.py:7: resources(config of vgg11) raised KeyError: 'vgg11'"),
+    # ---- no single Sweep ----------------------------------------------------------------------------
+    ("no_sweep", "validate {S}/no_sweep.py", "no_sweep.py: must define exactly one Sweep (e.g. SWEEP = Sweep(...)); found 0"),
+    ("empty_file", "launch {S}/empty.py --dry-run", "empty.py: must define exactly one Sweep (e.g. SWEEP = Sweep(...)); found 0"),
+    ("sweep_not_a_sweep", "validate {S}/sweep_not_a_sweep.py", "sweep_not_a_sweep.py: SWEEP is a dict, not a Sweep"),
+    ("two_sweeps", "validate {S}/two_sweeps.py", "two_sweeps.py: must define exactly one Sweep (e.g. SWEEP = Sweep(...)); found 2 (SWEEP, OTHER)"),
+    # ---- metric and mode ------------------------------------------------------------------------------
+    ("unknown_metric", "launch {S}/unknown_metric.py --local", "unknown_metric.py: metric='val_acc' is not a metric every trial reports each epoch; did you mean 'val_accuracy'?"),
+    ("final_epoch_metric", "validate {S}/final_epoch_metric.py", "final_epoch_metric.py: metric='test_accuracy' is not a metric every trial reports each epoch; test metrics exist only after the last epoch"),
+    ("metric_override", "launch {S}/good.py --dry-run metric=accuracy", "metric='accuracy' is not a metric every trial reports each epoch; did you mean 'val_accuracy'?"),
+    ("mode_contradicts_metric", "validate {S}/mode_contradicts_metric.py", "mode_contradicts_metric.py: mode='max' contradicts metric='val_loss', which is better lower: mode='max' would keep the worst trials"),
+    ("mode_override", "launch {S}/good.py --dry-run mode=min", "mode='min' contradicts metric='val_accuracy', which is better higher"),
+    # ---- domains, under the search that samples them ----------------------------------------------------
+    ("empty_choice", "validate {S}/empty_choice.py", "empty_choice.py: space['model.init']=choice([]) has nothing to choose from"),
+    ("reversed_randint", "launch {S}/reversed_randint.py --dry-run", "reversed_randint.py: space['model.depth']=randint(20, 11) needs lower < upper, got lower=20 > upper=11"),
+    ("equal_bounds", "validate {S}/equal_bounds.py", "equal_bounds.py: space['optim.momentum']=uniform(0.5, 0.5) needs lower < upper, got lower=0.5 = upper=0.5"),
+    ("reversed_loguniform_random", "validate {S}/reversed_loguniform_random.py", "reversed_loguniform_random.py: space['optim.lr']=loguniform(0.1, 0.001) needs lower < upper, got lower=0.1 > upper=0.001 (swap them: loguniform(0.001, 0.1))"),
+    ("reversed_loguniform_optuna", "launch {S}/reversed_loguniform_optuna.py --local", "reversed_loguniform_optuna.py: space['optim.lr']=loguniform(0.1, 0.001) needs lower < upper"),
+    ("sample_from_optuna", "validate {S}/sample_from_optuna.py", "sample_from_optuna.py: space['optim.lr']=sample_from(<lambda> at sample_from_optuna.py:5): search='optuna' cannot convert tune.sample_from"),
+    ("grid_optuna", "validate {S}/grid_optuna.py", "grid_optuna.py: search='optuna' cannot expand grid axes ['model.init']"),
+    ("grid_optuna_override", "launch {S}/good.py --dry-run search=optuna", "search='optuna' cannot expand grid axes ['model.arch']"),
+    ("randn_optuna", "validate {S}/randn_optuna.py", "randn_optuna.py: space['optim.momentum']=randn(0.9, 0.01): search='optuna' cannot sample a normal distribution"),
+    ("qloguniform_optuna", "validate {S}/qloguniform_optuna.py", "qloguniform_optuna.py: space['optim.lr']=qloguniform(0.001, 0.1, 0.001): search='optuna' drops the step q=0.001"),
+    ("qlograndint_optuna", "validate {S}/qlograndint_optuna.py", "qlograndint_optuna.py: space['data.batch_size']=qlograndint(16, 256, 16): search='optuna' cannot step a log-scaled integer"),
+    ("object_choice_optuna", "validate {S}/object_choice_optuna.py", "object_choice_optuna.py: space['model.init']=choice(['he', ('normal', 0.01)]): search='optuna' can store only None, bool, int, float or str choices, not tuple"),
+    # ---- settings ---------------------------------------------------------------------------------------
+    ("unknown_setting", "validate {S}/unknown_setting.py", "unknown_setting.py: space: unknown setting 'optim.learning_rate'; did you mean 'optim.lr'?"),
+    ("unknown_setting_override", "launch {S}/good.py --dry-run model.bn=true", "space: unknown setting 'model.bn'; did you mean 'model.batch_norm'?"),
+    ("sweep_field_in_space", "validate {S}/sweep_field_in_space.py", "sweep_field_in_space.py: space['max_epochs'] is a Sweep setting, not a trial setting"),
+    ("space_not_a_dict", "validate {S}/space_not_a_dict.py", "space_not_a_dict.py: space must be a dict of 'section.name' -> value or tune domain, not list"),
+    ("bad_values", "validate {S}/bad_values.py", "bad_values.py: space: model.init='kaiming2' is not one of ['default', 'he', 'normal', 'xavier']"),
+    ("bad_resources", "validate {S}/bad_resources.py", "bad_resources.py: resources['tpu'] is not one of ['cpu', 'gpu']"),
+    # ---- command-line overrides -----------------------------------------------------------------------
+    ("override_syntax", "launch {S}/good.py --dry-run max_epochs", "override 'max_epochs' is not key=value"),
+    ("override_value", "launch {S}/good.py --dry-run width=abc", "space: model.width='abc' is not a number"),
+    ("override_value_validate", "validate {S}/good.py --set width=abc", "space: model.width='abc' is not a number"),
+    ("bad_arch", "launch {S}/good.py --local model.arch=vgg99", "space: model.arch='vgg99' is not one of ['googlenet', "),
+    ("negative_lr", "launch {S}/good.py --dry-run lr=-0.1", "space: optim.lr=-0.1 must be > 0"),
+    ("max_epochs_zero", "launch {S}/good.py --local max_epochs=0", "max_epochs=0 must be an integer >= 1"),
+    ("grace_over_max_epochs", "launch {S}/good.py --dry-run max_epochs=3 grace_period=5", "grace_period=5 must be <= max_epochs=3"),
+    ("bad_name_option", "launch {S}/good.py --dry-run --name 'bad name!'", "name='bad name!' must be 1-100 letters, digits"),
+    ("bad_name_override", "launch {S}/good.py --local name=../etc", "name='../etc' must be 1-100 letters, digits"),
+    ("unknown_scheduler", "launch {S}/good.py --dry-run scheduler=hyperband", "scheduler='hyperband' is not one of ['asha', 'fifo']"),
+    ("unknown_search", "launch {S}/good.py --dry-run search=bayes", "search='bayes' is not one of ['optuna', 'random']"),
+    ("num_samples_zero", "launch {S}/good_optuna.py --dry-run num_samples=0", "num_samples=0 must be an integer >= 1"),
+    # ---- launch: what a fresh local Ray would fail on, found before it starts -------------------------
+    ("unwritable_storage", "launch {S}/good.py --local --storage /proc/sweeper-no-such-dir", "storage='/proc/sweeper-no-such-dir' is not writable"),
+    ("missing_dataset", "launch {S}/good.py --local dataset=cifar10 data_dir=/nonexistent-sweeper-data", "dataset 'cifar10' not found in /nonexistent-sweeper-data"),
+    ("impossible_resources", "launch {S}/too_many_cpus.py --local", "resources: a trial of smallcnn asks for 4096 CPU and 0 GPU, but no node has that much"),
+    ("no_cluster_given", "launch {S}/good.py", "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS)"),
+    ("ray_client_address", "launch {S}/good.py --address ray://head.example:10001", "--address ray://head.example:10001: Ray Client (ray://) would run the sweep's controller on the head"),
+    ("ray_client_env", "RAY_ADDRESS=ray://10.0.0.1:10001 launch {S}/good.py", "Ray Client (ray://) would run the sweep's controller on the head (10.0.0.1)"),
+]
+
+_ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+_HEADER_RE = re.compile(r"^\S.*: \d+ problem\(s\)$")
+
+
+def _ray_sessions() -> set[str]:
+    try:
+        return {n for n in os.listdir("/tmp/ray") if n.startswith("session_2")}
+    except OSError:
+        return set()
+
+
+def _problem_lines(stderr: str) -> list[str]:
+    lines = [_ANSI_RE.sub("", line) for line in stderr.splitlines()]
+    return [line[len("error: "):] if line.startswith("error: ") else line[4:]
+            for line in lines if line.startswith(("error: ", "  - "))]
+
+
+def run_cli(command: str, tmp_path: Path, monkeypatch) -> tuple[object, list[str]]:
+    """Run `sweeper COMMAND` in-process in an empty directory; check the invariants every refused
+    input shares; return (result, problem lines)."""
+    words = shlex.split(command.replace("{S}", str(SPACES)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("SWEEPER_LOAD_TIMEOUT", raising=False)
+    while words and _ENV_RE.match(words[0]):
+        name, _, value = words.pop(0).partition("=")
+        monkeypatch.setenv(name, value)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    sessions, handler = _ray_sessions(), signal.getsignal(signal.SIGALRM)
+
+    result = CliRunner().invoke(app, words)
+
+    output = f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    assert result.exit_code == 2, f"{output}\n{result.exception!r}"
+    assert "Traceback" not in result.stdout + result.stderr, output
+    first = _ANSI_RE.sub("", result.stderr.splitlines()[0]) if result.stderr.strip() else ""
+    assert first.startswith("error: ") or _HEADER_RE.match(first), output
+    assert not ray.is_initialized()
+    ours = [s for s in _ray_sessions() - sessions if s.endswith(f"_{os.getpid()}")]
+    assert not ours, f"Ray started: {ours}"
+    assert sorted(p.name for p in cwd.iterdir()) == [], "something was written in the working dir"
+    assert not [m for m in sys.modules if m.startswith("_sweeper_space_")]
+    assert signal.getsignal(signal.SIGALRM) == handler
+    return result, _problem_lines(result.stderr)
+
+
+@pytest.mark.parametrize("command,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_before_ray_with_one_clear_first_line(command, expected, tmp_path,
+                                                                     monkeypatch):
+    result, problems = run_cli(command, tmp_path, monkeypatch)
+    assert problems and expected in problems[0], \
+        f"expected {expected!r} in the first problem line:\n{result.stderr}"
+
+
+def test_validate_reports_every_file_even_after_one_that_exits(tmp_path, monkeypatch):
+    files = ["empty_choice.py", "good.py", "sys_exit.py", "endless_loop.py", "syntax_error.py"]
+    command = f"{TIMEOUT} validate " + " ".join(f"{{S}}/{f}" for f in files)
+    result, problems = run_cli(command, tmp_path, monkeypatch)
+    headers = [line for line in result.stderr.splitlines() if _HEADER_RE.match(line)]
+    assert [Path(h.split(":")[0]).name for h in headers] == [
+        "empty_choice.py", "sys_exit.py", "endless_loop.py", "syntax_error.py"]
+    assert all(h.endswith(": 1 problem(s)") for h in headers)
+    assert "good.py: ok" in result.stdout and "dry run built" in result.stdout
+    assert [p.split(": ")[0].rsplit("/", 1)[-1] for p in problems] == [
+        "empty_choice.py", "sys_exit.py:3", "endless_loop.py:3", "syntax_error.py:4"]
+
+
+def test_the_catalogue_covers_every_space_file_and_has_unique_ids():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)) >= 35
+    used = " ".join(c[1] for c in CASES)
+    unused = [p.name for p in SPACES.iterdir() if p.name not in used]
+    assert unused == [], f"space files no case uses: {unused}"
+
+
+def test_a_fresh_process_survives_a_hung_file_between_good_ones(tmp_path):
+    """In a new process the first imports (torch, Ray) happen while files load: the time limit must not
+    interrupt them (a half-imported torch crashed the process at exit) nor count them against a file."""
+    import subprocess
+
+    env = {**os.environ, "SWEEPER_LOAD_TIMEOUT": "1"}
+    env.pop("RAY_ADDRESS", None)
+    files = [str(SPACES / f) for f in ("good.py", "endless_loop.py", "sys_exit.py", "good_optuna.py")]
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "validate", *files], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "good.py: ok" in out.stdout and "good_optuna.py: ok" in out.stdout, out.stdout + out.stderr
+    assert "endless_loop.py:3: TimeoutError: took longer than 1 s" in out.stderr
+    assert "sys_exit.py:3: SystemExit: called sys.exit(0)" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_problem_that_looks_like_markup_is_printed_as_text(tmp_path, monkeypatch):
+    space = tmp_path / "markup.py"
+    space.write_text('raise ValueError("closing [/b] tag")\n')
+    result, problems = run_cli(f"launch {space} --dry-run", tmp_path, monkeypatch)
+    assert "markup.py:1: ValueError: closing [/b] tag" in problems[0]
+
+
+# ---- launch against a sweep that already exists (its record lives outside the working dir) ---------
+
+
+def _existing_sweep(tmp_path: Path, *, signature_of: str = "good.py") -> Path:
+    """A sweep record as a finished launch of spaces/good.py leaves it (no Ray needed)."""
+    from sweeper.records import SweepRecord
+    from sweeper.spaces import load_sweep, space_signature
+
+    storage = tmp_path / "store"
+    sweep, text = load_sweep(SPACES / signature_of)
+    SweepRecord(storage / "good").create({"name": "good", "sweep_uid": "u", "planned_trials": 2,
+                                          "signature": space_signature(sweep)}, text)
+    return storage
+
+
+def test_a_changed_space_under_an_existing_name_is_refused_with_the_difference(tmp_path,
+                                                                                monkeypatch):
+    storage = _existing_sweep(tmp_path)
+    result, problems = run_cli(f"launch {{S}}/good.py --local --storage {storage} max_epochs=3 "
+                               "model.width=0.25", tmp_path, monkeypatch)
+    text = result.stderr
+    assert "sweep 'good' already exists with a different space" in problems[0]
+    assert "~ model.width: 0.125 -> 0.25" in text and "~ sweep.max_epochs: 2 -> 3" in text
+    assert "--name good-v2" in text and "`sweeper resume good`" in text
+
+
+def test_fresh_on_an_existing_name_is_refused(tmp_path, monkeypatch):
+    storage = _existing_sweep(tmp_path)
+    result, problems = run_cli(f"launch {{S}}/good.py --local --fresh --storage {storage}",
+                               tmp_path, monkeypatch)
+    assert "sweep 'good' already exists in" in problems[0] and "--name" in problems[0]
+
+
+def test_a_second_driver_is_refused_and_the_record_is_left_as_it_was(tmp_path, monkeypatch):
+    import json
+    import socket
+
+    from sweeper.lease import process_start_time
+
+    storage = _existing_sweep(tmp_path)
+    lease = storage / "good" / "sweeper" / "driver.json"
+    lease.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "start_time": process_start_time(os.getpid()),
+                                 "started": 1.0, "heartbeat": 2.0, "session_dir": None}))
+    before = sorted(p.name for p in (storage / "good" / "sweeper").iterdir())
+    result, problems = run_cli(f"launch {{S}}/good.py --local --storage {storage}", tmp_path,
+                               monkeypatch)
+    assert f"sweep 'good' is already running (driver pid {os.getpid()} on" in problems[0]
+    assert "one driver per sweep" in problems[0]
+    assert sorted(p.name for p in (storage / "good" / "sweeper").iterdir()) == before
+    assert json.loads(lease.read_text())["pid"] == os.getpid()

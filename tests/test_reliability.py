@@ -1,0 +1,354 @@
+"""Reliability: a diverged trial is an outcome, a changed space is refused, a lost checkpoint restarts
+its trial, one driver per sweep (a lease, never a bare pid), and the exit codes scripts rely on.
+
+The lease tests use real processes (stand-ins for a driver, started and ended here by pid); the sweep
+tests drive the real CLI with its own local Ray.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_sweeper
+from sweeper.lease import (DriverLease, LeaseHeld, LeaseInfo, clean_orphans, process_start_time,
+                           read_lease, request_stop)
+from sweeper.records import SweepRecord
+from sweeper.trial import with_metric, worst_value
+
+
+# ---- the metric of a diverged epoch -----------------------------------------------------------------
+
+
+def test_a_diverged_report_carries_the_worst_value_for_the_mode():
+    diverged = {"epoch": 1, "train_loss": float("nan"), "outcome": "diverged"}
+    assert with_metric(diverged, "val_accuracy", "max")["val_accuracy"] == 0.0
+    assert with_metric(diverged, "val_loss", "min")["val_loss"] == float("inf")
+    assert with_metric(diverged, "val_top1_error", "min")["val_top1_error"] == 1.0
+    assert with_metric({"val_loss": float("nan")}, "val_loss", "min")["val_loss"] == float("inf")
+    healthy = {"val_accuracy": 0.5}
+    assert with_metric(healthy, "val_accuracy", "max") is healthy  # a real value is never touched
+    assert worst_value("train_loss", "max") == float("-inf")
+
+
+# ---- the lease ----------------------------------------------------------------------------------------
+
+
+def _stand_in() -> subprocess.Popen:
+    """A process that is not a driver: the pid a crashed driver's lease may point at after reuse."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+
+
+def _write_lease(record_dir: Path, pid: int, start_time: str | None, *, host=None, heartbeat=None,
+                 session_dir=None) -> None:
+    record_dir.mkdir(parents=True, exist_ok=True)
+    (record_dir / "driver.json").write_text(json.dumps({
+        "pid": pid, "host": host or socket.gethostname(), "start_time": start_time,
+        "started": time.time() - 100, "heartbeat": heartbeat or time.time(),
+        "session_dir": session_dir}))
+
+
+def _fake_sweep(storage: Path, name: str) -> SweepRecord:
+    record = SweepRecord(storage / name)
+    record.create({"name": name, "metric": "val_accuracy", "mode": "max", "planned_trials": 2},
+                  "SWEEP = None\n")
+    record.write_trial("t1", {"trial_id": "t1", "name": "a", "config": {"optim.lr": 0.1},
+                              "status": "running", "epochs": 1, "created": 1.0})
+    return record
+
+
+def test_a_reused_pid_is_not_the_driver_and_stop_never_signals_it(tmp_path):
+    record = _fake_sweep(tmp_path, "stale")
+    stand_in = _stand_in()
+    try:
+        # The driver died; its pid now belongs to another process (another start time).
+        _write_lease(record.dir, stand_in.pid, start_time="1")
+        info = read_lease(record.dir)
+        assert info is not None and not info.alive
+        status = run_sweeper("status", "stale", "--storage", str(tmp_path))
+        assert status.returncode == 0, status.stderr
+        assert "not running: its driver (pid" in status.stdout and "died" in status.stdout
+        assert "interrupted" in status.stdout  # its trial is not shown running forever
+        stop = run_sweeper("stop", "stale", "--storage", str(tmp_path))
+        assert stop.returncode == 0, stop.stderr
+        assert "is not running" in stop.stdout
+        assert not (record.dir / "stop_request.json").exists()
+        time.sleep(0.5)
+        assert stand_in.poll() is None  # never signalled
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_a_live_driver_is_asked_to_stop_through_the_record_not_signalled(tmp_path):
+    record = _fake_sweep(tmp_path, "live")
+    stand_in = _stand_in()
+    try:
+        _write_lease(record.dir, stand_in.pid, start_time=process_start_time(stand_in.pid))
+        status = run_sweeper("status", "live", "--storage", str(tmp_path))
+        assert f"running (driver pid {stand_in.pid} on {socket.gethostname()}" in status.stdout
+        stop = run_sweeper("stop", "live", "--storage", str(tmp_path))
+        assert stop.returncode == 0 and "asked sweep 'live'" in stop.stdout, stop.stdout
+        assert (record.dir / "stop_request.json").is_file()
+        time.sleep(0.5)
+        assert stand_in.poll() is None  # the request is for the driver's heartbeat to act on
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_a_second_launch_is_refused_while_the_driver_lives(tmp_path):
+    space = tmp_path / "space.py"
+    space.write_text(textwrap.dedent("""
+        from sweeper.spaces import Sweep
+        SWEEP = Sweep(name="busy", space={"model.arch": "smallcnn", "data.name": "digits"},
+                      max_epochs=1)
+    """))
+    record = _fake_sweep(tmp_path / "store", "busy")
+    stand_in = _stand_in()
+    sessions = set(Path("/tmp/ray").glob("session_2*")) if Path("/tmp/ray").is_dir() else set()
+    try:
+        _write_lease(record.dir, stand_in.pid, start_time=process_start_time(stand_in.pid))
+        out = run_sweeper("launch", str(space), "--local", "--storage", str(tmp_path / "store"))
+        assert out.returncode == 2, out.stdout + out.stderr
+        first = out.stderr.strip().splitlines()[0]
+        assert "sweep 'busy' is already running" in first and f"pid {stand_in.pid}" in first
+        assert read_lease(record.dir).pid == stand_in.pid  # the lease is untouched
+        after = set(Path("/tmp/ray").glob("session_2*")) if Path("/tmp/ray").is_dir() else set()
+        assert after == sessions  # refused before any Ray started
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_a_lease_is_taken_over_only_from_a_dead_driver(tmp_path):
+    stand_in = _stand_in()
+    try:
+        _write_lease(tmp_path, stand_in.pid, start_time=process_start_time(stand_in.pid))
+        with pytest.raises(LeaseHeld):
+            DriverLease(tmp_path).claim()
+        # A remote driver counts as alive while its heartbeat is fresh, dead once it is stale.
+        _write_lease(tmp_path, 1, None, host="elsewhere", heartbeat=time.time())
+        with pytest.raises(LeaseHeld):
+            DriverLease(tmp_path).claim()
+        _write_lease(tmp_path, 1, None, host="elsewhere", heartbeat=time.time() - 3600)
+        lease = DriverLease(tmp_path).claim()
+        try:
+            assert lease.previous is not None and lease.previous.host == "elsewhere"
+            mine = read_lease(tmp_path)
+            assert mine.pid == os.getpid() and mine.alive
+        finally:
+            lease.release()
+        assert read_lease(tmp_path) is None
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_a_stop_request_interrupts_the_driver_through_its_heartbeat(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from sweeper.lease import DriverLease
+        lease = DriverLease({str(tmp_path)!r}).claim()
+        print("claimed", flush=True)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:  # what Tune sees on SIGINT: save state, return
+            lease.release()
+            sys.exit(3)
+        sys.exit(0)
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "claimed"
+        assert request_stop(tmp_path).pid == driver.pid
+        assert driver.wait(timeout=30) == 3
+        assert read_lease(tmp_path) is None and not (tmp_path / "stop_request.json").exists()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def test_orphans_of_a_dead_drivers_ray_are_ended_and_nothing_else(tmp_path):
+    session = f"/tmp/ray/session_test_{uuid.uuid4().hex}"
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                               f"--session-dir={session}"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                                  f"--session-dir={session}-other"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        alive_driver = LeaseInfo(pid=os.getpid(), host=socket.gethostname(),
+                                 start_time=process_start_time(os.getpid()), started=0,
+                                 heartbeat=time.time(), session_dir=session)
+        assert clean_orphans(alive_driver) == []  # a live driver's Ray is never touched
+        dead_driver = LeaseInfo(pid=dead.pid, host=socket.gethostname(), start_time="1",
+                                started=0, heartbeat=0, session_dir=session)
+        assert clean_orphans(dead_driver) == [orphan.pid]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for p in (orphan, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# ---- sweeps through Ray ---------------------------------------------------------------------------
+
+NAN_SPACE = """
+from ray import tune
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="nan",
+    space={
+        "model.arch": "smallcnn", "data.name": "digits", "data.limit": 256,
+        "diagnostics.enabled": False,
+        # 1e4 and 1e6 are far past what SGD on this net survives: non-finite loss in epoch 1.
+        "optim.lr": tune.grid_search([0.05, 1e4, 0.02, 1e6]),
+    },
+    max_epochs=3, grace_period=1, reduction_factor=2, seed=0,
+)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_diverged_trials_end_as_outcomes_and_the_sweep_goes_on(tmp_path):
+    space = tmp_path / "nan.py"
+    space.write_text(NAN_SPACE)
+    storage, uri = tmp_path / "store", f"sqlite:///{tmp_path / 'ml.db'}"
+    out = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                      str(storage), "--tracking-uri", uri, "--quiet")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = SweepRecord(storage / "nan")
+    trials = {t["config"]["optim.lr"]: t for t in record.trials()}
+    assert len(trials) == 4 and all(t["status"] == "finished" for t in trials.values())
+    for lr in (1e4, 1e6):
+        t = trials[lr]
+        assert t["outcome"] == "diverged" and t["epochs"] == 1, t
+        assert "non-finite training loss in epoch 1" in t["reason"]
+        assert t["last"]["val_accuracy"] == 0.0  # the worst value ASHA and the searcher saw
+    for lr in (0.05, 0.02):
+        assert trials[lr]["outcome"] in ("completed", "pruned"), trials[lr]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("nan")
+    runs = client.search_runs([exp.experiment_id], "tags.`sweeper.outcome` = 'diverged'")
+    assert len(runs) == 2
+    parent = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("sweeper.role") == "sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+
+    # The name is bound to its space: a changed value or key is refused before Ray starts.
+    changed = run_sweeper("launch", str(space), "--local", "--storage", str(storage),
+                          "--tracking-uri", uri, "max_epochs=4", "optim.momentum=0.8")
+    assert changed.returncode == 2, changed.stdout + changed.stderr
+    err = changed.stderr
+    assert "sweep 'nan' already exists with a different space" in err.splitlines()[0]
+    assert "max_epochs: 3 -> 4" in err and "+ optim.momentum: 0.8 (new)" in err
+    assert "--name nan-v2" in err and "sweeper resume nan" in err
+    assert len(record.trials()) == 4  # nothing ran
+    # The same space again is a resume of a finished sweep: nothing re-runs.
+    same = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                       str(storage), "--tracking-uri", uri, "--quiet")
+    assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+    assert {t["trial_id"]: t["finished"] for t in record.trials()} == \
+        {t["trial_id"]: t["finished"] for t in trials.values()}
+
+
+ONE_TRIAL = """
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="lost",
+    space={"model.arch": "smallcnn", "data.name": "digits", "data.limit": 256,
+           "diagnostics.enabled": False, "optim.lr": 0.05},
+    scheduler="fifo", max_epochs=3, max_failures=0, seed=0,
+)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_trial_whose_checkpoint_is_gone_restarts_from_scratch(tmp_path):
+    space = tmp_path / "lost.py"
+    space.write_text(ONE_TRIAL)
+    storage, uri = tmp_path / "store", f"sqlite:///{tmp_path / 'ml.db'}"
+    marker = tmp_path / "failed-once"
+    first = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                        str(storage), "--tracking-uri", uri, "--quiet",
+                        env={"SWEEPER_TEST_FAIL_ONCE": f"{marker}:2"})
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]  # a failed trial
+    (trial_dir,) = [p for p in (storage / "lost").iterdir() if p.is_dir() and "-" in p.name]
+    checkpoints = list(trial_dir.glob("checkpoint_*"))
+    assert checkpoints
+    for c in checkpoints:  # lost from storage (deleted by hand, a bucket lifecycle rule...)
+        subprocess.run(["rm", "-rf", str(c)], check=True)
+    again = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                        str(storage), "--tracking-uri", uri, "--quiet")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "is missing from storage and nothing newer exists: the trial starts again from " \
+           "scratch" in again.stdout
+    record = SweepRecord(storage / "lost")
+    (trial,) = record.trials()
+    assert trial["outcome"] == "completed" and trial["epochs"] == 3
+    assert [row["epoch"] for row in record.epochs(trial["trial_id"])] == [1, 2, 3]
+    client = MlflowClient(uri)
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("lost").experiment_id])
+              if r.data.tags.get("sweeper.role") == "trial"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+
+
+STOPPABLE = """
+from ray import tune
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="stoppable",
+    space={"model.arch": "smallcnn", "data.name": "digits", "data.limit": 512,
+           "diagnostics.enabled": False, "optim.lr": tune.grid_search([0.05, 0.02])},
+    scheduler="fifo", max_epochs=40, seed=0,
+)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
+    space = tmp_path / "stoppable.py"
+    space.write_text(STOPPABLE.replace("max_epochs=40", "max_epochs=12"))
+    storage, uri = tmp_path / "store", f"sqlite:///{tmp_path / 'ml.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "sweeper.cli", "launch", str(space), "--local", "--num-cpus", "2",
+         "--storage", str(storage), "--tracking-uri", uri, "--quiet"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    record = SweepRecord(storage / "stoppable")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if record.exists() and any(t.get("epochs", 0) >= 2 for t in record.trials()):
+                break
+            time.sleep(0.5)
+        stop = run_sweeper("stop", "stoppable", "--storage", str(storage))
+        assert "asked sweep 'stoppable'" in stop.stdout, stop.stdout + stop.stderr
+        out, _ = driver.communicate(timeout=240)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 3, out.decode()[-3000:]
+    assert read_lease(record.dir) is None  # released: the next launch needs no take-over
+    status = run_sweeper("status", "stoppable", "--storage", str(storage))
+    assert "stoppable': not running" in status.stdout, status.stdout
+    resumed = run_sweeper("resume", "stoppable", "--local", "--num-cpus", "2", "--storage",
+                          str(storage), "--tracking-uri", uri, "--quiet")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "taking it over" not in resumed.stdout
+    assert all(t["outcome"] == "completed" and t["epochs"] == 12 for t in record.trials())
