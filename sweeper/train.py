@@ -10,12 +10,17 @@ uninterrupted run.
 
 Every trial ends with an outcome: ``completed``; ``diverged`` (a non-finite loss: the trial stops and
 says so instead of raising and killing a sweep); or whatever a hook decides (``stalled``).
+
+On CUDA a training or evaluation step never makes the host wait for the device: the epoch's random
+draws reach the device in one non-blocking copy (see :mod:`sweeper.data.device`), and loss and accuracy
+are summed on the device and read once per epoch, after the epoch's last step has been queued.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +120,13 @@ def fit(
     if device.type == "cpu":
         # Stalled deep nets produce denormal floats, which make CPU arithmetic ~10x slower.
         torch.set_flush_denormal(True)
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
+    with _backend_flags(deterministic=cfg.deterministic, on_cuda=device.type == "cuda"):
+        return _fit(cfg, device, report=report, resume_from=resume_from, hooks=hooks, splits=splits)
 
+
+def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
+         resume_from: str | Path | None, hooks: Sequence[Hook], splits: Splits | None) -> FitResult:
+    on_cuda = device.type == "cuda"
     if splits is None:
         splits = load_splits(cfg.data, seed=cfg.seed)
     channels_last = on_cuda and cfg.channels_last
@@ -128,6 +136,9 @@ def fit(
     model = build_model(cfg.model, num_classes=data.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # The steps and evaluations run `net`; hooks, checkpoints and the step-0 probe see `model` itself
+    # (same parameters, its own module names and state-dict keys, forward hooks that fire eagerly).
+    net = _compiled(model) if cfg.compile else model
     optimizer = _optimizer(cfg, model)
     scheduler = _scheduler(cfg, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -177,11 +188,15 @@ def fit(
         outcome = ctx.history[-1]["outcome"]
     while ctx.epoch < cfg.epochs and outcome == "completed":
         lr = optimizer.param_groups[0]["lr"]
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        train = _train_epoch(ctx, batch_gen, autocast)
+        totals = _train_epoch(ctx, batch_gen, autocast, net)
         if on_cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        gpu_busy = _gpu_utilization(device) if on_cuda else None  # NVML's last sample: the epoch's end
+        train = _summarise(totals)  # the epoch's one read of the training sums
         ctx.epoch += 1
         metrics: dict[str, Any] = {"epoch": ctx.epoch, "lr": lr}
         metrics.update({f"train_{k}": v for k, v in train.items()})
@@ -192,7 +207,7 @@ def fit(
         if not math.isfinite(train["loss"]):
             outcome, reason = "diverged", f"non-finite training loss in epoch {ctx.epoch}"
         else:
-            val = evaluate(model, data.eval_batches("val"), criterion, autocast)
+            val = evaluate(net, data.eval_batches("val"), criterion, autocast)
             metrics.update({f"val_{k}": v for k, v in val.items()})
             for hook in hooks:
                 metrics.update(hook.on_epoch_end(ctx, metrics))
@@ -204,8 +219,13 @@ def fit(
                 else:
                     scheduler.step()
         if outcome == "completed" and ctx.epoch == cfg.epochs:
-            test = evaluate(model, data.eval_batches("test"), criterion, autocast)
+            test = evaluate(net, data.eval_batches("test"), criterion, autocast)
             metrics.update({f"test_{k}": v for k, v in test.items()})
+        if on_cuda:
+            # What a fractional-GPU trial must fit: the epoch's peak, training and evaluation included.
+            metrics["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if gpu_busy is not None:
+                metrics["gpu_utilization"] = gpu_busy
         finished = outcome != "completed" or ctx.epoch == cfg.epochs
         if finished and outcome == "completed" and ctx.label is not None:
             outcome, reason = ctx.label  # ran its budget, but e.g. stalled at chance throughout
@@ -224,6 +244,37 @@ def fit(
 def evaluate(model: nn.Module, batches, criterion: nn.Module,
              autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """Loss, accuracy and top-1/top-5 error over batches; sums stay on the device until the end."""
+    return _summarise(_eval_totals(model, batches, criterion, autocast))
+
+
+# ---- internals --------------------------------------------------------------------------------------
+
+
+def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast,
+                 net: nn.Module | None = None) -> torch.Tensor | None:
+    """One epoch of steps; returns the summed [n, loss*n, top1, top5] still on the device (None if no
+    step ran). Nothing here reads a device value on the host: no .item(), no branch on a tensor."""
+    model, optimizer, criterion = ctx.model, ctx.optimizer, ctx.criterion
+    net = model if net is None else net
+    aux_weight = ctx.cfg.model.aux_weight
+    model.train()
+    totals = None
+    for x, y in ctx.data.train_batches(gen):
+        with autocast():
+            logits, aux = split_outputs(net(x))
+            loss = criterion(logits.float(), y)
+            total = loss + aux_weight * sum(criterion(a.float(), y) for a in aux) if aux else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        # No .item() here: a host-device sync per step costs more than a small net's step on a GPU.
+        batch = _batch_stats(logits.detach(), y, loss.detach())
+        totals = batch if totals is None else totals.add_(batch)
+    return totals
+
+
+def _eval_totals(model: nn.Module, batches, criterion: nn.Module, autocast) -> torch.Tensor | None:
+    """Summed [n, loss*n, top1, top5] over batches, on the device; like a training step, no host read."""
     was_training = model.training
     model.eval()
     totals = None
@@ -233,31 +284,9 @@ def evaluate(model: nn.Module, batches, criterion: nn.Module,
                 logits = split_outputs(model(x))[0]
                 loss = criterion(logits.float(), y)
             batch = _batch_stats(logits, y, loss)
-            totals = batch if totals is None else totals + batch
+            totals = batch if totals is None else totals.add_(batch)
     model.train(was_training)
-    return _summarise(totals)
-
-
-# ---- internals --------------------------------------------------------------------------------------
-
-
-def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast) -> dict[str, float]:
-    model, optimizer, criterion = ctx.model, ctx.optimizer, ctx.criterion
-    aux_weight = ctx.cfg.model.aux_weight
-    model.train()
-    totals = None
-    for x, y in ctx.data.train_batches(gen):
-        with autocast():
-            logits, aux = split_outputs(model(x))
-            loss = criterion(logits.float(), y)
-            total = loss + aux_weight * sum(criterion(a.float(), y) for a in aux) if aux else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        # No .item() here: a host-device sync per step costs more than a small net's step on a GPU.
-        batch = _batch_stats(logits.detach(), y, loss.detach())
-        totals = batch if totals is None else totals + batch
-    return _summarise(totals)
+    return totals
 
 
 def _batch_stats(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -266,9 +295,11 @@ def _batch_stats(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> t
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
     hits = topk == y[:, None]
+    loss = loss.float()
     return torch.stack([
-        torch.tensor(float(n), device=y.device),
-        loss.float() * n,
+        # A fill kernel, not torch.tensor(n, device=...): that is a blocking host-to-device copy.
+        torch.full_like(loss, n),
+        loss * n,
         hits[:, 0].sum().float(),
         hits.any(dim=1).sum().float(),
     ])
@@ -295,10 +326,17 @@ def _probe_loss(ctx: TrainContext, autocast) -> float:
 
 def _optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
+    if o.decay_norm_bias:
+        params: Any = model.parameters()  # one group: weight decay on every parameter (the VGG recipe)
+    else:
+        # Decay only conv/linear weights: norm scales and shifts and biases are 1-D, and shrinking them
+        # towards 0 fights BatchNorm's rescaling instead of regularising.
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        params = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                               weight_decay=o.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def _scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer):
@@ -311,6 +349,49 @@ def _scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer):
     if o.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
     return None
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``: the wrapper shares the model's parameters and buffers."""
+    return torch.compile(model)
+
+
+@contextlib.contextmanager
+def _backend_flags(*, deterministic: bool, on_cuda: bool):
+    """cudnn.benchmark on CUDA unless deterministic; deterministic algorithms for this fit only.
+
+    The previous global settings are restored on exit, so a deterministic trial leaves the process
+    (a test session, a reused Ray worker) as it found it.
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when the process's first cuBLAS
+        # handle is made, so a worker that already ran a CUDA matmul keeps its old setting.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op with no deterministic CUDA kernel (the 'paper' head's AdaptiveAvgPool2d(7)
+        # backward, GoogLeNet's auxiliary pools) warns by name instead of failing the trial mid-sweep;
+        # such a run is not bit-identical, and the warning says why.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels per run
+    elif on_cuda:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+
+
+def _gpu_utilization(device: torch.device) -> float | None:
+    """NVML's percent of its last sample period (1/6 s to 1 s) in which a kernel ran on this GPU --
+    any process's, so trials sharing a card see the card's load. None without pynvml or NVML."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # ModuleNotFoundError (pynvml), NVML errors, MIG slices without the counter
+        return None
 
 
 def _autocast(cfg: TrialConfig, device: torch.device) -> Callable[[], Any]:

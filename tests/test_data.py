@@ -413,6 +413,80 @@ def test_lighting_noise_follows_the_principal_components_on_the_0_1_scale():
     assert torch.allclose(shift01, expected, atol=1e-5)
 
 
+def _old_per_step_batches(data, generator):
+    """The batch-by-batch path this module had before the epoch's draws were made up front: each step
+    drew its own offsets, flips and lighting from the generator and copied them to the device. Kept
+    verbatim (less the device moves, which are no-ops on CPU) as the reference for the new path."""
+    n, bs = data.num_train, data.cfg.batch_size
+    perm = torch.randperm(n, generator=generator)
+    for start in range(0, n, bs):
+        idx = perm[start:start + bs]
+        if len(idx) < 2:
+            break
+        x = data._x["train"][idx].float().div_(255.0)
+        m, c, h, w = x.shape
+        p = data.cfg.crop_padding
+        if p > 0:
+            padded = F.pad(x, (p, p, p, p))
+            oy = torch.randint(0, 2 * p + 1, (m,), generator=generator)
+            ox = torch.randint(0, 2 * p + 1, (m,), generator=generator)
+            rows = oy[:, None] + torch.arange(h)
+            cols = ox[:, None] + torch.arange(w)
+            x = padded.gather(2, rows[:, None, :, None].expand(m, c, h, w + 2 * p))
+            x = x.gather(3, cols[:, None, None, :].expand(m, c, h, w))
+        if data.flip:
+            mirror = torch.rand(m, generator=generator) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+        if data.cfg.color_shift > 0:
+            alpha = torch.randn(m, 3, generator=generator).mul_(data.cfg.color_shift)
+            x = x.add_(((alpha * data._eigval) @ data._eigvec_t)[:, :, None, None])
+        yield data._finish(x), data._y["train"][idx]
+
+
+@pytest.mark.parametrize("limit,flip,crop,shift", [(203, True, 4, 0.1),  # last batch of 3
+                                                   (201, True, 2, 0.5),  # last batch of 1: dropped
+                                                   (150, False, 0, 0.1), (150, True, 4, 0.0)])
+def test_epoch_draws_give_the_old_per_step_batches_bit_for_bit(limit, flip, crop, shift):
+    """Same seed, same batches as the old per-step draw, over two epochs (the generator carries over,
+    as it does in fit and across a checkpoint), and the generator ends in the same state."""
+    cfg = DataConfig(name="synthetic", synthetic_size=300, limit=limit, batch_size=50, flip=flip,
+                     crop_padding=crop, color_shift=shift)
+    data = DeviceData(load_splits(cfg, seed=0), cfg)
+    g_new, g_old = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(2):
+        new = list(data.train_batches(g_new))
+        old = list(_old_per_step_batches(data, g_old))
+        assert [len(y) for _, y in new] == [len(y) for _, y in old] and len(new) == data.steps_per_epoch
+        for (xn, yn), (xo, yo) in zip(new, old):
+            assert torch.equal(yn, yo)
+            assert torch.equal(xn, xo)  # bit for bit, not merely close
+        assert torch.equal(g_new.get_state(), g_old.get_state())
+
+
+def test_the_whole_epoch_is_drawn_before_the_first_step():
+    """No step draws from the generator (on CUDA a draw per step is a copy per step): after the first
+    batch the generator already stands where the whole epoch leaves it."""
+    cfg = DataConfig(limit=200, batch_size=32, flip=True)
+    data = DeviceData(load_splits(cfg, seed=0), cfg)
+    g_first, g_all = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    next(data.train_batches(g_first))
+    list(data.train_batches(g_all))
+    assert torch.equal(g_first.get_state(), g_all.get_state())
+
+
+def test_packed_copy_moves_mixed_dtypes_bit_for_bit():
+    from sweeper.data.device import packed_copy
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"mirror": torch.rand(7, generator=g) < 0.5, "perm": torch.randperm(7, generator=g),
+               "alpha": torch.randn(7, 3, generator=g), "oy": torch.randint(0, 9, (7,), generator=g),
+               "empty": torch.zeros(0, dtype=torch.int64)}
+    moved = packed_copy(tensors, torch.device("cpu"), pin=False)
+    assert moved.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert moved[k].dtype == t.dtype and moved[k].shape == t.shape and torch.equal(moved[k], t), k
+
+
 def test_eval_batches_are_in_order_and_unaugmented():
     cfg = DataConfig(limit=64, batch_size=32)
     s = load_splits(cfg, seed=0)

@@ -2,12 +2,17 @@
 a sweep on divergence. Narrow (width 1/8) VGGs on the embedded digits keep each test to seconds."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from sweeper.config import TrialConfig
+import sweeper.train as train_module
+from sweeper.config import ConfigError, TrialConfig
 from sweeper.diagnostics import Diagnostics
+from sweeper.models import build_model
 from sweeper.train import fit
 
 LN10 = math.log(10)
@@ -117,3 +122,178 @@ def test_non_finite_loss_ends_the_trial_as_diverged_without_raising():
     assert result.epochs < 5
     assert "non-finite" in result.reason
     assert result.last["outcome"] == "diverged"
+
+
+# ---- no host reads in a step; the trainer options --------------------------------------------------
+
+
+def test_importing_the_training_loop_imports_neither_ray_nor_mlflow():
+    code = ("import sys, sweeper.train; bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _tiny(**flat) -> TrialConfig:
+    return _cfg(**{"model.arch": "smallcnn", "model.batch_norm": True, "optim.lr": 0.05, "epochs": 1,
+                   "data.limit": 256, "data.batch_size": 32, **flat})
+
+
+class _HostReads:
+    """Counts what would make the host wait for a CUDA device, while active: reading a tensor's value
+    (.item, .tolist, float/int/bool of a tensor) and creating or moving a tensor from host data."""
+
+    READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.active, self.reads, self.moves = False, [], []
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(original, name, self.reads))
+        monkeypatch.setattr(torch.Tensor, "to", self._wrap(torch.Tensor.to, "to", self.moves))
+        monkeypatch.setattr(torch, "tensor", self._wrap(torch.tensor, "tensor", self.moves))
+
+    def _wrap(self, original, name, log):
+        def wrapper(*args, **kwargs):
+            if self.active:
+                log.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    def during(self, fn):
+        def wrapped(*args, **kwargs):
+            self.active = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.active = False
+        return wrapped
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "googlenet"])  # googlenet: auxiliary losses in the step
+def test_training_and_evaluation_steps_never_read_a_tensor_on_the_host(monkeypatch, arch):
+    """The CPU stand-in for CUDA's sync-debug mode (tests/test_gpu.py): inside the epoch's steps no
+    tensor value is read on the host, and no tensor is made or moved from host data per step."""
+    steps = 256 // 32
+    spy = _HostReads(monkeypatch)
+    monkeypatch.setattr(train_module, "_train_epoch", spy.during(train_module._train_epoch))
+    monkeypatch.setattr(train_module, "_eval_totals", spy.during(train_module._eval_totals))
+    width = 0.125 if arch == "smallcnn" else 0.0625
+    result = fit(_tiny(**{"model.arch": arch, "model.width": width}))
+    assert result.outcome == "completed" and math.isfinite(result.last["train_loss"])
+    assert spy.reads == []
+    # The epoch's draws move once (one call per kind on CPU, one packed copy on CUDA), not per step.
+    assert len(spy.moves) < steps, spy.moves
+
+
+def test_decay_norm_bias_false_puts_norm_and_bias_parameters_in_a_group_without_decay():
+    cfg = _tiny(**{"model.arch": "vgg11", "optim.weight_decay": 5e-4})
+    model = build_model(cfg.model, num_classes=10)
+    (group,) = train_module._optimizer(cfg, model).param_groups
+    assert group["weight_decay"] == 5e-4 and len(group["params"]) == len(list(model.parameters()))
+
+    decayed, undecayed = train_module._optimizer(
+        cfg.replace(**{"optim.decay_norm_bias": False}), model).param_groups
+    assert decayed["weight_decay"] == 5e-4 and undecayed["weight_decay"] == 0.0
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(any(p is m.weight for p in undecayed["params"]) for m in norms)
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert {id(m.weight) for m in convs} == {id(p) for p in decayed["params"]}
+    assert all(any(p is m.bias for p in undecayed["params"]) for m in convs if m.bias is not None)
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
+
+    adam = train_module._optimizer(cfg.replace(**{"optim.decay_norm_bias": False,
+                                                  "optim.name": "adam"}), model)
+    assert [g["weight_decay"] for g in adam.param_groups] == [5e-4, 0.0]
+
+
+def test_decay_norm_bias_changes_the_trajectory_and_resumes_exactly(tmp_path):
+    cfg = _tiny(**{"optim.weight_decay": 0.05, "epochs": 2, "optim.decay_norm_bias": False})
+    straight = fit(cfg).history
+    assert straight[-1]["train_loss"] != fit(cfg.replace(**{"optim.decay_norm_bias": True})).history[-1][
+        "train_loss"]
+
+    def stop_after_one(metrics, save):
+        save(tmp_path)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, report=stop_after_one)
+    resumed = fit(cfg, resume_from=tmp_path).history
+    assert [h["val_loss"] for h in resumed] == [h["val_loss"] for h in straight]
+
+
+def test_compile_runs_training_and_evaluation_through_the_compiled_module(monkeypatch):
+    """Wiring, without paying for a real compile (see the slow test below): the steps and evaluations
+    call the compiled wrapper; the probe, hooks and checkpoint keys still see the model itself."""
+    compiled = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(Counting(model))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = _tiny(**{"diagnostics.enabled": True})
+    result = fit(cfg.replace(compile=True), hooks=[Diagnostics(cfg.diagnostics)])
+    assert len(compiled) == 1
+    assert compiled[0].calls == 256 // 32 + 2 + 1  # train steps + val and test (256 per eval batch)
+    assert any(k.startswith("act_std/") for k in result.last)  # diagnostics hooks still fire
+    assert "layer/l00_conv" in result.initial and "_orig_mod" not in result.initial["layer/l00_conv"]
+    assert fit(cfg).history[0]["train_loss"] == result.history[0]["train_loss"]
+    assert compiled[0].calls == 256 // 32 + 3  # fit without the option never compiled
+
+
+@pytest.mark.slow
+def test_compile_really_compiles_and_trains_the_same_on_cpu():
+    """A real torch.compile (inductor, C++ on CPU): about 30 s on 2 cores, for a small net."""
+    cfg = _tiny(**{"epochs": 2})
+    eager, compiled = fit(cfg).history, fit(cfg.replace(compile=True)).history
+    for e, c in zip(eager, compiled):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
+        assert c["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4)
+
+
+def test_deterministic_mode_holds_during_fit_only_and_same_seed_gives_identical_history(monkeypatch):
+    seen = []
+    original = train_module._train_epoch
+
+    def recording(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(),
+                     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", recording)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = _tiny(**{"epochs": 2, "deterministic": True, "model.arch": "vgg11", "model.head": "paper"})
+    a, b = fit(cfg).history, fit(cfg).history
+    assert seen == [(True, True, True, False)] * 4
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    skip = ("epoch_seconds", "images_per_second")
+    assert [{k: v for k, v in h.items() if k not in skip} for h in a] == \
+           [{k: v for k, v in h.items() if k not in skip} for h in b]
+    # Restored afterwards: a deterministic trial does not change the process for the next one.
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    fit(cfg.replace(deterministic=False))
+    assert seen[-1][0] is False
+
+
+def test_new_options_default_off_and_are_validated():
+    cfg = TrialConfig()
+    assert (cfg.compile, cfg.deterministic, cfg.optim.decay_norm_bias) == (False, False, True)
+    flat = TrialConfig.from_flat({"compile": "true", "deterministic": "on",
+                                  "optim.decay_norm_bias": "false"})
+    assert (flat.compile, flat.deterministic, flat.optim.decay_norm_bias) == (True, True, False)
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_flat({"compile": "maybe", "deterministic": 2, "optim.decay_norm_bias": "x"})
+    assert len(info.value.problems) == 3 and "compile='maybe' is not a boolean" in str(info.value)
+    built = TrialConfig(compile="yes")  # built directly, not through from_flat
+    assert built.problems() == ["compile='yes' is not a boolean (true/false)"]

@@ -2,10 +2,16 @@
 
 A DataLoader would decode and augment per sample in Python, which starves a GPU on 32x32 images;
 here the uint8 data crosses to the device once, and each step is a handful of batched tensor ops.
+
+No step waits for the host: an epoch's randomness (order, crop offsets, flips, lighting noise) is drawn
+up front and crosses to the device in one non-blocking copy from pinned memory, and every step after
+that only queues kernels. A CPU generator makes exactly the calls, in exactly the order, that drawing
+batch by batch made: a seed gives the same batches as before, and the same draws on every device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -15,17 +21,34 @@ from sweeper.config import DataConfig
 from sweeper.data.sources import DATASETS
 from sweeper.data.splits import Splits
 
-__all__ = ["SPLITS", "DeviceData"]
+__all__ = ["SPLITS", "DeviceData", "EpochDraws"]
 
 SPLITS = ("train", "val", "test")
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EpochDraws:
+    """One epoch's random draws on the data's device; a part that is switched off is None.
+
+    ``bounds`` are the (start, stop) of each batch in ``perm``; the per-sample draws are indexed like
+    ``perm``'s batches (sample i of batch b is row start_b + i).
+    """
+
+    perm: torch.Tensor  # int64 [n]: the epoch's order
+    bounds: list[tuple[int, int]]
+    oy: torch.Tensor | None  # int64 [m]: crop row offsets in 0..2p
+    ox: torch.Tensor | None  # int64 [m]: crop column offsets
+    mirror: torch.Tensor | None  # bool [m]: flip horizontally
+    alpha: torch.Tensor | None  # float32 [m, 3]: PCA lighting coefficients, already times color_shift
 
 
 class DeviceData:
     """Batches of one trial's data on ``device``: shuffled and augmented for training, in order for eval.
 
     Every random draw in :meth:`train_batches` comes from the generator passed in, drawn on that
-    generator's device (a CPU generator's draws are moved to ``device``), so a seed fixes the epoch.
+    generator's device (a CPU generator's draws are moved to ``device`` once per epoch), so a seed fixes
+    the epoch.
     """
 
     def __init__(self, splits: Splits, cfg: DataConfig, *, device: torch.device | str = "cpu",
@@ -42,6 +65,9 @@ class DeviceData:
         # Lighting noise per image is sum_i alpha_i * eigval_i * eigvec[:, i] = (alpha * eigval) @ eigvec.T
         self._eigval = splits.eigval.to(self.device)
         self._eigvec_t = splits.eigvec.T.contiguous().to(self.device)
+        h, w = self._x["train"].shape[-2:]
+        self._rows = torch.arange(h, device=self.device)  # crop gathers: offset + these
+        self._cols = torch.arange(w, device=self.device)
         self._probe: Batch | None = None
 
     # ---- sizes ----------------------------------------------------------------------------------
@@ -65,15 +91,51 @@ class DeviceData:
     # ---- batches --------------------------------------------------------------------------------
 
     def train_batches(self, generator: torch.Generator) -> Iterator[Batch]:
-        """One epoch: shuffled, augmented (crop, flip, lighting), normalised."""
+        """One epoch: shuffled, augmented (crop, flip, lighting), normalised.
+
+        All of the epoch's draws happen before the first batch is yielded (see :meth:`draw_epoch`);
+        the steps themselves never read from or copy to the host.
+        """
+        draws = self.draw_epoch(generator)
+        x_all, y_all = self._x["train"], self._y["train"]
+        for start, stop in draws.bounds:
+            idx = draws.perm[start:stop]
+            x = x_all.index_select(0, idx).float().div_(255.0)
+            yield self._finish(self._augment(x, draws, start, stop)), y_all.index_select(0, idx)
+
+    def draw_epoch(self, generator: torch.Generator) -> EpochDraws:
+        """The epoch's order and augmentation draws, on this data's device.
+
+        The draws are the calls that a batch-by-batch loop would make, in its order (the permutation,
+        then per batch: row offsets, column offsets, flips, lighting), so a seed gives the same epoch
+        whichever way it is consumed; a last batch of one is dropped before it draws anything.
+        """
         n, bs = self.num_train, self.cfg.batch_size
-        perm = torch.randperm(n, generator=generator, device=generator.device).to(self.device)
+        on = generator.device
+        perm = torch.randperm(n, generator=generator, device=on)
+        bounds = []
         for start in range(0, n, bs):
-            idx = perm[start:start + bs]
-            if len(idx) < 2:  # a batch of one breaks BatchNorm's batch statistics
+            if min(n, start + bs) - start < 2:  # a batch of one breaks BatchNorm's batch statistics
                 break
-            x = self._x["train"][idx].float().div_(255.0)
-            yield self._finish(self._augment(x, generator)), self._y["train"][idx]
+            bounds.append((start, min(n, start + bs)))
+        p = self.cfg.crop_padding
+        parts: dict[str, list[torch.Tensor]] = {"oy": [], "ox": [], "mirror": [], "alpha": []}
+        for start, stop in bounds:
+            m = stop - start
+            if p > 0:
+                parts["oy"].append(torch.randint(0, 2 * p + 1, (m,), generator=generator, device=on))
+                parts["ox"].append(torch.randint(0, 2 * p + 1, (m,), generator=generator, device=on))
+            if self.flip:
+                parts["mirror"].append(torch.rand(m, generator=generator, device=on) < 0.5)
+            if self.cfg.color_shift > 0:
+                parts["alpha"].append(torch.randn(m, 3, generator=generator, device=on))
+        drawn = {"perm": perm, **{k: torch.cat(v) for k, v in parts.items() if v}}
+        moved = self._to_device(drawn)
+        alpha = moved.get("alpha")
+        if alpha is not None:
+            alpha = alpha.mul_(self.cfg.color_shift)  # on the device, as the per-batch draw did
+        return EpochDraws(perm=moved["perm"], bounds=bounds, oy=moved.get("oy"), ox=moved.get("ox"),
+                          mirror=moved.get("mirror"), alpha=alpha)
 
     def eval_batches(self, split: str = "val", batch_size: int | None = None) -> Iterator[Batch]:
         """``split`` ('train', 'val' or 'test') in order, normalised, unaugmented."""
@@ -103,28 +165,50 @@ class DeviceData:
         x = x01.sub_(self._mean).div_(self._std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _draw(self, fn, *args, generator: torch.Generator) -> torch.Tensor:
-        return fn(*args, generator=generator, device=generator.device).to(self.device)
+    def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host draws to a CUDA device in one non-blocking copy; elsewhere a plain (free) ``.to``."""
+        if self.device.type == "cuda" and any(t.device != self.device for t in tensors.values()):
+            return packed_copy(tensors, self.device, pin=True)
+        return {k: t.to(self.device) for k, t in tensors.items()}
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Augment a float N x 3 x H x W batch on the 0..1 scale, in place where possible."""
+    def _augment(self, x: torch.Tensor, draws: EpochDraws, start: int, stop: int) -> torch.Tensor:
+        """Augment a float N x 3 x H x W batch (rows start:stop of the epoch) on the 0..1 scale."""
         n, c, h, w = x.shape
         p = self.cfg.crop_padding
-        if p > 0:
+        if draws.oy is not None and draws.ox is not None:
             # Random crop of the zero-padded image = per-sample shift with zero fill: gather rows, then
             # columns, at per-sample offsets; two batched gathers, no loop over samples.
             padded = F.pad(x, (p, p, p, p))
-            oy = self._draw(torch.randint, 0, 2 * p + 1, (n,), generator=g)
-            ox = self._draw(torch.randint, 0, 2 * p + 1, (n,), generator=g)
-            rows = oy[:, None] + torch.arange(h, device=self.device)  # n x h
-            cols = ox[:, None] + torch.arange(w, device=self.device)  # n x w
+            rows = draws.oy[start:stop, None] + self._rows  # n x h
+            cols = draws.ox[start:stop, None] + self._cols  # n x w
             x = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * p))
             x = x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
-        if self.flip:
-            mirror = self._draw(torch.rand, n, generator=g) < 0.5
-            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-        if self.cfg.color_shift > 0:
+        if draws.mirror is not None:
+            x = torch.where(draws.mirror[start:stop, None, None, None], x.flip(3), x)
+        if draws.alpha is not None:
             # AlexNet's PCA lighting: one RGB offset per image along the training pixels' principal axes.
-            alpha = self._draw(torch.randn, n, 3, generator=g).mul_(self.cfg.color_shift)
+            alpha = draws.alpha[start:stop]
             x = x.add_(((alpha * self._eigval) @ self._eigvec_t)[:, :, None, None])
         return x
+
+
+def packed_copy(tensors: dict[str, torch.Tensor], device: torch.device, *,
+                pin: bool) -> dict[str, torch.Tensor]:
+    """``tensors`` on ``device`` through ONE copy: packed as bytes into one (pinned) host buffer.
+
+    A blocking copy from pageable memory makes the host wait for the device; a non-blocking copy from
+    pinned memory is only queued (the caching host allocator keeps the buffer alive until it has run).
+    The values arrive bit for bit: the bytes are reinterpreted, never converted.
+    """
+    # Widest elements first, so that each piece starts at an offset its dtype can be viewed at.
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    flat = [tensors[k].contiguous().view(-1).view(torch.uint8) for k in order]
+    host = torch.empty(sum(f.numel() for f in flat), dtype=torch.uint8, pin_memory=pin)
+    torch.cat(flat, out=host)
+    moved = host.to(device, non_blocking=pin)
+    out, offset = {}, 0
+    for k, f in zip(order, flat):
+        t = tensors[k]
+        out[k] = moved[offset:offset + f.numel()].view(t.dtype).view(t.shape)
+        offset += f.numel()
+    return out
