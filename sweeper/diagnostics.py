@@ -1,8 +1,8 @@
 """Per-layer training health, and a named reason when a trial stalls. Plain PyTorch.
 
 At init (step 0) and after every epoch, :class:`Diagnostics` pushes one fixed probe batch forward and
-backward through the model (train mode, as training sees it) and measures, for every conv and linear
-layer in execution order (``l00_conv``, ``l01_conv``, ..., ``l10_fc``):
+backward through the model (train mode, as training sees it; auxiliary heads' losses weighted by
+``model.aux_weight`` as training weights them) and measures, for every conv and linear layer:
 
   act_mean, act_std     the layer's output (pre-activation) -- the forward signal
   out_grad_std          std of dL/d(output) -- the backward signal
@@ -10,9 +10,21 @@ layer in execution order (``l00_conv``, ``l01_conv``, ..., ``l10_fc``):
                         are zero for every probe example and position
   sensitivity           mean over units of (std across examples) / RMS: ~0 when the output ignores the input
   weight_norm, grad_norm, rel_grad = grad_norm / weight_norm
-  update_ratio          lr * grad_norm / weight_norm, the step SGD takes relative to the weight
-  rel_change            ||W_now - W_epoch_start|| / ||W_epoch_start||: what momentum and decay really did
-  gain_meas, gain_pred  measured Var[y_l] / Var[y_{l-1}] beside He et al.'s n*Var[w]/2 for the init
+  update_ratio          ||W_after - W_before|| / ||W_before|| of one real optimizer step (momentum,
+                        weight decay and Adam included; see :func:`last_step`)
+  rel_change            ||W_now - W_epoch_start|| / ||W_epoch_start||: the whole epoch's displacement
+  gain_meas             E[y^2] / E[x^2]: the layer's output y over its *own* input x, captured by a
+                        forward hook, so pooling, BN, shortcuts and branches before it do not enter
+  gain_pred             the same from theory: n E[w^2] rho + E[b^2] / E[x^2] (:func:`predicted_gain`)
+  gain_err              gain_meas / gain_pred - 1; ``gain_err_max`` is the largest |gain_err|
+
+Step 0 also carries ``act_std_pred/<layer>``: He et al.'s output std predicted by propagating E[x^2]
+analytically from the probe input through every module on the path (:func:`chain_second_moments`),
+and ``act_std_err_max``, the largest factor between it and the measured std.
+
+Layers are numbered in the order the network runs them in eval mode, its main path: ``l00_conv`` ...
+``l10_fc``, the classifier last. Layers that run only in training (GoogLeNet's auxiliary heads) come
+after, as ``a00_conv``, ``a01_fc``, ...: the main path's names are the same with and without them.
 
 Glorot & Bengio's point is why rel_grad and update_ratio, not the first/last gradient ratio, are the
 stall signal: with equal widths the weight gradients keep their ratio while every one of them vanishes.
@@ -26,7 +38,9 @@ epochs (or a learned-then-collapsed trial back at chance); the cause is named fr
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +48,11 @@ import torch
 from torch import nn
 
 from sweeper.config import DiagnosticsConfig, ModelConfig
-from sweeper.inits import fans, relu_gain, weight_std
+from sweeper.inits import fans, weight_std
 
-__all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "classify_stall", "predicted_stds"]
+__all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
+           "last_step", "maxpool_factor", "padding_fraction", "predicted_gain", "predicted_stds",
+           "relu_correlation", "spatial_correlation"]
 
 STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradient", "lr_too_high",
                  "lr_too_small", "learn_then_collapse", "plateau")
@@ -56,11 +72,12 @@ HUGE_LOGITS = 1e4
 
 @dataclass(frozen=True)
 class LayerInfo:
-    index: int
-    key: str  # l03_conv
+    index: int  # position in the numbering: main path first, then auxiliary layers
+    key: str  # l03_conv (main path) or a00_conv (auxiliary head)
     path: str  # the module's name in the model, e.g. features.6
     module: nn.Module
-    gain_pred: float  # n*Var[w]/2 of the init
+    gain_pred: float  # n Var[w] rho of the init scheme (biases aside) on the probe's map size
+    aux: bool = False  # runs only in training (an auxiliary head): not on the main path
 
 
 class Diagnostics:
@@ -69,6 +86,7 @@ class Diagnostics:
     def __init__(self, cfg: DiagnosticsConfig):
         self.cfg = cfg
         self.layers: list[LayerInfo] = []
+        self._chain: list[nn.Module] = []  # the modules act_std_pred walks, see _discover
         self._start_weights: list[torch.Tensor] = []
         self._min_loss = math.inf
         self._initial_max_update = math.nan  # the largest per-step update ratio at step 0
@@ -77,10 +95,24 @@ class Diagnostics:
 
     def on_fit_start(self, ctx) -> dict[str, Any]:
         self._discover(ctx)
-        metrics = self.measure(ctx)
-        for layer, std in zip(self.layers, predicted_stds(ctx.cfg.model, self.layers,
-                                                          input_second_moment=self._input_m2)):
-            metrics[f"act_std_pred/{layer.key}"] = std
+        # Step 0 has no previous step: update_ratio is the first step the optimizer will take, on
+        # the probe batch's gradient, from its (empty) state.
+        metrics = self.measure(ctx, step="next")
+        x, _ = ctx.data.probe_batch(self.cfg.probe_size)
+        keys = {l.module: l.key for l in self.layers}
+        folds = []
+        m2_in = float(x.detach().float().pow(2).mean())
+        chain = chain_second_moments(self._chain, m2_in, tuple(x.shape[2:]),
+                                     input_correlation=spatial_correlation(x))
+        for m, m2 in chain:
+            if m in keys and math.isfinite(m2):
+                k = keys[m]
+                metrics[f"act_std_pred/{k}"] = math.sqrt(m2)
+                meas = metrics.get(f"act_std/{k}", math.nan)
+                if m2 > 0 and meas > 0:
+                    folds.append(max(meas / math.sqrt(m2), math.sqrt(m2) / meas))
+        if folds:
+            metrics["act_std_err_max"] = max(folds)
         # Which module each metric name means: trackers log these strings as parameters.
         metrics.update({f"layer/{key}": path for key, path in self.layer_map().items()})
         self._snapshot()
@@ -90,7 +122,7 @@ class Diagnostics:
     def on_epoch_end(self, ctx, metrics: dict[str, Any]) -> dict[str, Any]:
         if not self.layers:  # resumed: rediscover the layers of the rebuilt model
             self._discover(ctx)
-        out = self.measure(ctx)
+        out = self.measure(ctx, step="last")
         if self._start_weights:
             for layer, start in zip(self.layers, self._start_weights):
                 change = (layer.module.weight.detach() - start).norm() / (start.norm() + 1e-30)
@@ -129,28 +161,58 @@ class Diagnostics:
     # ---- measurement ----------------------------------------------------------------------------
 
     def _discover(self, ctx) -> None:
-        """Find the weight layers in execution order by running the probe once with hooks."""
-        order: list[nn.Module] = []
-        handles = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-                   for m in ctx.model.modules() if isinstance(m, _WEIGHTED)]
+        """Number the weight layers and find the module chain, from two hooked probe passes.
+
+        Eval mode runs the main path only (auxiliary heads are training-only side branches), so its
+        order numbers ``l00``...; layers that run only in train mode are numbered after it, ``a00``....
+        The train-mode pass records every leaf module's call: the chain that ``act_std_pred`` walks
+        is the run of calls, from the model input on, where each module consumes the previous one's
+        output. It breaks at the first branch, shortcut or functional op between modules (ResNets,
+        GoogLeNet): theory for those would need the graph, so no prediction is made past the break.
+        """
+        model = ctx.model
         x, _ = ctx.data.probe_batch(self.cfg.probe_size)
+        order = {"eval": [], "train": []}
+        calls: list[tuple[nn.Module, Any, Any]] = []
+        sizes: dict[nn.Module, tuple[int, ...]] = {}
+        mode = ["eval"]
+
+        def hook(mod, inputs, output):
+            if isinstance(mod, _WEIGHTED):
+                order[mode[0]].append(mod)
+                if inputs and isinstance(inputs[0], torch.Tensor):
+                    sizes.setdefault(mod, tuple(inputs[0].shape[2:]))
+            if mode[0] == "train":  # tensors kept alive, so that `is` compares what it should
+                calls.append((mod, inputs[0] if inputs else None, output))
+
+        handles = [m.register_forward_hook(hook) for m in model.modules()
+                   if isinstance(m, _WEIGHTED) or not any(True for _ in m.children())]
         try:
-            with torch.no_grad(), _isolated(ctx.model):
-                ctx.model(x)
+            with torch.no_grad(), _isolated(model):
+                model.eval()
+                model(x)
+                mode[0] = "train"
+                model.train()
+                model(x)
         finally:
             for h in handles:
                 h.remove()
-        paths = {m: name for name, m in ctx.model.named_modules()}
-        seen: list[nn.Module] = []
-        for m in order:
-            if m not in seen:
-                seen.append(m)
+        main = _unique(order["eval"])
+        aux = [m for m in _unique(order["train"]) if m not in main]
+        paths = {m: name for name, m in model.named_modules()}
+        kind = lambda m: "conv" if isinstance(m, nn.Conv2d) else "fc"  # noqa: E731
         self.layers = [
-            LayerInfo(i, f"l{i:02d}_{'conv' if isinstance(m, nn.Conv2d) else 'fc'}", paths[m], m,
-                      relu_gain(ctx.cfg.model, m))
-            for i, m in enumerate(seen)
+            LayerInfo(i, f"{prefix}{i:02d}_{kind(m)}", paths[m], m,
+                      _scheme_gain(ctx.cfg.model, m, sizes.get(m)), aux=prefix == "a")
+            for prefix, group in (("l", main), ("a", aux)) for i, m in enumerate(group)
         ]
-        self._input_m2 = float(x.float().pow(2).mean())
+        self._chain = []
+        previous = x
+        for mod, inp, out in calls:
+            if inp is not previous or mod in self._chain:
+                break
+            self._chain.append(mod)
+            previous = out
 
     def _snapshot(self) -> None:
         self._start_weights = [l.module.weight.detach().clone() for l in self.layers]
@@ -159,24 +221,31 @@ class Diagnostics:
         """``l03_conv`` -> ``features.6``: the param that ties metric names to the model."""
         return {l.key: l.path for l in self.layers}
 
-    def measure(self, ctx) -> dict[str, Any]:
+    def measure(self, ctx, *, step: str = "last") -> dict[str, Any]:
+        """One probe pass. ``step``: which optimizer step ``update_ratio`` reports -- ``"last"``, the
+        step training just took (see :func:`last_step`), or ``"next"``, the one it would take now on
+        the probe batch's gradient (step 0, where no step has been taken yet)."""
         model = ctx.model
         index = {l.module: l for l in self.layers}
         outputs: dict[str, torch.Tensor] = {}
+        inputs: dict[str, tuple[float, tuple[int, ...]]] = {}  # E[x^2] of the input, its map size
         out_grads: dict[str, torch.Tensor] = {}
         relu_stats: dict[str, list[torch.Tensor]] = {}
         last = [None]
 
-        def layer_hook(mod, inputs, output):
+        def layer_hook(mod, args, output):
             key = index[mod].key
             if key in outputs:  # a module used twice: keep its first use
                 return
             last[0] = key
             outputs[key] = output.detach()
+            x_in = args[0].detach()
+            # Squares in float64: a vanished signal (std 1e-20) squares below float32's range.
+            inputs[key] = (float(x_in.double().pow(2).mean()), tuple(x_in.shape[2:]))
             if output.requires_grad:
                 output.register_hook(lambda g, key=key: out_grads.__setitem__(key, g.detach()))
 
-        def relu_hook(mod, inputs, output):
+        def relu_hook(mod, args, output):
             if last[0] is not None and last[0] not in relu_stats:
                 relu_stats[last[0]] = _relu_stats(output.detach())
 
@@ -185,22 +254,29 @@ class Diagnostics:
                     if isinstance(m, nn.ReLU)]
         x, y = ctx.data.probe_batch(self.cfg.probe_size)
         lr = ctx.optimizer.param_groups[0]["lr"]
+        aux_weight = getattr(getattr(ctx.cfg, "model", None), "aux_weight", 0.0)
+        updates = {} if step == "next" else _last_updates(ctx.optimizer, self.layers)
         saved_grads = [p.grad for p in model.parameters()]
         try:
             with _isolated(model):
                 model.zero_grad(set_to_none=True)
                 from sweeper.models import split_outputs
 
-                logits = split_outputs(model(x))[0].float()
+                logits, aux = split_outputs(model(x))
+                logits = logits.float()
                 loss = ctx.criterion(logits, y)
-                loss.backward()
+                # The probe's gradient is the one training computes: auxiliary losses included.
+                total = loss + aux_weight * sum(ctx.criterion(a.float(), y) for a in aux) if aux else loss
+                total.backward()
+                missing = [l for l in self.layers if l.key not in updates]
+                if missing:  # step 0, or an optimizer last_step cannot read: the next step instead
+                    updates.update(_next_updates(ctx.optimizer, missing))
                 metrics: dict[str, Any] = {
                     "probe_loss": float(loss.detach()),
                     "loss_minus_chance": float(loss.detach()) - math.log(logits.shape[1]),
                     "logit_std": float(logits.detach().std()),
                 }
-                prev_var = float(x.float().var())
-                rel_grads = []
+                rel_grads, steps, errs = [], [], []
                 for l in self.layers:
                     k, w = l.key, l.module.weight
                     out = outputs.get(k)
@@ -211,17 +287,25 @@ class Diagnostics:
                     grad_norm = float(w.grad.norm()) if w.grad is not None else 0.0
                     weight_norm = float(w.detach().norm())
                     rel = grad_norm / (weight_norm + 1e-30)
+                    update = updates.get(k, lr * rel)
                     rel_grads.append(rel)
+                    steps.append(update)
                     metrics[f"act_mean/{k}"] = float(out.mean())
                     metrics[f"act_std/{k}"] = math.sqrt(var)
                     metrics[f"sensitivity/{k}"] = _sensitivity(out)
                     metrics[f"weight_norm/{k}"] = weight_norm
                     metrics[f"grad_norm/{k}"] = grad_norm
                     metrics[f"rel_grad/{k}"] = rel
-                    metrics[f"update_ratio/{k}"] = lr * rel
-                    metrics[f"gain_pred/{k}"] = l.gain_pred
-                    metrics[f"gain_meas/{k}"] = var / prev_var if prev_var > 0 else float("nan")
-                    prev_var = var
+                    metrics[f"update_ratio/{k}"] = update
+                    in_m2, size = inputs[k]
+                    pred = predicted_gain(l.module, size, in_m2)
+                    meas = float(out.double().pow(2).mean()) / in_m2 if in_m2 > 0 else math.nan
+                    metrics[f"gain_pred/{k}"] = pred
+                    metrics[f"gain_meas/{k}"] = meas
+                    if pred > 0 and math.isfinite(pred) and math.isfinite(meas):
+                        metrics[f"gain_err/{k}"] = meas / pred - 1.0
+                        if not l.aux:
+                            errs.append(meas / pred - 1.0)
                     if k in out_grads:
                         metrics[f"out_grad_std/{k}"] = float(out_grads[k].float().std())
                     if k in relu_stats:
@@ -239,10 +323,13 @@ class Diagnostics:
                 p.grad = g
         finite = [v for v in metrics.values() if isinstance(v, float)]
         metrics["nonfinite"] = float(not all(math.isfinite(v) for v in finite))
-        if rel_grads:
-            metrics["min_update_ratio"] = lr * min(rel_grads)
-            metrics["max_update_ratio"] = lr * max(rel_grads)
-            metrics["sum_update_ratio"] = lr * sum(rel_grads)
+        if errs:
+            metrics["gain_err_max"] = max(abs(e) for e in errs)
+            metrics["gain_err_median"] = statistics.median(abs(e) for e in errs)
+        if steps:
+            metrics["min_update_ratio"] = min(steps)
+            metrics["max_update_ratio"] = max(steps)
+            metrics["sum_update_ratio"] = sum(steps)
         return metrics
 
 
@@ -252,9 +339,9 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
 
     ``initial_max_update`` (the largest update ratio at step 0) separates an lr too small (updates
     were tiny from the start) from one too high (the first steps were large, then the net settled at
-    chance in a flat region where the gradients are >= 10x smaller).
+    chance in a flat region where the gradients are >= 10x smaller). Only the main path counts.
     """
-    keys = [l.key for l in layers if f"act_std/{l.key}" in metrics]
+    keys = [l.key for l in layers if not l.aux and f"act_std/{l.key}" in metrics]
     if not keys:
         return "plateau"
     if metrics.get("nonfinite") or metrics.get("logit_std", 0.0) > HUGE_LOGITS:
@@ -285,14 +372,257 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
     return "plateau"
 
 
+# ---- theory -------------------------------------------------------------------------------------
+
+
+def padding_fraction(module: nn.Module, size: tuple[int, ...] | None) -> float:
+    """rho: the average fraction of a conv's taps that land inside an input map of ``size``.
+
+    Zero padding feeds the taps outside the map zeros, so a conv's output variance is n Var[w] rho
+    E[x^2], not n Var[w] E[x^2]. Exact for any kernel, stride, padding and dilation: per spatial axis,
+    count the taps inside the map over all output positions; the 2-D fraction is the product of the
+    axes' (the inside count is separable). A 3x3/pad 1 conv on HxH gives ((3H - 2) / 3H)^2: 0.96, 0.84,
+    0.44, 0.11 at H = 32, 8, 2, 1. Linear layers (and non-zero padding modes) have rho = 1.
+    """
+    if not isinstance(module, nn.Conv2d) or not size or module.padding_mode != "zeros":
+        return 1.0
+    rho = 1.0
+    for axis, length in enumerate(size[-2:]):
+        k, s, d = module.kernel_size[axis], module.stride[axis], module.dilation[axis]
+        pad = module.padding
+        # 'same' pads d(k-1) in total; PyTorch puts the odd one at the end, which the count ignores.
+        p = {"valid": 0, "same": d * (k - 1) // 2}[pad] if isinstance(pad, str) else pad[axis]
+        outputs = (length + 2 * p - d * (k - 1) - 1) // s + 1
+        if outputs <= 0:
+            return math.nan
+        inside = sum(1 for o in range(outputs) for t in range(k) if 0 <= o * s - p + t * d < length)
+        rho *= inside / (outputs * k)
+    return rho
+
+
+def predicted_gain(module: nn.Module, size: tuple[int, ...] | None, input_second_moment: float) -> float:
+    """Var[y] / E[x^2] predicted for one conv or linear layer with random weights: n E[w^2] rho + E[b^2] / E[x^2].
+
+    He et al.: y = sum_j w_j x_j + b over n = k*k*C_in (fan-in) taps, with zero-mean weights
+    independent of the input, gives E[y^2] = n E[w^2] rho E[x^2] + E[b^2], rho the fraction of taps
+    inside the map (:func:`padding_fraction`). E[w^2] and E[b^2] are the layer's actual ones (not the
+    scheme's formula), which removes the sampling noise of the init from the comparison; PyTorch's
+    default init draws biases ~ U(+-1/sqrt(n)), which dominate once the signal has vanished.
+    """
+    w = module.weight.detach().float()
+    fan_in, _ = fans(module)
+    gain = fan_in * float(w.pow(2).mean()) * padding_fraction(module, size)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        b2 = float(bias.detach().float().pow(2).mean())
+        gain += b2 / input_second_moment if input_second_moment > 0 else (math.inf if b2 > 0 else 0.0)
+    return gain
+
+
+def maxpool_factor(taps: int, correlation: float = 0.0) -> float:
+    """E[max-pool(relu(y))^2] / E[relu(y)^2] over ``taps`` zero-mean Gaussian y with pairwise
+    ``correlation`` (derived, not fitted).
+
+    Write y_i = sqrt(c) z_0 + sqrt(1 - c) z_i with independent standard normals; the pool's output is
+    max(0, sqrt(c) z_0 + sqrt(1 - c) M), M the largest of ``taps`` standard normals, whose density is
+    k Phi^(k-1) phi. Its second moment is a 2-D integral, done here on a grid, over E[relu(y)^2] = 1/2.
+    2x2 pools: 3.09 for independent taps, 2.67 at c = 1/pi, 1.77 at c = 0.83, 1 at c = 1: neighbouring
+    conv outputs are correlated, which is why the science notes saw 1.8-2.6 and not 3.1.
+    """
+    c = min(max(correlation, 0.0), 1.0)
+    if taps <= 1 or c >= 1.0:
+        return 1.0
+    key = (taps, round(c, 3))
+    if key not in _MAXPOOL_FACTORS:
+        _MAXPOOL_FACTORS[key] = _maxpool_factor(taps, key[1])
+    return _MAXPOOL_FACTORS[key]
+
+
+def _maxpool_factor(k: int, c: float, steps: int = 160, half_width: float = 8.0) -> float:
+    h = 2 * half_width / steps
+    grid = [-half_width + i * h for i in range(steps + 1)]
+    phi = [math.exp(-t * t / 2) / math.sqrt(2 * math.pi) for t in grid]
+    p_max = [k * (0.5 * (1 + math.erf(t / math.sqrt(2)))) ** (k - 1) * f * h for t, f in zip(grid, phi)]
+    a, b = math.sqrt(c), math.sqrt(1 - c)
+    total = 0.0
+    for z, pz in zip(grid, phi):
+        for m, pm in zip(grid, p_max):
+            v = a * z + b * m
+            if v > 0:
+                total += pz * h * pm * v * v
+    return 2.0 * total
+
+
+_MAXPOOL_FACTORS: dict[tuple[int, float], float] = {}
+
+
+def relu_correlation(c: float) -> float:
+    """E[relu(a) relu(b)] / E[relu(a)^2] for zero-mean Gaussians a, b of correlation c (Cho & Saul's
+    arc-cosine kernel): (sqrt(1 - c^2) + (pi - arccos c) c) / pi; 1/pi at c = 0, 1 at c = 1."""
+    c = min(max(c, -1.0), 1.0)
+    return (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi
+
+
+def spatial_correlation(x: torch.Tensor) -> float:
+    """E[x(p) x(q)] / E[x^2] over neighbouring positions p, q of a 2x2 block (horizontal, vertical,
+    diagonal, weighted as a 2x2 pool's six pairs): the input's share of the chain's correlation."""
+    if x.dim() < 4 or min(x.shape[-2:]) < 2:
+        return 0.0
+    x = x.detach().float()
+    m2 = x.pow(2).mean()
+    if m2 == 0:
+        return 0.0
+    h = (x[..., :, 1:] * x[..., :, :-1]).mean()
+    v = (x[..., 1:, :] * x[..., :-1, :]).mean()
+    d = ((x[..., 1:, 1:] * x[..., :-1, :-1]).mean() + (x[..., 1:, :-1] * x[..., :-1, 1:]).mean()) / 2
+    return float((h + v + d) / 3 / m2)
+
+
+def chain_second_moments(chain: list[nn.Module], input_second_moment: float,
+                         input_size: tuple[int, ...] | None = None, *,
+                         input_correlation: float = 0.0) -> list[tuple[nn.Module, float]]:
+    """He et al.'s forward theory along a chain of modules: [(module, E[output^2])], predicted.
+
+    Starting from the network input's E[x^2] (measured; it is not rectified, so the first layer
+    needs no factor 1/2), each module maps E[x^2] to E[out^2]:
+      conv / linear   n E[w^2] rho E[x^2] + E[b^2] (:func:`predicted_gain`; its output is zero-mean
+                      and symmetric)
+      ReLU            E[y^2] / 2 for a zero-mean symmetric y; no change on an already rectified input
+      BatchNorm       resets the scale: mean(gamma^2 + beta^2) (1 at init), symmetric again
+      max-pool        x :func:`maxpool_factor` of the window's taps inside the map, over rectified
+                      inputs, at the predicted correlation of neighbouring taps (below)
+      dropout         x 1 / (1 - p): the probe runs in train mode (inverted dropout scales kept units up)
+      LRN             / k^(2 beta): its small-signal limit (k = 2, beta = 0.75: / 2.83)
+      average pool    unchanged when it only repeats a map (1x1 -> 7x7); a global average over P
+                      positions gives E[x^2] (1/P + (1 - 1/P) r), r the neighbours' correlation
+      flatten, identity: unchanged
+    Any other module ends the prediction (the returned list stops there).
+
+    The max-pool factor needs the correlation c of neighbouring pre-activations, which the chain
+    carries too (mean-field theory of random conv nets, Xiao et al. 2018): with zero-mean independent
+    weights, E[y(p) y(q)] = Var[w] sum over the tap indices inside the map at *both* positions of
+    E[x x'] of the input, so a conv passes on the input's neighbour correlation r times omega, the
+    shared in-map taps over the geometric mean of each position's in-map taps (1 on large maps,
+    0.5 for neighbours on a 2x2 map: zero padding decorrelates small maps); a ReLU maps c to
+    :func:`relu_correlation`; pools and dropout (r x (1 - p)) follow. All nearby lags are treated as one
+    (the 2x2 block's six pairs), and the input's r is measured (:func:`spatial_correlation`).
+    """
+    out: list[tuple[nn.Module, float]] = []
+    m2, symmetric = input_second_moment, True
+    c = r = min(max(input_correlation, 0.0), 1.0)  # c: pre-activation; r: of what flows now
+    for mod, (size_in, size_out) in zip(chain, _chain_sizes(chain, input_size)):
+        if isinstance(mod, _WEIGHTED):
+            m2 = predicted_gain(mod, size_in, m2) * m2
+            c = r = r * _block_overlap(mod, size_in) if isinstance(mod, nn.Conv2d) else 0.0
+            symmetric = True
+        elif isinstance(mod, nn.ReLU):
+            if symmetric:
+                m2, r = m2 / 2, relu_correlation(c)
+            symmetric = False
+        elif isinstance(mod, _NORMS):
+            m2 = float((mod.weight.detach() ** 2 + mod.bias.detach() ** 2).mean()) if mod.affine else 1.0
+            symmetric = True
+        elif isinstance(mod, nn.MaxPool2d):
+            m2 *= _pool_taps_factor(mod, size_in, c) if not symmetric else math.nan
+        elif isinstance(mod, nn.Dropout):
+            if 0 < mod.p < 1:  # the probe runs in train mode, whatever mode the model is in now
+                m2, r = m2 / (1 - mod.p), r * (1 - mod.p)
+        elif isinstance(mod, nn.LocalResponseNorm):
+            m2 /= mod.k ** (2 * mod.beta)
+        elif isinstance(mod, nn.AdaptiveAvgPool2d):
+            positions = math.prod(size_in) if size_in else math.nan
+            if positions == 1:
+                pass  # repeats the one value
+            elif size_out and tuple(size_out) == (1, 1):
+                m2 *= 1 / positions + (1 - 1 / positions) * r
+            else:
+                break
+        elif isinstance(mod, (nn.Flatten, nn.Identity)):
+            pass
+        else:
+            break
+        out.append((mod, m2))
+        if not math.isfinite(m2):
+            break
+    return out
+
+
+def _block_overlap(conv: nn.Conv2d, size: tuple[int, ...] | None) -> float:
+    """omega: how much of its input's neighbour correlation a conv passes on, averaged over the six
+    pairs of a 2x2 block of output positions (see :func:`chain_second_moments`)."""
+    if not size or conv.padding_mode != "zeros":
+        return 1.0
+    axes = []
+    for a in range(2):
+        k, s, d = conv.kernel_size[a], conv.stride[a], conv.dilation[a]
+        pad = conv.padding
+        p = {"valid": 0, "same": d * (k - 1) // 2}[pad] if isinstance(pad, str) else pad[a]
+        n = _out_len(conv, size[a], a)
+        inside = [{t for t in range(k) if 0 <= o * s - p + t * d < size[a]} for o in range(n)]
+        pairs = [len(inside[o] & inside[o + 1]) / math.sqrt(len(inside[o]) * len(inside[o + 1]))
+                 for o in range(n - 1) if inside[o] and inside[o + 1]]
+        axes.append(sum(pairs) / len(pairs) if pairs else 1.0)
+    ax, ay = axes
+    return (2 * ax + 2 * ay + 2 * ax * ay) / 6
+
+
+def _chain_sizes(chain: list[nn.Module], size: tuple[int, ...] | None) -> list[tuple[Any, Any]]:
+    """(input, output) spatial size of each module of a chain, by each module's own arithmetic."""
+    out = []
+    for mod in chain:
+        size_in = size
+        if size is not None:
+            if isinstance(mod, (nn.Conv2d, nn.MaxPool2d)):
+                size = tuple(_out_len(mod, size[a], a) for a in range(2))
+            elif isinstance(mod, nn.AdaptiveAvgPool2d):
+                o = mod.output_size
+                o = (o, o) if isinstance(o, int) else o
+                size = tuple(s if t is None else t for s, t in zip(size, o))
+            elif isinstance(mod, (nn.Flatten, nn.Linear)):
+                size = None
+        out.append((size_in, size))
+    return out
+
+
+def _pair(v, axis):
+    return v[axis] if isinstance(v, (tuple, list)) else v
+
+
+def _out_len(mod: nn.Module, length: int, axis: int) -> int:
+    k, s = _pair(mod.kernel_size, axis), _pair(mod.stride, axis) or _pair(mod.kernel_size, axis)
+    p, d = _pair(mod.padding, axis), _pair(mod.dilation, axis)
+    if isinstance(p, str):
+        p = 0 if p == "valid" else d * (k - 1) // 2
+    span = length + 2 * p - d * (k - 1) - 1
+    if getattr(mod, "ceil_mode", False):
+        n = -(-span // s) + 1
+        if (n - 1) * s >= length + p:  # PyTorch: the last window must start inside the input
+            n -= 1
+        return n
+    return span // s + 1
+
+
+def _pool_taps_factor(mod: nn.MaxPool2d, size: tuple[int, ...] | None, correlation: float) -> float:
+    """The mean over output positions of maxpool_factor(taps inside the map) for a max-pool."""
+    if not size:
+        return math.nan
+    axes = []
+    for a in range(2):
+        k, s = _pair(mod.kernel_size, a), _pair(mod.stride, a) or _pair(mod.kernel_size, a)
+        p, d = _pair(mod.padding, a), _pair(mod.dilation, a)
+        n = _out_len(mod, size[a], a)
+        axes.append([sum(1 for t in range(k) if 0 <= o * s - p + t * d < size[a]) for o in range(n)])
+    counts = [i * j for i in axes[0] for j in axes[1]]
+    return sum(maxpool_factor(n, correlation) for n in counts) / len(counts)
+
+
 def predicted_stds(model_cfg: ModelConfig, layers: list[LayerInfo], *,
                    input_second_moment: float = 1.0) -> list[float]:
-    """He et al.'s forward prediction of each layer's output std at init, in execution order.
+    """The init scheme's forward prediction for a plain stack of conv/linear layers with ReLUs between
+    and nothing else (no padding, pooling or BatchNorm: :func:`chain_second_moments` handles those).
 
-    Var[y_l] = n_l Var[w_l] E[x_l^2]; E[x^2] of the network input for the first layer, then
-    E[x_{l+1}^2] = Var[y_l] / 2 behind a ReLU. It ignores pooling (x1.8-2.6) and zero padding
-    (x0.44 on 2x2 maps), and BatchNorm (which resets the scale): compare it with the measured std
-    of BN-free nets, where the product of per-layer gains is the whole story.
+    Var[y_l] = n_l Var[w_l] E[x_l^2] with Var[w] from the scheme's formula and zero biases; E[x^2] of
+    the network input for the first layer, then E[x_{l+1}^2] = Var[y_l] / 2 behind a ReLU.
     """
     out = []
     m2 = input_second_moment
@@ -304,6 +634,120 @@ def predicted_stds(model_cfg: ModelConfig, layers: list[LayerInfo], *,
     return out
 
 
+def _scheme_gain(cfg: ModelConfig, module: nn.Module, size: tuple[int, ...] | None) -> float:
+    fan_in, fan_out = fans(module)
+    try:
+        return fan_in * weight_std(cfg, fan_in, fan_out) ** 2 * padding_fraction(module, size)
+    except ValueError:
+        return math.nan
+
+
+def _unique(modules: list[nn.Module]) -> list[nn.Module]:
+    seen: dict[nn.Module, None] = {}
+    for m in modules:
+        seen.setdefault(m, None)
+    return list(seen)
+
+
+# ---- update ratios ------------------------------------------------------------------------------
+
+
+def last_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
+    """W_after - W_before of the optimizer's most recent step on ``param``, read from its state; None
+    where that cannot be done exactly.
+
+    Diagnostics see the model only at epoch end, after the epoch's last step; the optimizer's state
+    holds that step, so it is recovered exactly at no cost (no per-step hook, nothing to checkpoint,
+    the same after a resume):
+      SGD with momentum   W_after - W_before = -lr * buf (buf already holds weight decay and dampening)
+      SGD otherwise       W_before = (W_after + lr (g + momentum buf)) / (1 - lr wd), with g the last
+                          batch's gradient, still in .grad (training zeroes it before, not after, the step)
+      Adam                -lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps) (L2 weight decay is
+                          inside m and v); decoupled decay (AdamW) also scales W_before by (1 - lr wd)
+    The lr in the param group is the one that step used: schedulers step after the epoch's hooks.
+    """
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    state = optimizer.state.get(param, {})
+    if group is None:
+        return None
+    lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    w = param.detach()
+    if type(optimizer) is torch.optim.SGD:
+        momentum = group.get("momentum", 0.0)
+        buf = state.get("momentum_buffer")
+        if momentum and buf is None:
+            return None  # no step taken yet
+        if momentum and not group.get("nesterov", False):
+            return -lr * buf
+        if param.grad is None:
+            return None
+        g = -param.grad if group.get("maximize", False) else param.grad
+        direction = g + momentum * buf if momentum else g
+        before = (w + lr * direction) / (1 - lr * wd)
+        return w - before
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        if "exp_avg" not in state:
+            return None
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+        adam = -lr / (1 - beta1 ** t) * state["exp_avg"] / denom
+        decoupled = type(optimizer) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
+        if decoupled and wd:
+            return w - (w - adam) / (1 - lr * wd)
+        return adam
+    return None
+
+
+def _last_updates(optimizer: torch.optim.Optimizer, layers: list[LayerInfo]) -> dict[str, float]:
+    out = {}
+    with torch.no_grad():
+        for l in layers:
+            w = l.module.weight
+            delta = last_step(optimizer, w)
+            if delta is not None:
+                before = w.detach() - delta
+                out[l.key] = float(delta.norm() / (before.norm() + 1e-30))
+    return out
+
+
+def _next_updates(optimizer: torch.optim.Optimizer, layers: list[LayerInfo]) -> dict[str, float]:
+    """||step|| / ||W|| of the step the optimizer would take now on the gradients in .grad.
+
+    A copy of the optimizer (same class, same param-group settings, a deep copy of each weight's
+    state) steps copies of the weights, so nothing the trial owns changes. Optimizers that cannot be
+    rebuilt this way get nothing here (the caller falls back to lr * ||grad W|| / ||W||).
+    """
+    groups = []
+    pairs = []
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            members = {id(p) for p in group["params"]}
+            clones = []
+            for l in layers:
+                w = l.module.weight
+                if id(w) in members and w.grad is not None:
+                    c = w.detach().clone()
+                    c.grad = w.grad.detach().clone()
+                    clones.append(c)
+                    pairs.append((l.key, w, c))
+            if clones:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": clones})
+        if not groups:
+            return {}
+        try:
+            shadow = type(optimizer)(groups)
+            for _, w, c in pairs:
+                if w in optimizer.state:
+                    shadow.state[c] = copy.deepcopy(optimizer.state[w])
+            shadow.step()
+        except Exception:  # an optimizer whose constructor wants more than param groups
+            return {}
+        return {key: float((c - w.detach()).norm() / (w.detach().norm() + 1e-30)) for key, w, c in pairs}
+
+
+# ---- helpers ------------------------------------------------------------------------------------
 def _relu_stats(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fraction of zero outputs, fraction of units zero for every example and position)."""
     positive = out > 0
