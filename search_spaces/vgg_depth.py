@@ -45,8 +45,9 @@ SWEEP = Sweep(
     max_epochs=30,  # one ASHA time unit = one epoch
     grace_period=3,  # deep plain nets may start late; don't judge before epoch 3
     reduction_factor=3,  # each rung keeps the top third
-    # VGG-19 at full width needs ~2x the activation memory of VGG-11; a quarter GPU fits both on 80 GB
-    # cards at batch 128.
-    resources={"cpu": 1, "gpu": 0.25},
+    # VGG-19 at full width needs ~2x the activation memory of VGG-11: rather than guess one fraction
+    # for both, a training step of each is measured at launch and as many trials share a GPU as fit
+    # (the plan is printed). On a CPU-only machine each trial takes one CPU.
+    resources="auto",
     seed=0,
 )

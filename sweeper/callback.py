@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 from ray.tune import Callback
 
+from sweeper.config import TrialConfig
 from sweeper.console import console, fmt
+from sweeper.outcomes import Outcome, classify
 from sweeper.records import SweepRecord, scalar_metrics
 from sweeper.spaces import Sweep
 from sweeper.tracking import Tracker
@@ -127,21 +129,17 @@ class SweepCallback(Callback):
         rec = self._base(trial)
         last = trial.last_result or {}
         decision = self._record.decisions().get(trial.trial_id)
-        if error is not None:
-            outcome, reason = "failed", error
-        elif last.get("outcome") not in (None, "running"):
-            outcome, reason = last["outcome"], last.get("stop_reason")
-        elif last.get("stalled") and last.get("stall_reason"):
-            # Stopped by ASHA while at chance: the stall is the finding (its prune stays recorded).
-            outcome, reason = "stalled", last["stall_reason"]
-        elif decision is not None:
-            outcome = "pruned"
-            reason = (f"ASHA rung {decision['rung']}: {self.sweep.metric}="
-                      f"{fmt(decision['value'])} below cutoff {fmt(decision['cutoff'])} "
-                      f"of {decision['peers']} peers")
-        else:
-            outcome, reason = "stopped", "stopped before its budget (sweep interrupted?)"
+        epochs = self._record.epochs(trial.trial_id) or ([scalar_metrics(last)] if last else [])
+        diag = TrialConfig.from_flat(dict(trial.config)).diagnostics
+        result = classify(epochs, decision=decision, error=error, metric=self.sweep.metric,
+                          finished=error is not None or decision is not None
+                          or last.get("outcome") not in (None, "running"),
+                          max_epochs=self.sweep.max_epochs, stall_epochs=diag.stall_epochs,
+                          stall_tolerance=diag.stall_tolerance)
+        outcome, reason = result.outcome, result.reason
         rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
+                   at_chance=result.at_chance, cause=result.cause,
+                   chance_epochs=result.chance_epochs,
                    epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
         if last:
             rec["last"] = scalar_metrics(last)
@@ -149,9 +147,12 @@ class SweepCallback(Callback):
         self.states[trial.trial_id] = outcome
         self._open_run(trial)
         tags = {"sweeper.outcome": outcome, "sweeper.stop_reason": reason,
-                "sweeper.epochs": rec["epochs"]}
+                "sweeper.epochs": rec["epochs"], "sweeper.at_chance": str(result.at_chance).lower(),
+                "sweeper.cause": result.cause,
+                # The run's description in the MLflow UI: the one-sentence diagnosis.
+                "mlflow.note.content": diagnosis(trial_label(trial.config), result, rec)}
         if outcome == "stalled":
-            tags["sweeper.stall_reason"] = reason
+            tags["sweeper.stall_reason"] = result.cause
         if decision is not None:
             tags.update({f"sweeper.prune.{k}": decision.get(k)
                          for k in ("rung", "cutoff", "peers", "value")})
@@ -159,9 +160,10 @@ class SweepCallback(Callback):
         self.tracker.finish(trial.trial_id, "FAILED" if outcome == "failed" else "FINISHED")
         self.tracker.deliver_soon()
         if not self.quiet:
-            style = {"completed": "green", "pruned": "cyan", "failed": "red",
-                     "diverged": "red", "stalled": "yellow"}.get(outcome, "")
-            console.print(f"  {trial_label(trial.config):<32} {outcome:<9} after "
+            style = {"completed": "green", "pruned": "cyan", "failed": "red", "diverged": "red",
+                     "stalled": "yellow", "val_collapse": "yellow",
+                     "late_start": "green"}.get(outcome, "")
+            console.print(f"  {trial_label(trial.config):<32} {outcome:<12} after "
                           f"{rec['epochs']:>3} epochs  {self.sweep.metric}="
                           f"{fmt(last.get(self.sweep.metric))}  {reason or ''}", style=style)
 
@@ -184,6 +186,21 @@ class SweepCallback(Callback):
         console.print(f"[{_duration(elapsed)}] trials: {done}/{self.planned} done, {running} running, "
                       f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
 
+
+
+def diagnosis(name: str, result: Outcome, rec: Mapping[str, Any]) -> str:
+    """One sentence: what happened to the trial and why, with its best value."""
+    best = rec.get("best") or {}
+    metrics = ", ".join(f"{k} {fmt(best[k])}" for k in ("val_accuracy", "test_accuracy")
+                        if isinstance(best.get(k), (int, float)))
+    text = f"{name}: {result.outcome.replace('_', ' ')}"
+    if result.reason:
+        text += f" -- {result.reason}"
+    elif result.outcome == "completed":
+        text += f" after {rec.get('epochs')} epochs"
+    if metrics:
+        text += f"; best {metrics}"
+    return text + "."
 
 
 def _best(previous: Mapping[str, Any] | None, metrics: Mapping[str, Any], sweep: Sweep):

@@ -49,6 +49,7 @@ __all__ = [
     "grid_cells",
     "load_sweep",
     "parse_overrides",
+    "run_space",
     "sample_config",
     "space_signature",
     "trial_count",
@@ -68,7 +69,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Loading a search-space file may take this long (seconds) before it is refused as hung.
 LOAD_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_ENV = "SWEEPER_LOAD_TIMEOUT"
-Resources = Mapping[str, float] | Callable[[TrialConfig], Mapping[str, float]]
+# resources="auto": GPU shares from a measured memory probe (sweeper.packing).
+AUTO = "auto"
+Resources = Mapping[str, float] | Callable[[TrialConfig], Mapping[str, float]] | str
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,11 @@ class Sweep:
     reduction_factor: int = 3  # ASHA: each rung keeps the top 1/reduction_factor
     search: str = "random"  # 'random' (Ray's basic generator, grid axes expanded) or 'optuna' (TPE)
     num_samples: int = 1  # samples per grid cell (random) / trials in all (optuna)
-    # Per trial, e.g. {"cpu": 1, "gpu": 0.25}, or a function of the TrialConfig (deep VGGs need more).
+    # Replicates: every cell runs once per seed (seed, seed+1, ...), each with its own samples and its
+    # own ASHA rungs, so a verdict can say "trains in 3/3 seeds".
+    seeds: int = 1
+    # Per trial, e.g. {"cpu": 1, "gpu": 0.25}, a function of the TrialConfig (deep VGGs need more), or
+    # "auto": as many trials per GPU as a measured training step says fit (sweeper.packing).
     resources: Resources = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int | None = None  # None: as many as the cluster fits
     seed: int = 0  # drives sampling, and every trial's seed unless the space sets "seed"
@@ -117,13 +124,19 @@ class Sweep:
         if self.mode not in ("max", "min"):
             p.append(f"mode={self.mode!r} is not one of ['max', 'min']")
         p.extend(_metric_problems(self.metric, self.mode))
+        if isinstance(self.seeds, int) and self.seeds > 1 and isinstance(self.space, Mapping):
+            if "seed" in self.space:
+                p.append(f"seeds={self.seeds} replicates every cell with its own seed, but the space "
+                         "sets 'seed' too: keep one of them")
+            if self.search == "optuna":
+                p.append(f"seeds={self.seeds} needs search='random' (replicates are a grid axis)")
         if self.prune_within not in ("cell", "sweep"):
             p.append(f"prune_within={self.prune_within!r} is not one of ['cell', 'sweep']")
         if self.scheduler not in ("asha", "fifo"):
             p.append(f"scheduler={self.scheduler!r} is not one of ['asha', 'fifo']")
         if self.search not in ("optuna", "random"):
             p.append(f"search={self.search!r} is not one of ['optuna', 'random']")
-        for key, lo in (("max_epochs", 1), ("grace_period", 1), ("num_samples", 1),
+        for key, lo in (("max_epochs", 1), ("grace_period", 1), ("num_samples", 1), ("seeds", 1),
                         ("max_failures", 0), ("keep_checkpoints", 1), ("seed", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -136,7 +149,7 @@ class Sweep:
         if self.max_concurrent is not None and (isinstance(self.max_concurrent, bool) or
                 not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
             p.append(f"max_concurrent={self.max_concurrent!r} must be None or an integer >= 1")
-        if not callable(self.resources):
+        if not callable(self.resources) and self.resources != AUTO:
             p.extend(_resource_problems("resources", self.resources))
         p.extend(self._space_problems())
         if self.search == "optuna" and any(_is_grid(v) for v in self.space.values()):
@@ -669,7 +682,7 @@ def space_signature(sweep: Sweep) -> dict[str, str]:
     key or a value changes it."""
     out = {str(k): describe_domain(v) for k, v in sweep.space.items()}
     for name in ("metric", "mode", "max_epochs", "scheduler", "prune_within", "grace_period",
-                 "reduction_factor", "search", "num_samples", "seed"):
+                 "reduction_factor", "search", "num_samples", "seeds", "seed"):
         out[f"sweep.{name}"] = _text(getattr(sweep, name))
     out["sweep.space_order"] = _text([str(k) for k in sweep.space])
     return dict(sorted(out.items()))
@@ -687,9 +700,17 @@ def _is_domain(value: Any) -> bool:
     return callable(getattr(value, "sample", None)) and not isinstance(value, type)
 
 
+def run_space(sweep: Sweep) -> dict[str, Any]:
+    """The space trials are drawn from: the file's, plus a ``seed`` grid axis when ``seeds > 1``."""
+    space = dict(sweep.space)
+    if sweep.seeds > 1:
+        space["seed"] = {"grid_search": [sweep.seed + i for i in range(sweep.seeds)]}
+    return space
+
+
 def grid_cells(sweep: Sweep) -> list[dict[str, Any]]:
-    """Every combination of the grid axes (one empty cell if there are none)."""
-    axes = {k: list(v["grid_search"]) for k, v in sweep.space.items() if _is_grid(v)}
+    """Every combination of the grid axes, seeds included (one empty cell if there are none)."""
+    axes = {k: list(v["grid_search"]) for k, v in run_space(sweep).items() if _is_grid(v)}
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
@@ -763,8 +784,9 @@ def _config_problems(flat: Mapping[str, Any]) -> list[str]:
 
 def _resource_problems(name: str, resources: Any) -> list[str]:
     if not isinstance(resources, Mapping):
-        return [f"{name}={resources!r} must be a dict like {{'cpu': 1, 'gpu': 0.5}} or a function "
-                "of the trial config returning one"]
+        return [f"{name}={resources!r} must be a dict like {{'cpu': 1, 'gpu': 0.5}}, a function "
+                "of the trial config returning one, or 'auto' (GPU shares from a measured memory "
+                "probe)"]
     p = []
     for key, amount in resources.items():
         if key not in ("cpu", "gpu"):
@@ -780,8 +802,14 @@ def _resource_problems(name: str, resources: Any) -> list[str]:
 
 
 def trial_resources(sweep: Sweep, cfg: TrialConfig) -> dict[str, float]:
-    """Resources for one trial; a callable ``resources`` is checked on each config it returns for."""
+    """Resources for one trial; a callable ``resources`` is checked on each config it returns for.
+
+    ``resources="auto"`` asks for one CPU and at most one GPU here; the launch replaces the GPU
+    share with the measured packing (sweeper.packing).
+    """
     name = f"resources(config of {cfg.model.arch})"
+    if sweep.resources == AUTO:
+        return {"cpu": 1.0, "gpu": 1.0}
     if callable(sweep.resources):
         try:
             resources = sweep.resources(cfg)

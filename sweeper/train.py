@@ -198,7 +198,9 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
         gpu_busy = _gpu_utilization(device) if on_cuda else None  # NVML's last sample: the epoch's end
         train = _summarise(totals)  # the epoch's one read of the training sums
         ctx.epoch += 1
-        metrics: dict[str, Any] = {"epoch": ctx.epoch, "lr": lr}
+        # ln C: the loss of a net that has learned nothing (outcomes measure "at chance" against it).
+        metrics: dict[str, Any] = {"epoch": ctx.epoch, "lr": lr,
+                                   "chance_loss": math.log(data.num_classes)}
         metrics.update({f"train_{k}": v for k, v in train.items()})
         metrics["epoch_seconds"] = seconds
         metrics["images_per_second"] = train["examples"] / seconds if seconds > 0 else float("nan")

@@ -167,7 +167,9 @@ def _data_problems(sweep: Sweep) -> list[str]:
 def preflight(sweep: Sweep, *, root: str, gpu_available: bool, local: bool = False) -> list[str]:
     """The checks that need the cluster: placement on its nodes, shared storage, data. Problems.
 
-    For a fresh local Ray, storage and data were checked before it started (``_prepare``).
+    On a cluster, storage, data and GPUs are checked where trials run: one small Ray task pinned to
+    each node that can run trials. For a fresh local Ray they were checked before it started
+    (``_prepare``): the node is this machine.
     """
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     capacity = [{"cpu": n["Resources"].get("CPU", 0.0), "gpu": n["Resources"].get("GPU", 0.0)}
@@ -175,8 +177,51 @@ def preflight(sweep: Sweep, *, root: str, gpu_available: bool, local: bool = Fal
     problems = _resource_problems(sweep, capacity, gpu_available=gpu_available)
     if not local:
         problems += _check_storage(root, multi_node=len(nodes) > 1)
-        problems += _data_problems(sweep)
+        if not problems:
+            problems += _node_problems(sweep, root, nodes)
     return problems
+
+
+def check_node(root: str, data_configs: list[dict[str, Any]], expect_gpu: bool) -> list[str]:
+    """Run on one node: can it write the storage, load every dataset, see its GPUs?"""
+    from sweeper.data import DatasetUnavailable, load_splits
+
+    problems = [p for p in _check_storage(root, multi_node=False)]
+    for flat in data_configs:
+        cfg = TrialConfig.from_flat(flat)
+        try:
+            load_splits(cfg.data, seed=cfg.seed)  # decodes once into this node's cache
+        except DatasetUnavailable as exc:
+            problems.append(str(exc))
+    if expect_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("Ray lists GPUs on this node, but torch sees none (a CPU-only torch, "
+                            "or a driver that does not match the CUDA torch was built for)")
+    return problems
+
+
+def _node_problems(sweep: Sweep, root: str, nodes: list[dict[str, Any]]) -> list[str]:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    data_configs, seen = [], set()
+    for cfg in _configs_to_check(sweep):
+        key = (cfg.data.name, cfg.data.dir, cfg.data.resolution)
+        if key not in seen:
+            seen.add(key)
+            data_configs.append(cfg.to_flat())
+    workers = [n for n in nodes if n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0)]
+    task = ray.remote(num_cpus=0)(check_node)
+    refs = {n["NodeManagerAddress"] + (f" ({n['NodeID'][:8]})" if len(workers) > 1 else ""):
+            task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(root, data_configs, bool(n["Resources"].get("GPU", 0)))
+            for n in workers}
+    by_problem: dict[str, list[str]] = {}
+    for where, ref in refs.items():
+        for problem in ray.get(ref, timeout=600):
+            by_problem.setdefault(problem, []).append(where)
+    return [f"on node {', '.join(where)}: {problem}" for problem, where in by_problem.items()]
 
 
 # ---- launch -------------------------------------------------------------------------------------------
@@ -200,9 +245,10 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | No
                            log_to_driver=False, configure_logging=False)
         return context.address_info.get("session_dir")
     address = address or os.environ.get("RAY_ADDRESS")
+    auth_error = getattr(ray.exceptions, "AuthenticationError", RuntimeError)
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except RuntimeError as exc:
+    except (RuntimeError, auth_error) as exc:
         if "token" in str(exc).lower():
             raise ConfigError([
                 f"the Ray cluster at {address!r} needs its authentication token, and this machine "
@@ -389,7 +435,8 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
          quiet: bool, overrides: Mapping[str, Any], restore: bool, tracking_uri: str | None,
          tracking_wait_s: float, gpu_available: bool, signature: dict[str, str], provenance,
          trainable_fn, lease) -> LaunchResult:
-    if not gpu_available and any(trial_resources(sweep, c)["gpu"] for c in _configs_to_check(sweep)):
+    if not gpu_available and sweep.resources != "auto" and any(
+            trial_resources(sweep, c)["gpu"] for c in _configs_to_check(sweep)):
         console.print("no GPU in this Ray cluster: trials run on CPUs "
                       "(GPU requests set to 0)", style="yellow")
     planned = trial_count(sweep)
@@ -425,9 +472,14 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                                         "planned_trials": planned}, indent=1, default=str)})
     tracker.flush()
 
+    plan = _packing_plan(sweep) if sweep.resources == "auto" and gpu_available else None
+
     def resources(config: dict[str, Any]) -> dict[str, float]:
         need = trial_resources(sweep, TrialConfig.from_flat(config))
-        return {"cpu": need["cpu"], "gpu": need["gpu"] if gpu_available else 0.0}
+        gpu = need["gpu"] if gpu_available else 0.0
+        if plan is not None:  # measured once per config shape, then from the cache
+            gpu = plan.fraction(config)
+        return {"cpu": need["cpu"], "gpu": gpu}
 
     # The metric and its mode travel with the trainable: a diverged trial reports the worst value.
     trainable = tune.with_resources(
@@ -516,6 +568,32 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
                             "tracking server is back[/yellow]")
 
 
+def _packing_plan(sweep: Sweep):
+    """resources='auto': measure a training step's memory where the trials' GPUs are; print the plan.
+
+    The probe is a one-GPU Ray task whose worker exits after it (max_calls=1), so no process keeps a
+    CUDA context on a GPU the trials are packed onto; the launch runs before trials hold the GPUs.
+    """
+    from sweeper.packing import PackingPlan, measure_peak_bytes
+    from sweeper.spaces import base_config, sample_config
+
+    probe = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(measure_peak_bytes)
+    first_flat = base_config(sweep, sample_config(sweep))
+    first = ray.get(probe.remote(first_flat))
+    plan = PackingPlan(first["device_name"], first["total_bytes"],
+                       lambda flat: ray.get(probe.remote(flat)))
+    plan.remember(first_flat, first)
+    sampled = sample_config(sweep)
+    shown = set()
+    for cell in grid_cells(sweep):
+        flat = {**sampled, **base_config(sweep, cell)}
+        line = plan.describe(flat)
+        if line not in shown:
+            shown.add(line)
+            console.print(f"packing: {line}")
+    return plan
+
+
 def _cell_keys(sweep: Sweep) -> list[str]:
     """The grid axes ASHA compares within (none: one comparison across the sweep)."""
     if getattr(sweep, "prune_within", "cell") != "cell":
@@ -525,9 +603,9 @@ def _cell_keys(sweep: Sweep) -> list[str]:
 
 
 def _param_space(sweep: Sweep) -> dict[str, Any]:
-    from sweeper.spaces import base_config
+    from sweeper.spaces import base_config, run_space
 
-    return base_config(sweep, dict(sweep.space))
+    return base_config(sweep, run_space(sweep))
 
 
 def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: bool) -> LaunchResult:

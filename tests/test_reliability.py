@@ -351,4 +351,7 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
                           str(storage), "--tracking-uri", uri, "--quiet")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "taking it over" not in resumed.stdout
-    assert all(t["outcome"] == "completed" and t["epochs"] == 12 for t in record.trials())
+    # Every trial ran its whole budget across the stop (what it learned is not this test's business).
+    assert all(t["status"] == "finished" and t["epochs"] == 12
+               and t["outcome"] not in ("failed", "stopped", "pruned") for t in record.trials()), \
+        [(t["outcome"], t["epochs"], t["reason"]) for t in record.trials()]

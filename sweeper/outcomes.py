@@ -1,0 +1,174 @@
+"""One outcome model: how a trial ended, computed once from its record and used everywhere.
+
+The sweep record, the MLflow tags (``sweeper.outcome``, ``sweeper.at_chance``, ``sweeper.cause``),
+``sweeper status``, ``sweeper export`` and the study report all read the fields this module computes,
+so a filter in the MLflow UI and a count in the report always agree.
+
+Outcomes (each trial has exactly one):
+
+- ``completed``: ran its budget and learned.
+- ``pruned``: cut by ASHA before its budget (rung, cutoff, peers and value are in ``prune``). Whether it
+  sat at chance when cut is the separate field ``at_chance``, with its ``cause``: a pruned trial is
+  never relabelled "stalled", because ASHA, not the trial, ended it.
+- ``stalled``: at chance through its last ``stall_epochs`` epochs (or learned, then fell back to chance:
+  cause ``learn_then_collapse``), having run its budget or been stopped for it.
+- ``late_start``: at chance for at least ``stall_epochs`` epochs in a row, then escaped and learned.
+  He et al.'s delayed start of deep Xavier nets is a finding, not noise.
+- ``val_collapse``: training learned (loss well below ln C) while validation accuracy stayed at chance.
+- ``diverged``: a non-finite training loss ended it.
+- ``failed``: it raised after its retries.
+- ``stopped``: the sweep was interrupted before this trial ended (it resumes with the sweep).
+
+"At chance" is the training loss within ``stall_tolerance`` of ln C (C classes), as the diagnostics
+define a stall; ln C comes from each epoch's ``chance_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+__all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED"]
+
+OUTCOMES = ("completed", "pruned", "stalled", "late_start", "val_collapse", "diverged", "failed",
+            "stopped")
+# Outcomes whose best accuracy does not count as "this configuration trains".
+NOT_TRAINED = frozenset({"stalled", "val_collapse", "diverged", "failed"})
+# Training loss this far below ln C is "learning" (validation collapse needs it).
+_LEARNED_MARGIN = 0.5
+# Validation accuracy within this many points of 1/C is "at chance" for validation collapse.
+_VAL_CHANCE_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outcome: str
+    reason: str | None  # one sentence, for people (status table, MLflow description)
+    at_chance: bool  # training loss at ln C at the trial's last epoch
+    cause: str | None  # why it sat at chance (vanishing_signal, dead_relu, lr_too_high, ...)
+    chance_epochs: int  # epochs at chance in total
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any] | None = None,
+             error: str | None = None, finished: bool = True, max_epochs: int | None = None,
+             stall_epochs: int = 3, stall_tolerance: float = 0.05,
+             metric: str = "val_accuracy") -> Outcome:
+    """The outcome of one trial from its per-epoch results (in epoch order) and how it ended."""
+    last = epochs[-1] if epochs else {}
+    flags = [_at_chance(e, stall_tolerance) for e in epochs]
+    chance_epochs = sum(1 for f in flags if f)
+    at_chance = bool(flags and flags[-1])
+    cause = _cause(epochs) if at_chance else None
+    longest = _longest_run(flags)
+
+    if error is not None:
+        return Outcome("failed", error, at_chance, cause, chance_epochs)
+    if last.get("outcome") == "diverged" or _nonfinite(last.get("train_loss")):
+        reason = last.get("stop_reason") or f"non-finite training loss in epoch {last.get('epoch')}"
+        return Outcome("diverged", reason, False, None, chance_epochs)
+    if decision is not None:
+        state = f"; at chance ({cause})" if at_chance else ""
+        reason = (f"ASHA rung {decision.get('rung')}: {metric}={_fmt(decision.get('value'))} below "
+                  f"cutoff {_fmt(decision.get('cutoff'))} of {decision.get('peers')} peers{state}")
+        return Outcome("pruned", reason, at_chance, cause, chance_epochs)
+    if not finished:
+        return Outcome("stopped", "stopped before its budget (the sweep was interrupted)",
+                       at_chance, cause, chance_epochs)
+    if at_chance and (_run_at_end(flags) >= min(stall_epochs, len(flags))
+                      or last.get("stalled")):
+        what = "fell back to chance after learning" if cause == "learn_then_collapse" else \
+            f"at chance through its last {_run_at_end(flags)} epoch(s)"
+        return Outcome("stalled", f"{what} ({cause})" if cause else what, True, cause,
+                       chance_epochs)
+    if last.get("stalled") and last.get("stall_reason") == "learn_then_collapse":
+        return Outcome("stalled", "fell back to chance after learning (learn_then_collapse)", True,
+                       "learn_then_collapse", chance_epochs)
+    if longest >= stall_epochs and not at_chance:
+        start = _run_end_epoch(epochs, flags)
+        return Outcome("late_start", f"at chance for {longest} epochs, then escaped after epoch "
+                       f"{start}", False, _cause_of_run(epochs, flags), chance_epochs)
+    if _val_collapsed(last, stall_tolerance):
+        return Outcome("val_collapse", "training learned (loss "
+                       f"{_fmt(last.get('train_loss'))}) while validation stayed at chance "
+                       f"(accuracy {_fmt(last.get('val_accuracy'))})", False, None, chance_epochs)
+    return Outcome("completed", None, at_chance, cause, chance_epochs)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _chance(epoch: Mapping[str, Any]) -> float | None:
+    value = epoch.get("chance_loss")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _at_chance(epoch: Mapping[str, Any], tolerance: float) -> bool:
+    chance, loss = _chance(epoch), epoch.get("train_loss")
+    if chance is None or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return bool(epoch.get("stalled"))  # no ln C recorded: trust the trial's own verdict
+    return abs(loss - chance) <= tolerance
+
+
+def _nonfinite(value: Any) -> bool:
+    if isinstance(value, str):  # the JSON record spells NaN/inf as strings
+        return value.lower() in ("nan", "inf", "-inf", "infinity", "-infinity")
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _cause(epochs: Sequence[Mapping[str, Any]]) -> str | None:
+    for e in reversed(epochs):
+        if e.get("stall_reason"):
+            return str(e["stall_reason"])
+    return None
+
+
+def _cause_of_run(epochs, flags) -> str | None:
+    """The cause named while a late starter sat at chance."""
+    for e, f in zip(epochs, flags):
+        if f and e.get("stall_reason"):
+            return str(e["stall_reason"])
+    return None
+
+
+def _longest_run(flags: Sequence[bool]) -> int:
+    best = run = 0
+    for f in flags:
+        run = run + 1 if f else 0
+        best = max(best, run)
+    return best
+
+
+def _run_at_end(flags: Sequence[bool]) -> int:
+    n = 0
+    for f in reversed(flags):
+        if not f:
+            break
+        n += 1
+    return n
+
+
+def _run_end_epoch(epochs, flags) -> Any:
+    """The epoch at which the last run at chance ended."""
+    last = None
+    for e, f in zip(epochs, flags):
+        if f:
+            last = e.get("epoch")
+    return last
+
+
+def _val_collapsed(last: Mapping[str, Any], tolerance: float) -> bool:
+    chance, loss, acc = _chance(last), last.get("train_loss"), last.get("val_accuracy")
+    if chance is None or not all(isinstance(v, (int, float)) for v in (loss, acc)):
+        return False
+    learned = loss < chance - _LEARNED_MARGIN
+    return learned and acc <= math.exp(-chance) + _VAL_CHANCE_MARGIN
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,112 @@
+"""A real multi-node Ray cluster on this machine: a head that runs no trials and two worker nodes, each
+its own `ray start` process tree and node id, token authentication on. Started and ended by this test
+(by pid: every process of the cluster names the test's own --temp-dir on its command line).
+
+What a user meets first on a cluster: the checks that need it run on the nodes trials run on, and a
+problem there is one clear message naming the nodes, with nothing started and nothing written.
+"""
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, run_sweeper
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SPACE = """
+from sweeper.spaces import Sweep
+SWEEP = Sweep(name="on_cluster", space={"model.arch": "smallcnn", "data.name": "cifar10",
+              "diagnostics.enabled": False}, max_epochs=1)
+"""
+
+
+def _ray_start(args: list[str], env: dict) -> None:
+    ray = Path(sys.executable).with_name("ray")
+    out = subprocess.run([str(ray), "start", *args], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def _end_cluster(temp_dir: Path) -> None:
+    needle = str(temp_dir).encode()
+    for _ in range(3):
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if needle in (entry / "cmdline").read_bytes():
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    temp_dir = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        _ray_start(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env)
+        for _ in range(2):
+            _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                        "--disable-usage-stats"], env)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _end_cluster(temp_dir)
+
+
+def test_cluster_checks_run_on_each_worker_node_and_refuse_with_nothing_written(cluster, tmp_path):
+    address, env = cluster
+    space = tmp_path / "space.py"
+    space.write_text(SPACE)
+    work = tmp_path / "work"
+    work.mkdir()
+    storage = f"file://{tmp_path / 'shared'}"  # a shared mount, as far as the nodes are concerned
+    out = run_sweeper("launch", str(space), "--address", address, "--storage", storage,
+                      "--data-dir", str(tmp_path / "no-data"),
+                      env={k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}, cwd=work)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    first = out.stderr.strip().splitlines()[0]
+    # Both worker nodes report it (the head runs no trials and is not asked).
+    nodes = re.match(r"error: on node ((?:[\d.]+ \([0-9a-f]{8}\)(?:, )?)+): ", first)
+    assert nodes and len(re.findall(r"\(([0-9a-f]{8})\)", nodes.group(1))) == 2, first
+    assert "dataset 'cifar10' not found in" in first
+    assert "Traceback" not in out.stderr
+    assert list(work.iterdir()) == []  # no sweep record, no MLflow store
+    assert not (tmp_path / "shared" / "on_cluster").exists()
+
+
+def test_a_driver_without_the_clusters_token_gets_one_sentence(cluster, tmp_path):
+    address, env = cluster
+    space = tmp_path / "space.py"
+    space.write_text(SPACE.replace('"cifar10"', '"digits"'))
+    home = tmp_path / "home"  # no ~/.ray/auth_token here, and no RAY_AUTH_TOKEN
+    home.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    clean["HOME"] = str(home)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "launch", str(space), "--address",
+                          address, "--storage", f"file://{tmp_path / 'shared'}"],
+                         capture_output=True, text=True, timeout=300, env=clean, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    first = out.stderr.strip().splitlines()[0]
+    assert "needs its authentication token" in first and "~/.ray/auth_token" in first
+    assert time.time() - t0 < 60  # not a minute of retries
