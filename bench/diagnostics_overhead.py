@@ -3,21 +3,31 @@
 The same trial (same seed, same data) runs with and without the Diagnostics hook, interleaved
 `--repeats` times so that drift in machine load hits both; the ratio of median epoch times is the
 overhead. No Ray, no MLflow: this runs on any machine with torch (a GPU one included).
+Torch runs --threads threads (default 1, what a 1-CPU trial gets): on a shared machine, OpenMP threads
+that outnumber the free cores make single runs several times slower and the ratio meaningless.
 
     python bench/diagnostics_overhead.py --arch vgg16 --width 0.125 --epochs 3 --repeats 3
+
+Writes bench/results/diagnostics_overhead.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
+from pathlib import Path
+
+import torch
 
 from sweeper.config import TrialConfig
 from sweeper.data import load_splits
 from sweeper.diagnostics import Diagnostics
 from sweeper.train import fit, resolve_device
 
+ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +39,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
+    started = time.time()
+    torch.set_num_threads(args.threads)
 
     cfg = TrialConfig.from_flat({"model.arch": args.arch, "model.width": args.width,
                                  "model.batch_norm": args.batch_norm, "model.init": "he",
@@ -37,9 +50,10 @@ def main() -> None:
                                  "data.synthetic_size": args.size,
                                  "optim.lr": 0.01, "device": args.device})
     splits = load_splits(cfg.data, seed=cfg.seed)
+    fit(cfg.replace(epochs=1), splits=splits)  # warm-up, so that neither variant pays the first run
     times = {"plain": [], "diagnostics": []}
-    for _ in range(args.repeats):
-        for mode in times:
+    for rep in range(args.repeats):
+        for mode in (list(times) if rep % 2 == 0 else list(times)[::-1]):  # neither always first
             hooks = [Diagnostics(cfg.diagnostics)] if mode == "diagnostics" else []
             t0 = time.perf_counter()
             result = fit(cfg, hooks=hooks, splits=splits)
@@ -47,13 +61,21 @@ def main() -> None:
             # Per-epoch time includes the hook's end-of-epoch probe: that is the cost we measure.
             times[mode].append(total / result.epochs)
     plain, diag = statistics.median(times["plain"]), statistics.median(times["diagnostics"])
-    steps = len(splits.train_y) // cfg.data.batch_size
+    steps = -(-len(splits.train_y) // cfg.data.batch_size)
     print(f"{args.arch} width={args.width} bn={args.batch_norm} on {resolve_device(cfg.device)}, "
           f"{args.dataset}: {steps} steps/epoch, {args.epochs} epochs x {args.repeats} repeats, "
           f"probe of {cfg.diagnostics.probe_size}")
     print(f"median seconds/epoch (incl. evaluation): plain {plain:.3f}, with diagnostics {diag:.3f}")
     print(f"overhead: {100 * (diag / plain - 1):+.1f}%  (repeats: plain {times['plain']}, "
           f"diagnostics {times['diagnostics']})")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnostics_overhead.json").write_text(json.dumps({
+        "config": cfg.to_flat(), "threads": args.threads, "repeats": args.repeats,
+        "seconds_per_epoch": {"plain": plain, "diagnostics": diag}, "ratio": diag / plain,
+        "per_repeat": times, "device": str(resolve_device(cfg.device)),
+        "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        "script_seconds": time.time() - started}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Ray bookkeeping: many short trials through the real launch path vs the ideal.
+
+The ideal span is (sum of the trials' own time) / concurrency: what a sweep would take if starting,
+reporting, checkpointing, recording and tracking trials cost nothing. A trial's own time is measured
+in this process, side by side in the same run: the same config through ``fit()`` with nothing around
+it (data already decoded, as a reused worker has it). Goal (issue #9): launch span <= 1.15x ideal.
+
+    python bench/driver_overhead.py --trials 200 --num-cpus 2
+
+Writes bench/results/driver_overhead.json and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SPACE = '''
+"""Many tiny trials: the driver, not training, is what this measures."""
+from ray import tune
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="overhead",
+    space={{"model.arch": "smallcnn", "model.width": 0.125, "data.name": "digits",
+            "data.limit": {limit}, "diagnostics.enabled": False,
+            "optim.lr": tune.loguniform(1e-3, 1e-1)}},
+    scheduler="fifo", max_epochs=1, num_samples={trials}, seed=0,
+)
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=512, help="training images per trial")
+    args = ap.parse_args()
+
+    import torch
+
+    from sweeper.config import TrialConfig
+    from sweeper.spaces import load_sweep, sample_config
+    from sweeper.train import fit
+    from sweeper.tuner import launch
+
+    torch.set_num_threads(1)  # one CPU per trial, as the sweep gives each
+    with tempfile.TemporaryDirectory() as tmp:
+        space = Path(tmp) / "overhead.py"
+        space.write_text(SPACE.format(trials=args.trials, limit=args.limit))
+        sweep, text = load_sweep(space, [f"storage={tmp}/store"])
+        cfg = TrialConfig.from_flat(sample_config(sweep))
+        fit(cfg)  # decode the data once, as a reused worker has it
+        solo = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fit(cfg)
+            solo.append(time.perf_counter() - t0)
+        per_trial = statistics.median(solo)
+
+        t0 = time.time()
+        result = launch(sweep, text, local=True, num_cpus=args.num_cpus, quiet=True,
+                        tracking_uri=f"sqlite:///{tmp}/ml.db", tracking_wait_s=60)
+        span = time.time() - t0
+        from sweeper.records import SweepRecord
+
+        record = SweepRecord(Path(tmp) / "store" / "overhead")
+        created = sorted(t["created"] for t in record.trials())
+        finished = sorted(t["finished"] for t in record.trials() if t.get("finished"))
+        trial_span = finished[-1] - created[0] if created and finished else float("nan")
+
+    ideal = args.trials * per_trial / args.num_cpus
+    row = {"trials": args.trials, "num_cpus": args.num_cpus, "fit_seconds_per_trial": per_trial,
+           "ideal_seconds": ideal, "launch_seconds": span, "first_start_to_last_finish": trial_span,
+           "ratio_launch": span / ideal, "ratio_trials": trial_span / ideal,
+           "outcomes": result.outcomes}
+    print(f"{args.trials} trials of {per_trial:.2f} s on {args.num_cpus} CPUs: ideal {ideal:.0f} s; "
+          f"launch took {span:.0f} s ({span / ideal:.2f}x), first trial start to last finish "
+          f"{trial_span:.0f} s ({trial_span / ideal:.2f}x)")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "driver_overhead.json").write_text(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
