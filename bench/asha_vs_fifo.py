@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweeper.spaces import load_sweep
+from sweeper.loading import load_sweep
 from sweeper.tuner import launch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,7 +46,8 @@ def main() -> None:
     import torch
 
     from sweeper.config import TrialConfig
-    from sweeper.spaces import load_sweep, sample_config
+    from sweeper.loading import load_sweep
+    from sweeper.spaces import sample_config
     from sweeper.train import fit
     from sweeper.tuner import launch
 

@@ -143,7 +143,7 @@ def through_fit(cfg, splits, threads: int) -> dict[str, list[float]]:
 def through_ray(args, tmp: Path, rep: int) -> dict[str, list[float]]:
     from sweeper import tuner
     from sweeper.records import SweepRecord
-    from sweeper.spaces import load_sweep
+    from sweeper.loading import load_sweep
 
     name = f"trial_vs_bare_{rep}"
     space = tmp / f"{name}.py"
@@ -222,7 +222,8 @@ def main() -> None:
 
     from sweeper.config import TrialConfig
     from sweeper.data import load_splits
-    from sweeper.spaces import load_sweep, sample_config
+    from sweeper.loading import load_sweep
+    from sweeper.spaces import sample_config
 
     started = time.time()
     variants = ["bare", "fit"] + ([] if args.no_ray else ["ray"])

@@ -155,7 +155,8 @@ def launch(
     """Run a sweep on Ray Tune; a sweep of the same name that exists is resumed."""
     from sweeper.local import print_plan
     from sweeper.spaces import dry_run as build_once
-    from sweeper.spaces import load_sweep, parse_overrides
+    from sweeper.loading import load_sweep
+    from sweeper.spaces import parse_overrides
 
     overrides = list(overrides or [])
     if data_dir is not None:

@@ -14,7 +14,8 @@ __all__ = ["debug_config", "run_debug", "validate_files"]
 def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
                  epochs: int | None = None, device: str | None = None) -> TrialConfig:
     """The trial config ``sweeper debug`` runs: a sample of the file's space, or settings alone."""
-    from sweeper.spaces import load_sweep, parse_overrides, sample_config
+    from sweeper.loading import load_sweep
+    from sweeper.spaces import parse_overrides, sample_config
 
     if file is not None:
         sweep, _ = load_sweep(file, overrides)
@@ -101,7 +102,8 @@ def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
     go to stderr, one block per file: ``"{file}: N problem(s)"`` then ``"  - {problem}"`` lines."""
     from rich.markup import escape
 
-    from sweeper.spaces import dry_run, grid_cells, load_sweep, trial_count
+    from sweeper.loading import load_sweep
+    from sweeper.spaces import dry_run, grid_cells, trial_count
 
     ok = True
     for file in files:
@@ -172,7 +174,7 @@ def saved_sweep(name: str, storage: str | None):
     """The Sweep as it was launched: the saved file text with the saved overrides."""
     import tempfile
 
-    from sweeper.spaces import load_sweep
+    from sweeper.loading import load_sweep
 
     record = existing_record(name, storage)
     meta = record.meta()
@@ -197,12 +199,21 @@ def print_status(name: str, storage: str | None) -> None:
     if not live:  # a trial left "running" by a driver that is gone is not running
         trials = [{**t, "status": "interrupted"} if t.get("status") == "running" else t
                   for t in trials]
+    from sweeper.export import outcome_fields, status_outcome
+
+    # The outcome as recorded (= MLflow's sweeper.outcome, export's `outcome`); counted by it alone,
+    # so "3 pruned" here is the report's and the export's 3, at chance or not.
+    fields = {t["trial_id"]: outcome_fields(t, record.epochs(t["trial_id"]) if "at_chance" not in t
+                                            and t.get("outcome") else []) for t in trials}
     counts: dict[str, int] = {}
     for t in trials:
-        key = t.get("outcome") or t.get("status", "?")
+        key = fields[t["trial_id"]]["outcome"] or t.get("status", "?")
         counts[key] = counts.get(key, 0) + 1
+    at_chance = sum(1 for f in fields.values() if f["outcome"] == "pruned" and f["at_chance"])
     console.print(f"sweep {name!r}: {state}; {len(trials)}/{meta.get('planned_trials', '?')} "
-                  f"trials started; " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+                  f"trials started; " + ", ".join(
+                      f"{n} {k}" + (f" ({at_chance} at chance)" if k == "pruned" and at_chance else "")
+                      for k, n in sorted(counts.items())))
     if "sweep_uid" in meta:
         tracker = _tracker_for(name, storage, None)
         pending = tracker.pending()
@@ -223,8 +234,9 @@ def print_status(name: str, storage: str | None) -> None:
         best = (t.get("best") or {}).get(metric)
         table.add_row(t.get("name", t["trial_id"]),
                       *(fmt(t.get("config", {}).get(k)) for k in varying),
-                      t.get("outcome") or t.get("status", "?"), str(t.get("epochs", 0)),
-                      fmt(best) if best is not None else "-", (t.get("reason") or "")[:70])
+                      status_outcome(fields[t["trial_id"]], t.get("status")),
+                      str(t.get("epochs", 0)),
+                      fmt(best) if best is not None else "-", (t.get("reason") or "")[:100])
     console.print(table)
 
 
@@ -273,9 +285,24 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
 
 
 def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> None:
-    """`mlflow ui` on the embedded store, in the foreground (Ctrl-C stops it)."""
+    """`mlflow ui` on the embedded store, in the foreground; Ctrl-C or SIGTERM stops all of it.
+
+    * The URL opens in MLflow's model-training mode: MLflow 3.17's UI takes the mode from the URL's
+      ``workflowType`` parameter, else from the browser's localStorage (default ``genai``), and no
+      longer from the experiment's ``mlflow.experimentKind`` tag (its ``Z0`` flag is always on).
+      See mlflow/server/js/build/static/js/main.c2f5f8d4.js, webpack modules 7975 (the workflow
+      type provider), 31080 (``Fi``: experiment kind from the workflow type) and 89511 (``Z0``).
+    * The server runs in its own process group (uvicorn's supervisor and workers with it):
+      SIGINT/SIGTERM to this process are forwarded to that whole group, then this waits for it
+      (SIGKILL after 15 s), so stopping ``sweeper ui`` leaves nothing behind.
+    * One worker on small machines (MLflow's uvicorn default is 4), and no GenAI job runner unless
+      ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: sweeps use neither.
+    """
+    import os
+    import signal
     import subprocess
     import sys
+    import time
 
     from sweeper.tracking import default_tracking_uri
     from sweeper.tuner import record_root
@@ -285,14 +312,61 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> No
     if not (root / "mlflow.db").is_file():
         raise ConfigError([f"no MLflow store at {root / 'mlflow.db'}: launch a sweep first "
                            "(or pass --storage where it was launched)"])
-    url = f"http://{host}:{port}"
+    url = f"http://{host}:{port}/#/experiments"
     if name:
         from mlflow.tracking import MlflowClient
 
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
         if exp is None:
             raise ConfigError([f"no MLflow experiment named {name!r} in {uri}"])
-        url += f"/#/experiments/{exp.experiment_id}/runs"
+        url += f"/{exp.experiment_id}/runs"
+    url += "?workflowType=machine_learning"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", host, "--port", str(port)]
+    if (os.cpu_count() or 1) <= 4:
+        command += ["--workers", "1"]
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     console.print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                    "--host", host, "--port", str(port)], check=False)
+    sys.stdout.flush()
+
+    started: list[subprocess.Popen] = []
+    stop_at: list[float] = []  # when a stop was asked for (SIGINT/SIGTERM)
+
+    def signal_group(sig: int) -> None:
+        if started:
+            try:
+                os.killpg(started[0].pid, sig)  # pgid == the server's pid (start_new_session)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def forward(signum, _frame) -> None:
+        if not stop_at:
+            stop_at.append(time.monotonic())
+        signal_group(signal.SIGTERM)
+
+    # Handlers first: a signal that arrives while the server starts must not orphan it.
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server = subprocess.Popen(command, env=env, start_new_session=True)  # own process group
+        started.append(server)
+        if stop_at:
+            signal_group(signal.SIGTERM)
+        while True:
+            try:
+                server.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_at and time.monotonic() - stop_at[0] > 15:
+                    signal_group(signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started and started[0].poll() is None:  # leaving for another reason (an exception)
+            signal_group(signal.SIGTERM)
+            try:
+                started[0].wait(15)
+            except subprocess.TimeoutExpired:
+                signal_group(signal.SIGKILL)
+                started[0].wait()
+        signal_group(signal.SIGKILL)  # workers the server left behind, if any

@@ -1,44 +1,35 @@
-"""Search-space files and the validated :class:`Sweep` they define.
+"""The validated :class:`Sweep` a search-space file defines, and the trials it expands to.
 
 A search space is a Python file with one module-level ``SWEEP = Sweep(...)`` whose ``space`` maps
 dotted trial settings (``"model.arch"``, ``"optim.lr"``; see :mod:`sweeper.config`) to fixed values or
 Ray Tune sampling primitives (``tune.choice``, ``tune.loguniform``, ``tune.grid_search``, ...).
 
-Loading (:func:`load_sweep`) runs the file under a time limit and turns every way it can fail (not
-there, not Python, not UTF-8, a syntax error, an exception, ``sys.exit()``, an endless loop) into a
-ConfigError naming the file and line. It then applies command-line overrides and checks everything it
-can before any Ray process starts, reporting **all** problems at once: Sweep fields, the metric and mode,
-unknown trial settings, every domain under the search algorithm that will sample it, and every
-categorical value and numeric bound of the space, each validated as a trial config would be.
-:func:`dry_run` then builds one sampled model on the CPU and pushes a batch through it.
-:func:`describe_domain` and :func:`space_signature` describe a space as stable text.
+Constructing a Sweep checks everything that can be checked before any Ray process starts and reports
+**all** problems at once: Sweep fields, the metric and mode, unknown trial settings, every domain under
+the search algorithm that will sample it (:mod:`sweeper.domains`), and every categorical value and
+numeric bound of the space, each validated as a trial config would be. Overrides (``key=value``) apply
+to Sweep fields or trial settings; :func:`grid_cells`, :func:`sample_config` and :func:`run_space`
+expand the space; :func:`dry_run` builds one sampled model on the CPU and pushes a batch through it.
+Files are loaded by :mod:`sweeper.loading`.
 
 This module does not import Ray: it recognises Tune's domains by their duck type, so ``sweeper debug``
-works wherever torch does (a file that itself imports Ray needs Ray, of course; :func:`load_sweep`
-then imports ``ray.tune`` just before running it, so that Ray's slow first import is not counted
-against the file's time limit).
+works wherever torch does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import itertools
 import math
-import os
 import random
 import re
-import signal
-import sys
-import threading
-import time
-import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from sweeper.config import EPOCH_METRICS, ConfigError, TrialConfig, parse_value
+from sweeper.domains import (_domain, _domain_problems, _is_domain, _is_grid, describe_domain,
+                             space_signature)
 
 __all__ = [
     "ALIASES",
@@ -47,7 +38,6 @@ __all__ = [
     "describe_domain",
     "dry_run",
     "grid_cells",
-    "load_sweep",
     "parse_overrides",
     "run_space",
     "sample_config",
@@ -66,9 +56,6 @@ ALIASES: dict[str, str] = {
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Loading a search-space file may take this long (seconds) before it is refused as hung.
-LOAD_TIMEOUT_S = 30.0
-LOAD_TIMEOUT_ENV = "SWEEPER_LOAD_TIMEOUT"
 # resources="auto": GPU shares from a measured memory probe (sweeper.packing).
 AUTO = "auto"
 Resources = Mapping[str, float] | Callable[[TrialConfig], Mapping[str, float]] | str
@@ -219,250 +206,6 @@ def _metric_problems(metric: Any, mode: Any) -> list[str]:
     return []
 
 
-# ---- loading ------------------------------------------------------------------------------------------
-
-
-def load_sweep(path: str | Path, overrides: Sequence[str] = (), *,
-               timeout_s: float | None = None) -> tuple[Sweep, str]:
-    """Import a search-space file and apply ``key=value`` overrides; return (sweep, file text).
-
-    Every way a file can fail to load becomes a ConfigError, never a traceback: a missing file, a
-    directory, a non-Python or non-UTF-8 file, and anything the file raises while it runs (a syntax
-    error, a missing module, a bad ``tune`` domain, ``sys.exit()``, ``KeyboardInterrupt``). Each such
-    problem reads ``"{path}:{line}: {ErrorType}: {message}"``, with the line of the failing statement in
-    the file. Loading is limited to ``timeout_s`` seconds (default $SWEEPER_LOAD_TIMEOUT, else 30; 0 for
-    no limit; enforced with SIGALRM, so only in the main thread). ConfigErrors raised inside the file
-    (``Sweep(...)`` validation) keep their problems, each prefixed with ``"{path}: "``.
-    """
-    path = Path(path)
-    data = _read_space_file(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError([f"{path}:{line}: UnicodeDecodeError: byte {data[exc.start]:#04x} at column "
-                           f"{column} is not UTF-8; save the file as UTF-8"]) from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Path.read_text gives it
-    limit = _load_timeout(timeout_s)
-    module = _exec_space(path, data, limit)
-    sweep = _the_sweep(path, module)
-    if not sweep.question and isinstance(module.__doc__, str) and module.__doc__.strip():
-        sweep = sweep.replace(question=module.__doc__.strip())
-    return apply_overrides(sweep, parse_overrides(overrides)), text
-
-
-def _read_space_file(path: Path) -> bytes:
-    """The file's bytes, or a ConfigError saying why this path is no search-space file."""
-    what = "a search space is a Python file (.py) that defines SWEEP = Sweep(...)"
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.py"))[:5]
-        hint = f" (it holds {', '.join(inside)}: give one of them)" if inside else ""
-        raise ConfigError([f"{path}: is a directory, not a search-space file{hint}; {what}"])
-    if not path.exists():
-        hint = ""
-        if path.parent.is_dir():
-            near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*.py")],
-                                             n=1, cutoff=0.6)
-            if near:
-                hint = f"; did you mean {str(path.parent / near[0])!r}?"
-        raise ConfigError([f"{path}: search-space file does not exist{hint}"])
-    if not path.is_file():
-        raise ConfigError([f"{path}: is not a regular file; {what}"])
-    suffix = path.suffix.lower()
-    if suffix != ".py":
-        kind = f"a {suffix} file" if suffix else "a file without the .py suffix"
-        raise ConfigError([f"{path}: is {kind}, not a Python search-space file; {what}"])
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot be read: {exc.strerror or exc}"]) from None
-
-
-def _load_timeout(timeout_s: float | None) -> float:
-    if timeout_s is not None:
-        return float(timeout_s)
-    raw = os.environ.get(LOAD_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return LOAD_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError([f"{LOAD_TIMEOUT_ENV}={raw!r} must be a number of seconds >= 0 "
-                           "(0: no limit)"])
-    return value
-
-
-class _LoadTimeout(BaseException):
-    """Raised into a space file that runs past its loading time limit."""
-
-
-def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
-    """Run the file's code in a fresh module; every failure becomes a ConfigError naming its line."""
-    filename = str(path)
-    module_name = "_sweeper_space_" + re.sub(r"\W", "_", path.stem)
-    try:
-        code = compile(data, filename, "exec", dont_inherit=True)
-    except SyntaxError as exc:
-        if exc.lineno is None and b"\0" in data:  # "source code string cannot contain null bytes"
-            exc.lineno = data[:data.find(b"\0")].count(b"\n") + 1
-        raise ConfigError([_syntax_problem(path, exc)]) from None
-    except ValueError as exc:  # NUL bytes, before Python 3.12
-        line = data[:data.find(b"\0")].count(b"\n") + 1 if b"\0" in data else None
-        raise ConfigError([f"{_where(path, line)}SyntaxError: {exc}"]) from None
-    # Slow first imports are not the file's time: what Sweep(...) validation imports (torch, via the
-    # model and dataset registries) and, if the file imports it, Ray.
-    warm = ["sweeper.data", "sweeper.inits", "sweeper.models"]
-    if re.search(rb"^\s*(from|import)\s+ray\b", data, re.MULTILINE):
-        warm.append("ray.tune")
-    for name in warm:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 -- Sweep validation or the file's import will say what is wrong
-            pass
-    module = types.ModuleType(module_name)
-    module.__file__ = filename
-    timer = _AlarmTimer(limit)
-    sys.modules[module_name] = module  # dataclasses and pickling look a class's module up here
-    try:
-        try:
-            timer.start()
-            exec(code, module.__dict__)
-        finally:
-            timer.stop()
-    except _LoadTimeout as exc:
-        raise ConfigError([f"{_where(path, _line_in(exc.__traceback__, filename))}TimeoutError: took "
-                           f"longer than {limit:g} s to load (an endless loop at import?); "
-                           f"{LOAD_TIMEOUT_ENV}=SECONDS allows more"]) from None
-    except ConfigError as exc:
-        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
-    except BaseException as exc:  # noqa: B036 -- SystemExit, KeyboardInterrupt: the file's, not ours
-        raise ConfigError([_raised_problem(path, exc)]) from None
-    finally:
-        timer.stop()  # again: the alarm may have interrupted the first stop
-        sys.modules.pop(module_name, None)
-    if timer.fired:  # the file caught our timeout and went on
-        raise ConfigError([f"{path}: TimeoutError: took longer than {limit:g} s to load (an endless "
-                           f"loop at import?); {LOAD_TIMEOUT_ENV}=SECONDS allows more"])
-    return module
-
-
-class _AlarmTimer:
-    """SIGALRM after ``limit`` seconds raises _LoadTimeout; stop() restores the previous handler and
-    timer (e.g. pytest-timeout's). Only in the main thread (where Python runs signal handlers) and
-    where setitimer exists; elsewhere loading has no time limit."""
-
-    def __init__(self, limit: float):
-        self.limit = limit
-        self.fired = self.armed = False
-        self.active = (limit > 0 and hasattr(signal, "setitimer")
-                       and threading.current_thread() is threading.main_thread())
-
-    def _handler(self, signum, frame):
-        if not self.armed:
-            return
-        if _in_import(frame) and time.monotonic() - self.started < max(10 * self.limit, 60.0):
-            # Interrupting an import can leave a C extension half-initialised (importing torch again
-            # then crashed the process): let the import finish and check again; only an import that
-            # itself hangs (10x the limit, at least a minute) is interrupted.
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            return
-        self.fired = True
-        raise _LoadTimeout()
-
-    def start(self) -> None:
-        if self.active:
-            self.previous = signal.signal(signal.SIGALRM, self._handler)
-            self.started = time.monotonic()
-            self.armed = self.running = True
-            self.outer = signal.setitimer(signal.ITIMER_REAL, self.limit)
-
-    def stop(self) -> None:
-        self.armed = False  # from here on the handler raises nothing, so this cannot be interrupted
-        if not getattr(self, "running", False):
-            return
-        self.running = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, self.previous if self.previous is not None else signal.SIG_DFL)
-        delay, interval = self.outer
-        if delay > 0:  # someone else's timer was running: put it back, less the time we took
-            left = delay - (time.monotonic() - self.started)
-            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), interval)
-
-
-def _in_import(frame: types.FrameType | None) -> bool:
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _where(path: Path, line: int | None) -> str:
-    return f"{path}:{line}: " if line else f"{path}: "
-
-
-def _line_in(tb: types.TracebackType | None, filename: str) -> int | None:
-    """The line of the innermost frame of ``filename`` in a traceback."""
-    line = None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
-def _syntax_problem(path: Path, exc: SyntaxError) -> str:
-    name = type(exc).__name__  # SyntaxError, IndentationError, TabError
-    if exc.filename in (str(path), None):
-        line = f" `{exc.text.strip()[:60]}`" if exc.text and exc.text.strip() else ""
-        col = f", column {exc.offset}" if exc.offset else ""
-        return f"{_where(path, exc.lineno)}{name}: {exc.msg}{col}{line}"
-    return f"{exc.filename}:{exc.lineno}: {name}: {exc.msg}"
-
-
-def _raised_problem(path: Path, exc: BaseException) -> str:
-    """'{path}:{line}: {ErrorType}: {message}' for whatever a space file raised while loading."""
-    where = _where(path, _line_in(exc.__traceback__, str(path)))
-    name = type(exc).__name__
-    if isinstance(exc, SystemExit):
-        return (f"{where}SystemExit: called sys.exit({exc.code!r}) while being loaded; a search-space "
-                "file must only define SWEEP = Sweep(...)")
-    if isinstance(exc, KeyboardInterrupt):
-        return f"{where}KeyboardInterrupt: interrupted while being loaded"
-    if isinstance(exc, SyntaxError):  # from a module the file imports
-        return f"{where}{name} in {exc.filename}:{exc.lineno}: {exc.msg}"
-    message = _one_line(str(exc))
-    if isinstance(exc, TypeError):
-        match = re.search(r"Sweep\.__init__\(\) got an unexpected keyword argument '(\w+)'", message)
-        if match:
-            fields = [f.name for f in dataclasses.fields(Sweep)]
-            close = difflib.get_close_matches(match.group(1), fields, n=2, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            message += f"{hint} (Sweep's settings: {', '.join(fields)})"
-    if isinstance(exc, ModuleNotFoundError):
-        message += f" (is it installed in this Python, {sys.executable}?)"
-    return f"{where}{name}: {message}" if message else f"{where}{name}"
-
-
-def _the_sweep(path: Path, module: types.ModuleType) -> Sweep:
-    found = {k: v for k, v in vars(module).items() if isinstance(v, Sweep)}
-    if len(found) == 1:
-        return next(iter(found.values()))
-    if not found and "SWEEP" in vars(module):
-        raise ConfigError([f"{path}: SWEEP is a {type(module.SWEEP).__name__}, not a Sweep: write "
-                           "SWEEP = Sweep(name=..., space={...})"])
-    names = f" ({', '.join(found)})" if found else ""
-    raise ConfigError([f"{path}: must define exactly one Sweep (e.g. SWEEP = Sweep(...)); "
-                       f"found {len(found)}{names}"])
-
-
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     problems = []
@@ -488,216 +231,8 @@ def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
     return sweep.replace(space=space, **changes)
 
 
-# ---- domains: description and checks, by duck type (no Ray import) -----------------------------------
-
-_OPTUNA_DOMAINS = ("tune.uniform, tune.quniform, tune.loguniform, tune.randint, tune.qrandint, "
-                   "tune.lograndint or tune.choice")
-_OPTUNA_CHOICE_TYPES = (bool, int, float, str)  # and None: what Optuna's storage can hold
-
-
-@dataclass(frozen=True)
-class _Domain:
-    """What a Tune domain samples: kind 'float'/'int'/'choice'/'function' (else the class name),
-    sampler 'uniform'/'loguniform'/'normal'/'grid'/'function' (else the sampler's class name)."""
-
-    kind: str
-    sampler: str
-    q: Any = None  # quantisation step, None if not quantised
-    lower: Any = None
-    upper: Any = None
-    mean: Any = None
-    sd: Any = None
-    categories: tuple = ()
-    func: Any = None
-
-
-def _domain(value: Any) -> _Domain:
-    kinds = {"Float": "float", "Integer": "int", "Categorical": "choice", "Function": "function"}
-    names = [c.__name__ for c in type(value).__mro__]
-    kind = next((kinds[n] for n in names if n in kinds), type(value).__name__)
-    try:
-        sampler = value.get_sampler()
-    except Exception:  # noqa: BLE001 -- a foreign domain: describe what we can
-        sampler = getattr(value, "sampler", None)
-    q = None
-    if sampler is not None and hasattr(sampler, "q") and hasattr(sampler, "sampler"):  # Quantized
-        q, sampler = sampler.q, sampler.sampler
-    sampler_names = {c.__name__ for c in type(sampler).__mro__} if sampler is not None else set()
-    for label in ("LogUniform", "Normal", "Uniform", "Grid"):
-        if label in sampler_names:
-            how = label.lower()
-            break
-    else:
-        how = "function" if kind == "function" else type(sampler).__name__.lstrip("_").lower()
-    categories = tuple(getattr(value, "categories", ()) or ()) if kind == "choice" else ()
-    return _Domain(kind=kind, sampler=how, q=q, lower=getattr(value, "lower", None),
-                   upper=getattr(value, "upper", None), mean=getattr(sampler, "mean", None),
-                   sd=getattr(sampler, "sd", None), categories=categories,
-                   func=getattr(value, "func", None))
-
-
-_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _text(value: Any) -> str:
-    """repr, with numpy scalars as Python numbers and memory addresses dropped (stable across runs)."""
-    if isinstance(value, list):
-        return "[" + ", ".join(_text(v) for v in value) + "]"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(_text(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    return _ADDRESS_RE.sub("", repr(value))
-
-
-def describe_domain(value: Any) -> str:
-    """Readable, stable text for any space value: ``loguniform(0.001, 0.1)``, ``randint(1, 5)``,
-    ``choice(['a', 'b'])``, ``grid_search([11, 13])``, ``qrandint(8, 64, 8)``, ``randn(0.0, 1.0)``;
-    a plain value as its repr. Equal values give equal texts in every process."""
-    if _is_grid(value):
-        values = value["grid_search"]
-        return f"grid_search({_text(list(values) if isinstance(values, tuple) else values)})"
-    if not _is_domain(value):
-        return _text(value)
-    d = _domain(value)
-    q = "" if d.q is None else f", {_text(d.q)}"
-    prefix = "" if d.q is None else "q"
-    bounds = f"{_text(d.lower)}, {_text(d.upper)}"
-    if d.kind == "float" and d.sampler == "uniform":
-        return f"{prefix}uniform({bounds}{q})"
-    if d.kind == "float" and d.sampler == "loguniform":
-        return f"{prefix}loguniform({bounds}{q})"
-    if d.kind == "float" and d.sampler == "normal":
-        return f"{prefix}randn({_text(d.mean)}, {_text(d.sd)}{q})"
-    if d.kind == "int" and d.sampler == "uniform":
-        return f"{prefix}randint({bounds}{q})"
-    if d.kind == "int" and d.sampler == "loguniform":
-        return f"{prefix}lograndint({bounds}{q})"
-    if d.kind == "choice":
-        text = f"choice({_text(list(d.categories))})"
-        return text if d.sampler == "uniform" else f"{text}.{d.sampler}()"
-    if d.kind == "function":
-        code = getattr(d.func, "__code__", None)
-        where = f" at {Path(code.co_filename).name}:{code.co_firstlineno}" if code else ""
-        return f"sample_from({getattr(d.func, '__qualname__', _text(d.func))}{where})"
-    return _ADDRESS_RE.sub("", f"{type(value).__name__}({d.sampler}"
-                               f"{', ' + bounds if d.lower is not None else ''}{q})")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) or (
-        type(x).__module__ == "numpy" and hasattr(x, "item")
-        and isinstance(x.item(), (int, float)) and not isinstance(x.item(), bool))
-
-
-def _domain_problems(key: str, value: Any, search: str) -> list[str]:
-    """What is wrong with one space entry under the search algorithm that will sample it."""
-    where = f"space[{key!r}]"
-    if _is_grid(value):
-        values = value["grid_search"]
-        if not isinstance(values, (list, tuple)) or not values:
-            return [f"{where}=grid_search({_text(values)}) needs a non-empty list of values, e.g. "
-                    "tune.grid_search([11, 13, 16])"]
-        return []
-    if not _is_domain(value):
-        return []
-    text = describe_domain(value)
-    d = _domain(value)
-    if d.kind == "function":
-        if search == "optuna":
-            return [f"{where}={text}: search='optuna' cannot convert tune.sample_from (Ray's "
-                    f"OptunaSearch takes only {_OPTUNA_DOMAINS})"]
-        return [f"{where}={text}: tune.sample_from cannot be checked before the sweep starts (nor "
-                "searched by Optuna): use tune.choice / tune.loguniform / tune.grid_search"]
-    if d.kind == "choice":
-        if not d.categories:
-            return [f"{where}=choice([]) has nothing to choose from: give at least one value, "
-                    "e.g. tune.choice(['he', 'xavier'])"]
-        if d.sampler != "uniform":
-            return [f"{where}={text}: a choice must sample uniformly (tune.choice); for every value "
-                    "in turn use tune.grid_search([...])"]
-        if search == "optuna":
-            bad = [c for c in d.categories if c is not None and not isinstance(c, _OPTUNA_CHOICE_TYPES)]
-            if bad:
-                return [f"{where}={text}: search='optuna' can store only None, bool, int, float or "
-                        f"str choices, not {type(bad[0]).__name__} {_text(bad[0])}: choose among "
-                        "names or numbers"]
-        return []
-    if d.kind not in ("float", "int"):
-        if search == "optuna":
-            return [f"{where}={text}: search='optuna' cannot convert a {type(value).__name__} domain "
-                    f"(Ray's OptunaSearch takes only {_OPTUNA_DOMAINS})"]
-        return []
-    p: list[str] = []
-    if d.q is not None and (not _is_number(d.q) or not d.q > 0):
-        p.append(f"{where}={text}: the quantisation step q={_text(d.q)} must be a number > 0")
-    if d.sampler == "normal":
-        if not (_is_number(d.sd) and d.sd > 0 and _is_number(d.mean) and math.isfinite(d.mean)):
-            p.append(f"{where}={text}: randn needs a finite mean and sd > 0")
-        if search == "optuna":
-            p.append(f"{where}={text}: search='optuna' cannot sample a normal distribution (Ray's "
-                     f"OptunaSearch takes only {_OPTUNA_DOMAINS}): use tune.uniform or "
-                     "tune.loguniform, or search='random'")
-        return p
-    if d.sampler not in ("uniform", "loguniform"):
-        return p + [f"{where}={text}: unsupported sampler {d.sampler!r}"]
-    lo, hi = d.lower, d.upper
-    if not (_is_number(lo) and _is_number(hi) and math.isfinite(lo) and math.isfinite(hi)):
-        return p + [f"{where}={text}: bounds must be finite numbers, e.g. "
-                    f"{'tune.randint(1, 5)' if d.kind == 'int' else 'tune.uniform(0.0, 0.5)'}"]
-    name = text.partition("(")[0]
-    if d.sampler == "loguniform" and not lo > 0:
-        p.append(f"{where}={text}: a log scale needs 0 < lower < upper, got lower={_text(lo)}")
-    if not lo < hi:
-        swap = f" (swap them: {name}({_text(hi)}, {_text(lo)}{'' if d.q is None else ', ' + _text(d.q)}))" \
-            if lo > hi else ""
-        exclusive = "; randint's upper bound is exclusive: randint(1, 5) draws 1 to 4" \
-            if d.kind == "int" and d.q is None else ""
-        p.append(f"{where}={text} needs lower < upper, got lower={_text(lo)} "
-                 f"{'>' if lo > hi else '='} upper={_text(hi)}{swap}{exclusive}")
-    elif d.kind == "int" and d.q is not None and _is_number(d.q) and d.q > 0 \
-            and math.floor(hi / d.q) < math.ceil(lo / d.q):
-        p.append(f"{where}={text} has no multiple of q={_text(d.q)} between {_text(lo)} and "
-                 f"{_text(hi)}, so nothing to sample")
-    if search == "optuna" and d.q is not None and d.sampler == "loguniform":
-        if d.kind == "float":
-            p.append(f"{where}={text}: search='optuna' drops the step q={_text(d.q)} of a log-uniform "
-                     f"domain (Ray's OptunaSearch ignores it): use tune.loguniform({_text(lo)}, "
-                     f"{_text(hi)}), or search='random'")
-        elif d.q != 1:
-            p.append(f"{where}={text}: search='optuna' cannot step a log-scaled integer (Optuna "
-                     f"allows log only with step 1): use tune.lograndint({_text(lo)}, {_text(hi)}) or "
-                     f"tune.qrandint({_text(lo)}, {_text(hi)}, {_text(d.q)})")
-    return p
-
-
-def space_signature(sweep: Sweep) -> dict[str, str]:
-    """Everything that decides which trials a sweep runs, as sorted ``{name: text}`` (JSON-ready).
-
-    Space keys map to :func:`describe_domain` texts; the Sweep's settings appear as ``sweep.<field>``
-    (metric, mode, max_epochs, scheduler, prune_within, grace_period, reduction_factor, search,
-    num_samples, seed),
-    and ``sweep.space_order`` lists the keys in order (it decides grid order and which value each
-    draw of the seeded sampler goes to). Two loads of one file give equal signatures; any change of a
-    key or a value changes it."""
-    out = {str(k): describe_domain(v) for k, v in sweep.space.items()}
-    for name in ("metric", "mode", "max_epochs", "scheduler", "prune_within", "grace_period",
-                 "reduction_factor", "search", "num_samples", "seeds", "seed"):
-        out[f"sweep.{name}"] = _text(getattr(sweep, name))
-    out["sweep.space_order"] = _text([str(k) for k in sweep.space])
-    return dict(sorted(out.items()))
-
-
 # ---- sampling -----------------------------------------------------------------------------------------
 
-
-def _is_grid(value: Any) -> bool:
-    return isinstance(value, Mapping) and set(value) == {"grid_search"}
-
-
-def _is_domain(value: Any) -> bool:
-    # Ray Tune's Domain classes (Categorical, Float, Integer, Function) all expose .sample().
-    return callable(getattr(value, "sample", None)) and not isinstance(value, type)
 
 
 def run_space(sweep: Sweep) -> dict[str, Any]:
@@ -807,6 +342,8 @@ def trial_resources(sweep: Sweep, cfg: TrialConfig) -> dict[str, float]:
     ``resources="auto"`` asks for one CPU and at most one GPU here; the launch replaces the GPU
     share with the measured packing (sweeper.packing).
     """
+    from sweeper.loading import _line_in, _one_line  # the space file's traceback, as loading reads it
+
     name = f"resources(config of {cfg.model.arch})"
     if sweep.resources == AUTO:
         return {"cpu": 1.0, "gpu": 1.0}

@@ -8,7 +8,6 @@ No Ray cluster, no network, no docker: only parsing, plus Ray's and MLflow's own
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -552,7 +551,7 @@ def test_launch_check_can_fail():
 
 def test_launch_overrides_are_accepted_by_the_search_space():
     """The RayJob's overrides load: a typo in a trial setting would fail the job only on the cluster."""
-    from sweeper.spaces import load_sweep
+    from sweeper.loading import load_sweep
 
     for where, args in sweeper_launches():
         if where != "kuberay/rayjob.yaml entrypoint":

@@ -8,8 +8,8 @@ import pytest
 from ray import tune
 
 from sweeper.config import ConfigError, TrialConfig
-from sweeper.spaces import (Sweep, dry_run, grid_cells, load_sweep, parse_overrides, sample_config,
-                            trial_count)
+from sweeper.loading import load_sweep
+from sweeper.spaces import Sweep, dry_run, grid_cells, parse_overrides, sample_config, trial_count
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.py"))
 

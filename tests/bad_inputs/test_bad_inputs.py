@@ -222,7 +222,8 @@ def test_a_problem_that_looks_like_markup_is_printed_as_text(tmp_path, monkeypat
 def _existing_sweep(tmp_path: Path, *, signature_of: str = "good.py") -> Path:
     """A sweep record as a finished launch of spaces/good.py leaves it (no Ray needed)."""
     from sweeper.records import SweepRecord
-    from sweeper.spaces import load_sweep, space_signature
+    from sweeper.loading import load_sweep
+    from sweeper.spaces import space_signature
 
     storage = tmp_path / "store"
     sweep, text = load_sweep(SPACES / signature_of)
