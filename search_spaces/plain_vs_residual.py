@@ -1,12 +1,13 @@
 """Plain VGG vs ResNet-18 at matched depth: is it depth, or the missing shortcut, that stalls?
 
 He et al. (2016) found an 18-layer plain net trains worse than its residual twin, and the gap grows
-with depth. Here both sides have 18-19 weight layers and the same CIFAR stem conditions: VGG-19 (E)
-and a plain VGG stack of 18 layers against ResNet-18 with the CIFAR stem, each with and without
-BatchNorm, under Xavier and He init.
+with depth. Here the two sides have about the same depth on the main path under the same CIFAR
+stem conditions: VGG-19 (E; 17 weight layers with the compact head: 16 convs + 1 linear) against
+ResNet-18 with the CIFAR stem (17 convs + 1 linear on the main path; 3 projection shortcuts beside it),
+each with and without BatchNorm, under Xavier and He init.
 
-Prediction: without BN, the plain nets stall under Xavier (g ~ 1/2 per layer) while ResNet-18 trains
-(its identity paths carry the signal past every block); with He init all three train, ResNet fastest.
+Prediction: without BN, the plain net stalls under Xavier (g ~ 1/2 per layer) while ResNet-18 trains
+(its identity paths carry the signal past every block); with He init both train, ResNet fastest.
 
 Quick run:  sweeper launch search_spaces/plain_vs_residual.py --local dataset=digits width=1/8 max_epochs=4
 """

@@ -24,7 +24,8 @@ from sweeper.spaces import Sweep
 SWEEP = Sweep(
     name="vgg_depth",
     space={
-        # The factorial: 11/13/16/19 weight layers = the paper's configurations A, B, D, E.
+        # The factorial: the paper's configurations A, B, D, E (11/13/16/19 weight layers with the
+        # paper's 3-FC head; 9/11/14/17 with the compact head used here, as the report counts them).
         "model.arch": tune.grid_search(["vgg11", "vgg13", "vgg16", "vgg19"]),
         "model.init": tune.grid_search(["normal", "xavier", "he"]),
         "model.batch_norm": tune.grid_search([False, True]),

@@ -54,8 +54,7 @@ class Outcome:
 
 
 def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any] | None = None,
-             error: str | None = None, finished: bool = True, max_epochs: int | None = None,
-             stall_epochs: int = 3, stall_tolerance: float = 0.05,
+             error: str | None = None, finished: bool = True, stall_epochs: int = 3, stall_tolerance: float = 0.05,
              metric: str = "val_accuracy") -> Outcome:
     """The outcome of one trial from its per-epoch results (in epoch order) and how it ended."""
     last = epochs[-1] if epochs else {}
@@ -87,14 +86,14 @@ def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any]
     if last.get("stalled") and last.get("stall_reason") == "learn_then_collapse":
         return Outcome("stalled", "fell back to chance after learning (learn_then_collapse)", True,
                        "learn_then_collapse", chance_epochs)
+    if _val_collapsed(last, stall_tolerance):  # before late_start: what it ended as comes first
+        return Outcome("val_collapse", "training learned (loss "
+                       f"{_fmt(last.get('train_loss'))}) while validation stayed at chance "
+                       f"(accuracy {_fmt(last.get('val_accuracy'))})", False, None, chance_epochs)
     if longest >= stall_epochs and not at_chance:
         start = _run_end_epoch(epochs, flags)
         return Outcome("late_start", f"at chance for {longest} epochs, then escaped after epoch "
                        f"{start}", False, _cause_of_run(epochs, flags), chance_epochs)
-    if _val_collapsed(last, stall_tolerance):
-        return Outcome("val_collapse", "training learned (loss "
-                       f"{_fmt(last.get('train_loss'))}) while validation stayed at chance "
-                       f"(accuracy {_fmt(last.get('val_accuracy'))})", False, None, chance_epochs)
     return Outcome("completed", None, at_chance, cause, chance_epochs)
 
 

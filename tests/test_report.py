@@ -13,7 +13,10 @@ from sweeper.report import Report, build_report
 LN10 = math.log(10)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = {"vgg11": 9, "vgg13": 11}  # 8 / 10 convs + the compact head's linear layer
-DEPTH = {"vgg11": 11, "vgg13": 13}  # weight layers as the paper counts them
+# The report's depth is the weight layers the model really has. These records use the compact head
+# (global pool + ONE linear), so vgg11/vgg13 have 9/11 layers, not the 11/13 the paper counts with
+# its 3-FC head: the old tests asserted 11/13 (weight_depth added 3 FC layers regardless of head).
+DEPTH = LAYERS
 DECAY = 0.08  # per-layer factor of the normal-init plain nets' activation std at init
 
 
@@ -109,6 +112,11 @@ def _read_csv(path) -> dict[tuple, dict]:
         return {(int(r["depth"]), r["init"], r["batch_norm"] == "True"): r for r in csv.DictReader(f)}
 
 
+def _cell(arch: str, init: str, bn: bool) -> str:
+    """A cell as the text names it: the paper's name, the real weight layers, init, BN."""
+    return f"{arch} ({DEPTH[arch]} weight layers), {init}, {'BN' if bn else 'no BN'}"
+
+
 def _assert_png(path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, path
@@ -139,18 +147,21 @@ def test_report_files_tables_and_text(tmp_path):
     # cells.csv: one row per (depth, init, BN), best accuracy over lr and the lr that reached it.
     cells = _read_csv(tmp_path / "out" / "cells.csv")
     assert len(cells) == len(report.cells) == 8
+    # Keyed by real weight layers (9 = vgg11, 11 = vgg13 with the compact head; was 11/13).
     expected = {
+        (9, "normal", False): (0.1, "stalled: vanishing_signal"),
         (11, "normal", False): (0.1, "stalled: vanishing_signal"),
-        (13, "normal", False): (0.1, "stalled: vanishing_signal"),
-        (11, "he", False): (0.9, "trained"), (13, "he", False): (0.88, "trained"),
-        (11, "normal", True): (0.85, "trained"), (13, "normal", True): (0.83, "trained"),
-        (11, "he", True): (0.95, "trained"), (13, "he", True): (0.93, "trained"),
+        (9, "he", False): (0.9, "trained"), (11, "he", False): (0.88, "trained"),
+        (9, "normal", True): (0.85, "trained"), (11, "normal", True): (0.83, "trained"),
+        (9, "he", True): (0.95, "trained"), (11, "he", True): (0.93, "trained"),
     }
     for key, (acc, outcome) in expected.items():
         row = cells[key]
         assert float(row["best_val_accuracy"]) == pytest.approx(acc), key
         assert row["outcome"] == outcome, key
         assert int(row["trials"]) == 2
+        assert int(row["n_seeds"]) == 1 and row["verdict"].endswith("1/1 seed" if outcome == "trained"
+                                                                      else f"1/1 seed ({outcome[9:]})")
         if outcome == "trained":
             assert float(row["best_lr"]) == pytest.approx(0.01)  # the lr 0.05 trial was pruned at 30%
 
@@ -159,14 +170,18 @@ def test_report_files_tables_and_text(tmp_path):
     layer = next(l for l in range(1, 20) if DECAY ** l < 1e-6)
     assert layer == 6
     summary = report.summary
-    for depth, n_layers in ((11, 9), (13, 11)):
-        line = next(l for l in summary.splitlines() if f"depth {depth}, normal, no BN" in l and "stalled" in l)
-        assert "vanishing_signal" in line
+    stalled = summary.split("## Stalled cells")[1].split("##")[0]
+    for arch in ("vgg11", "vgg13"):
+        n_layers = LAYERS[arch]
+        line = next(l for l in stalled.splitlines() if _cell(arch, "normal", False) in l)
+        assert "vanishing_signal" in line and "stalls in 1/1 seed" in line
         assert f"l{layer:02d}_conv" in line and "1e-6" in line and "at init" in line.lower()
-        assert f"weight layer {layer + 1} of {n_layers}" in line
-        assert cells[(depth, "normal", False)]["signal_below_floor_at"] == f"l{layer:02d}_conv"
+        # Layers are numbered from l00 in the text as in the metrics and figures (it used to say
+        # "weight layer 7 of 9", counting from 1).
+        assert f"l00–l{n_layers - 1:02d} measured" in line and "weight layer 7" not in line
+        assert cells[(DEPTH[arch], "normal", False)]["signal_below_floor_at"] == f"l{layer:02d}_conv"
     # Only plain normal cells stalled; he and BN fixed them, and the text says so because the data does.
-    assert "depth 11, he" not in summary.split("## Stalled cells")[1].split("##")[0]
+    assert "vgg11 (9 weight layers), he" not in stalled
     lower = summary.lower()
     assert "he init trains at every depth" in lower
     assert "batchnorm trains every init at every depth" in lower
@@ -181,18 +196,20 @@ def test_report_does_not_claim_a_fix_the_data_does_not_show(tmp_path):
     assert "he init trains at every depth" not in lower
     assert "batchnorm trains every init" not in lower
     stalled = report.summary.split("## Stalled cells")[1].split("\n## ")[0]
-    assert "depth 13, he, no BN" in stalled and "lr_too_high" in stalled
-    assert "depth 13, he, BN" in stalled and "dead_relu" in stalled
-    assert "depth 11, he" not in stalled
-    # He rescues depth 11 only, BN rescues the normal cells but not he at depth 13: both are said.
-    assert "he init (no bn) trains at 11 where normal stalled, but itself stalls at 13" in lower
-    assert "with batchnorm still stalled: depth 13, he, bn (dead_relu)" in lower
-    assert "nothing in the sweep trained at: depth 13" not in lower  # normal+BN does train at 13
+    assert _cell("vgg13", "he", False) in stalled and "lr_too_high" in stalled
+    assert _cell("vgg13", "he", True) in stalled and "dead_relu" in stalled
+    assert "vgg11 (9 weight layers), he" not in stalled
+    # He rescues vgg11 only, BN rescues the normal cells but not he at vgg13: both are said.
+    # (Depths are the real weight layers now: vgg11 has 9, vgg13 11 with the compact head.)
+    assert ("he init (no bn) trains at vgg11 (9 weight layers) where normal stalled, but itself stalls "
+            "at vgg13 (11 weight layers)") in lower
+    assert f"with batchnorm still stalled: {_cell('vgg13', 'he', True).lower()} (dead_relu; 1/1 seed)" in lower
+    assert "nothing in the sweep trained at: vgg13" not in lower  # normal+BN does train at vgg13
     cells = _read_csv(tmp_path / "out" / "cells.csv")
-    assert cells[(13, "he", True)]["outcome"] == "stalled: dead_relu"
-    assert cells[(13, "he", False)]["outcome"] == "stalled: lr_too_high"
-    # The he cell at 13 has a healthy signal at init: the text must not invent a layer for it.
-    line = next(l for l in report.summary.splitlines() if "depth 13, he, no BN" in l)
+    assert cells[(11, "he", True)]["outcome"] == "stalled: dead_relu"
+    assert cells[(11, "he", False)]["outcome"] == "stalled: lr_too_high"
+    # The he cell at vgg13 has a healthy signal at init: the text must not invent a layer for it.
+    line = next(l for l in stalled.splitlines() if _cell("vgg13", "he", False) in l)
     assert "stays above 1e-6" in line
 
 
@@ -205,7 +222,7 @@ def test_empty_record_says_there_is_nothing_to_show(tmp_path):
     assert "nothing to show" in report.summary.lower()
     text = report.html.read_text()
     assert "nothing to show" in text.lower() and "Figure skipped" in text
-    assert (tmp_path / "out" / "cells.csv").read_text().startswith("depth,init,batch_norm")
+    assert (tmp_path / "out" / "cells.csv").read_text().startswith("cell,model,depth,init,batch_norm")
 
     # Not even a sweep.json: still a report, not a traceback.
     report = build_report(SweepRecord(tmp_path / "missing"), tmp_path / "out2")
@@ -230,7 +247,29 @@ def test_partial_record_skips_figures_instead_of_crashing(tmp_path):
     assert {p.name for p in report.figures} <= {"heatmap.png", "curves.png"}
     assert "Figure skipped" in text  # the per-layer figures, with the reason
     assert "per-layer" in text
-    rows = {(r["depth"], r["init"]): r for r in report.cells}
+    # Keyed by model name: a non-VGG's depth is now its weight-layer count (resnet18: 18), not its name.
+    rows = {(r["model"], r["init"]): r for r in report.cells}
+    assert rows[("resnet18", "he")]["depth"] == 18
     assert rows[("resnet18", "he")]["outcome"] == "running"
     assert rows[("resnet18", "normal")]["outcome"] == "stalled: diverged"
     assert "1 of 2 trials have no epochs yet" in report.summary
+
+
+@pytest.mark.parametrize("arch,depth,head,layers", [
+    ("vgg11", None, "compact", 9), ("vgg11", None, "paper", 11), ("vgg19", None, "compact", 17),
+    ("vgg19", None, "paper", 19), ("vgg16c", None, "compact", 14), ("vgg", 30, "compact", 28),
+    ("vgg", 30, "paper", 30),
+])
+def test_depth_is_the_weight_layers_the_model_has(arch, depth, head, layers):
+    """The heatmap's "depth (weight layers)" axis: compact head = 1 linear, the paper's head = 3."""
+    from torch import nn
+
+    from sweeper.config import ModelConfig
+    from sweeper.models import ARCHITECTURES, weight_depth
+    from sweeper.report.study import weight_layers
+
+    cfg = ModelConfig(arch=arch, depth=depth, head=head, width=1 / 16)
+    model = ARCHITECTURES[arch](cfg, num_classes=10)
+    assert weight_depth(cfg) == layers == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    flat = {"model.arch": arch, "model.head": head, **({"model.depth": depth} if depth else {})}
+    assert weight_layers(flat) == layers

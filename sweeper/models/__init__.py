@@ -61,18 +61,22 @@ def split_outputs(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, list[Ten
 
 
 def weight_depth(cfg: ModelConfig) -> int:
-    """Weight layers on the main path as the VGG paper counts them: convs + the paper head's 3 FC layers.
+    """The weight layers (conv + linear) the built model really has on its main path.
 
-    ResNets count as named (projection shortcuts excluded) and GoogLeNet as its paper does (22).
+    A VGG has its convs plus its head's linear layers: 3 for the paper's 4096-4096-N head, 1 for the
+    compact head (global pool + one linear). So ``vgg19`` -- the paper's configuration E, 19 layers as
+    the paper counts them -- has 17 with the compact head, and ``model.depth`` of ``arch='vgg'`` (the
+    paper's count, convs + 3) is the real count only with ``head='paper'``. ResNets count as named
+    (projection shortcuts excluded; their head is one linear) and GoogLeNet as its paper does (22).
     """
     vgg_plans = {"vgg11": A, "vgg11_lrn": A_LRN, "vgg13": B, "vgg16c": C, "vgg16": D, "vgg19": E}
     match cfg.arch:
         case "vgg":
             if cfg.depth is None:
                 raise ValueError("model.depth is required for model.arch='vgg' (weight layers, e.g. 11, 16, 30)")
-            return conv_count(plain_plan(cfg.depth)) + 3
+            return conv_count(plain_plan(cfg.depth)) + _vgg_head_layers(cfg)
         case name if name in vgg_plans:
-            return conv_count(vgg_plans[name]) + 3
+            return conv_count(vgg_plans[name]) + _vgg_head_layers(cfg)
         case "resnet18":
             return 18
         case "resnet34":
@@ -82,3 +86,11 @@ def weight_depth(cfg: ModelConfig) -> int:
         case "smallcnn":
             return 5  # 4 convs + the linear head
     raise _unknown_arch(cfg.arch)
+
+
+def _vgg_head_layers(cfg: ModelConfig) -> int:
+    """Linear layers of a VGG head (see ``sweeper.models.vgg._head``): paper 3, compact 1."""
+    heads = {"paper": 3, "compact": 1}
+    if cfg.head not in heads:
+        raise ValueError(f"model.head={cfg.head!r} is not one of {sorted(heads)}")
+    return heads[cfg.head]
