@@ -35,6 +35,8 @@ def trial_label(config: Mapping[str, Any]) -> str:
     lr = config.get("optim.lr")
     if isinstance(lr, (int, float)):
         parts.append(f"lr{lr:.2g}")
+    if config.get("seed") not in (None, 0):  # replicates (Sweep.seeds) stay apart by name
+        parts.append(f"s{config['seed']}")
     return "-".join(parts)
 
 
@@ -134,8 +136,7 @@ class SweepCallback(Callback):
         result = classify(epochs, decision=decision, error=error, metric=self.sweep.metric,
                           finished=error is not None or decision is not None
                           or last.get("outcome") not in (None, "running"),
-                          max_epochs=self.sweep.max_epochs, stall_epochs=diag.stall_epochs,
-                          stall_tolerance=diag.stall_tolerance)
+                          stall_epochs=diag.stall_epochs, stall_tolerance=diag.stall_tolerance)
         outcome, reason = result.outcome, result.reason
         rec.update(status="finished", outcome=outcome, reason=reason, prune=decision,
                    at_chance=result.at_chance, cause=result.cause,
@@ -157,6 +158,11 @@ class SweepCallback(Callback):
             tags.update({f"sweeper.prune.{k}": decision.get(k)
                          for k in ("rung", "cutoff", "peers", "value")})
         self.tracker.set_tags(trial.trial_id, tags)
+        if epochs and any(k.startswith("init/act_std/") for k in epochs[0]):
+            # Its per-layer profile (init vs now, log scale) on the child run: drawn and uploaded
+            # by the tracker's delivery thread, never here.
+            self.tracker.log_figure(trial.trial_id, epochs[0], epochs[-1],
+                                    title=f"{trial_label(trial.config)}: {outcome}")
         self.tracker.finish(trial.trial_id, "FAILED" if outcome == "failed" else "FINISHED")
         self.tracker.deliver_soon()
         if not self.quiet:
@@ -190,16 +196,17 @@ class SweepCallback(Callback):
 
 def diagnosis(name: str, result: Outcome, rec: Mapping[str, Any]) -> str:
     """One sentence: what happened to the trial and why, with its best value."""
-    best = rec.get("best") or {}
-    metrics = ", ".join(f"{k} {fmt(best[k])}" for k in ("val_accuracy", "test_accuracy")
-                        if isinstance(best.get(k), (int, float)))
+    best, last = rec.get("best") or {}, rec.get("last") or {}
+    # test accuracy exists only after the last epoch: the same number export and the report give
+    values = {"best val_accuracy": best.get("val_accuracy"), "test_accuracy": last.get("test_accuracy")}
+    metrics = ", ".join(f"{k} {fmt(v)}" for k, v in values.items() if isinstance(v, (int, float)))
     text = f"{name}: {result.outcome.replace('_', ' ')}"
     if result.reason:
         text += f" -- {result.reason}"
     elif result.outcome == "completed":
         text += f" after {rec.get('epochs')} epochs"
     if metrics:
-        text += f"; best {metrics}"
+        text += f"; {metrics}"
     return text + "."
 
 

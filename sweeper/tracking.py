@@ -12,6 +12,13 @@ in the sweep record, and :meth:`Tracker.flush` delivers the spool in order. So:
   request, so a step counts as delivered only when all of it was. Every point carries the trial's own
   timestamp, so a request repeated after a crash is an exact duplicate, which MLflow's SQL store drops.
 
+Two intents attach the *why* where the run is: :meth:`Tracker.log_figure` spools a trial's per-layer
+profile, which delivery renders (:mod:`sweeper.profile`) into ``<record>/figures/<trial_id>.png`` and
+uploads as the child run's ``profile.png`` artifact, with its ``profile/*`` scalars as child metrics;
+:meth:`Tracker.log_parent_metrics` gives the sweep's parent run summary metrics at step 0. Both are
+idempotent on replay: a figure is marked done by the run tag ``sweeper.profile`` (the digest of its
+inputs, set after the upload), and a parent metric whose latest value already matches is not re-sent.
+
 Delivery runs off the sweep's event loop: the driver callback only appends to the spool and calls
 :meth:`Tracker.deliver_soon`, which wakes one background thread; Tune's controller never waits on the
 tracking server (a synchronous flush per result cost ~0.5 s each and set the pace of short trials).
@@ -22,9 +29,13 @@ This module imports MLflow, never Ray.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +50,7 @@ _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limi
 _MAX_PARAM_VALUE, _MAX_TAG_VALUE, _MAX_KEY = 6000, 8000, 250
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _INIT = "init/"
+_PROFILE_TAG = "sweeper.profile"  # digest of the profile inputs whose figure the run holds
 
 
 def redact(value: Any) -> Any:
@@ -186,6 +198,10 @@ class Tracker:
     def parent_run_id(self) -> str | None:
         return self._state()["parent"]
 
+    def figure_errors(self) -> dict[str, str]:
+        """trial_id -> why its profile could not be drawn (delivery skipped it and went on)."""
+        return dict(self._state().get("figure_errors", {}))
+
     # ---- intents (cheap, never raise on the network) ---------------------------------------------
 
     def start_sweep(self, *, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any],
@@ -224,6 +240,31 @@ class Tracker:
     def log_artifacts(self, trial_id: str | None, local_dir: str | Path, artifact_path: str) -> None:
         self._enqueue({"op": "artifacts", "trial_id": trial_id, "local_dir": str(local_dir),
                        "artifact_path": artifact_path})
+
+    def log_figure(self, trial_id: str, initial: Mapping[str, Any], last: Mapping[str, Any], *,
+                   title: str | None = None) -> None:
+        """Attach the trial's per-layer profile to its run: spools op ``figure``, returns at once.
+
+        ``initial``: step 0 (the first epoch's report, ``init/`` keys, or those values unprefixed);
+        ``last``: the last epoch's report. Only the per-layer families the profile draws and
+        ``epoch`` are spooled (a few kB). Delivery renders ``<record>/figures/<trial_id>.png``,
+        uploads it as artifact ``profile.png`` and logs :func:`sweeper.profile.profile_summary` on
+        the child run at the last epoch's step. Calling it again with newer metrics replaces the
+        artifact; the same inputs again (a replay) upload nothing.
+        """
+        self._enqueue({"op": "figure", "trial_id": trial_id, "title": title,
+                       "timestamp": int(time.time() * 1000),
+                       "initial": _profile_inputs(initial), "last": _profile_inputs(last)})
+
+    def log_parent_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Summary metrics on the sweep's parent run, at step 0: spools op ``parent_metrics``.
+
+        Numbers only (bools count, strings and None are dropped). A later call with new values adds
+        newer points, which the UI shows as the latest; a replay re-sends nothing.
+        """
+        numbers, _ = _split({k: v for k, v in metrics.items() if v is not None})
+        self._enqueue({"op": "parent_metrics", "timestamp": int(time.time() * 1000),
+                       "metrics": numbers})
 
     # ---- delivery -------------------------------------------------------------------------------
 
@@ -369,8 +410,62 @@ class Tracker:
             if local.is_dir():
                 self.client.log_artifacts(self._run_for(state, op["trial_id"]), str(local),
                                           op["artifact_path"])
+        elif kind == "figure":
+            self._deliver_figure(op, state)
+        elif kind == "parent_metrics":
+            run_id = self._run_for(state, None)
+            latest = self.client.get_run(run_id).data.metrics
+            metrics = [Metric(_truncate(k, _MAX_KEY), float(v), op["timestamp"], 0)
+                       for k, v in op["metrics"].items()
+                       if not _same(latest.get(_truncate(k, _MAX_KEY)), float(v))]
+            for chunk in _chunks(metrics, _MAX_METRICS):
+                self.client.log_batch(run_id, metrics=chunk)
         else:
             raise ValueError(f"unknown spool operation {kind!r}")
+
+    def figure_path(self, trial_id: str) -> Path:
+        """Where delivery renders a trial's profile: ``<record>/figures/<trial_id>.png``."""
+        return self.dir / "figures" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', trial_id)}.png"
+
+    def _deliver_figure(self, op: dict[str, Any], state: dict[str, Any]) -> None:
+        """Render, upload as ``profile.png``, log the summary, then tag the run as done.
+
+        The tag comes last, so a crash anywhere before it repeats the whole delivery: the
+        artifact is overwritten with the same bytes (one file, not two) and the summary points
+        carry the op's timestamp, so the SQL store drops them as exact duplicates.
+        """
+        from mlflow.entities import Metric
+
+        from sweeper.profile import layer_profile, profile_summary
+
+        trial_id = op["trial_id"]
+        run_id = self._run_for(state, trial_id)
+        digest = hashlib.sha1(json.dumps([op["initial"], op["last"], op.get("title")],
+                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
+        done = state.setdefault("figures", {})
+        if done.get(trial_id) == digest:
+            return
+        if self.client.get_run(run_id).data.tags.get(_PROFILE_TAG) != digest:
+            path = self.figure_path(trial_id)
+            try:
+                layer_profile(op["initial"], op["last"], path, title=op.get("title"))
+            except Exception as exc:  # noqa: BLE001 - a bad figure is no outage: never block the spool
+                state.setdefault("figure_errors", {})[trial_id] = (
+                    f"{type(exc).__name__}: {_truncate(str(exc), 300)}")
+                done[trial_id] = digest
+                return
+            step = op["last"].get("epoch", 0)
+            step = int(step) if isinstance(step, (int, float)) and math.isfinite(step) else 0
+            summary = [Metric(k, float(v), op["timestamp"], step)
+                       for k, v in profile_summary(op["initial"], op["last"]).items()]
+            if summary:
+                self.client.log_batch(run_id, metrics=summary)
+            with tempfile.TemporaryDirectory() as tmp:
+                upload = Path(tmp) / "profile.png"
+                shutil.copyfile(path, upload)
+                self.client.log_artifact(run_id, str(upload))
+            self.client.set_tag(run_id, _PROFILE_TAG, digest)
+        done[trial_id] = digest
 
     def _verify_steps(self, state: dict[str, Any], trial_id: str, run_id: str) -> None:
         """Read back the last complete step of a run once per process: the spool state may lag."""
@@ -418,6 +513,29 @@ def _split(values: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]
         elif isinstance(v, str):
             strings[k] = v
     return numbers, strings
+
+
+def _profile_inputs(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """What the profile reads of a report: its per-layer families (``init/`` ones too) and the
+    epoch, as floats (the record's "nan"/"inf" strings included); nothing else is spooled."""
+    from sweeper.profile import FAMILIES
+
+    out = {}
+    for key, value in metrics.items():
+        family = key.removeprefix(_INIT).split("/", 1)[0]
+        if key == "epoch" or ("/" in key and family in FAMILIES):
+            try:
+                out[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def _same(old: float | None, new: float) -> bool:
+    """The run's latest value already is this one (NaN equals NaN here)."""
+    if old is None:
+        return False
+    return old == new or (math.isnan(old) and math.isnan(new))
 
 
 def _tag_values(tags: Mapping[str, Any]) -> dict[str, str]:

@@ -446,8 +446,9 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                        "question": sweep.question, "metric": sweep.metric,
                        "mode": sweep.mode, "max_epochs": sweep.max_epochs,
                        "scheduler": sweep.scheduler, "search": sweep.search,
-                       "num_samples": sweep.num_samples, "planned_trials": planned,
-                       "grace_period": sweep.grace_period,
+                       "num_samples": sweep.num_samples, "seeds": sweep.seeds,
+                       "planned_trials": planned, "grace_period": sweep.grace_period,
+                       "prune_within": sweep.prune_within,
                        "reduction_factor": sweep.reduction_factor, "seed": sweep.seed,
                        "space": signature, "signature": signature,
                        "overrides": dict(overrides), "experiment_dir": exp_dir,
@@ -464,7 +465,8 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
               "mlflow.note.content": sweep.question},
         params={"metric": sweep.metric, "mode": sweep.mode, "max_epochs": sweep.max_epochs,
                 "scheduler": sweep.scheduler, "search": sweep.search,
-                "num_samples": sweep.num_samples, "planned_trials": planned,
+                "num_samples": sweep.num_samples, "seeds": sweep.seeds,
+                "planned_trials": planned, "prune_within": sweep.prune_within,
                 "grace_period": sweep.grace_period, "reduction_factor": sweep.reduction_factor,
                 "seed": sweep.seed, **{f"override.{k}": v for k, v in overrides.items()}},
         texts={"sweep_file.py": file_text,
@@ -559,7 +561,20 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
         error_console.print(f"warning: the study report failed: {type(exc).__name__}: {exc}")
     tracker.set_tags(None, {"sweeper.outcomes": json.dumps(result.outcomes),
                             "sweeper.trials": result.trials, "sweeper.epochs": result.epochs,
-                            "sweeper.best_trial": result.best["name"] if result.best else None})
+                            "sweeper.best_trial": result.best["name"] if result.best else None,
+                            # The parent's description: the question, and where the answer is.
+                            "mlflow.note.content": (
+                                f"{sweep.question}\n\n**Study report:** this run's artifacts, "
+                                "report/report.html (also report/summary.md); each trial's "
+                                "description is its one-line diagnosis and profile.png its "
+                                "per-layer profile.")})
+    # Summary metrics on the parent, so the sweep's run shows its result in the runs table: the same
+    # counts as the sweeper.outcome tags of its children.
+    summary = {f"trials_{k}": float(n) for k, n in result.outcomes.items()}
+    summary.update(trials=float(result.trials), epochs_run=float(result.epochs))
+    if result.best:
+        summary[f"best_{sweep.metric}"] = float(result.best["best"][sweep.metric])
+    tracker.log_parent_metrics(summary)
     if not result.interrupted:
         tracker.finish(None, "FINISHED")
     if not tracker.flush_until(wait_s) and not quiet:

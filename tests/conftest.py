@@ -14,7 +14,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(cache))
 
 
-import shutil
 import socket
 import subprocess
 import sys

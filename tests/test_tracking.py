@@ -2,18 +2,13 @@
 and outages that never duplicate a point. Runs against the embedded SQLite store."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
+import math
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port
-from sweeper.records import SweepRecord
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
 
@@ -120,34 +115,6 @@ def test_redact(text, expected):
     assert redact(text) == expected
 
 
-@pytest.mark.mlflow
-def test_ui_serves_the_embedded_store(tmp_path):
-    t = _tracker(tmp_path)
-    t.start_sweep(run_name="s", tags={}, params={}, texts={})
-    assert t.flush()
-    SweepRecord(tmp_path / "exp").create({"name": "exp", "sweep_uid": "uid-1"}, "")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sweeper.cli", "ui", "exp", "--storage",
-                             str(tmp_path), "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        first = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/#/experiments/1/runs " in first
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the UI did not come up")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-
 def test_a_half_written_spool_line_waits_for_its_end(tmp_path):
     t = _tracker(tmp_path)
     t.start_sweep(run_name="s", tags={}, params={}, texts={})
@@ -171,3 +138,128 @@ def test_a_torn_line_from_a_killed_driver_is_skipped_not_glued(tmp_path):
     assert t2.flush() and t2.pending() == 0
     client = MlflowClient(default_tracking_uri(tmp_path))
     assert client.get_run(t2.parent_run_id()).data.tags["after"] == "restart"
+
+
+# ---- the why where the run is: profile figure on the child, summary metrics on the parent -------
+
+def _first_and_last(n_layers=6):
+    keys = [f"l{i:02d}_conv" for i in range(n_layers)]
+    first = _result(1, train_loss=2.3, **{"init/initial_loss": 2.3})
+    last = _result(3, train_loss=2.3)
+    for i, k in enumerate(keys):
+        first |= {f"act_std/{k}": 10.0 ** -i, f"init/act_std/{k}": 10.0 ** -i,
+                  f"init/act_std_pred/{k}": 10.0 ** -i, f"init/grad_norm/{k}": 1e-9,
+                  f"init/gain_meas/{k}": 0.01, f"init/gain_pred/{k}": 0.01}
+        last |= {f"act_std/{k}": 10.0 ** -i, f"update_ratio/{k}": 1e-7, f"dead_frac/{k}": 0.5}
+    return first, last
+
+
+def _lag_behind(t):
+    """A restarted driver whose spool state lost everything after the parent: all is replayed."""
+    state = json.loads(t.state_path.read_text())
+    state.update(offset=0, delivered=0, steps={}, figures={})
+    t.state_path.write_text(json.dumps(state))
+
+
+def test_the_profile_is_rendered_into_the_record_and_uploaded_once(tmp_path):
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="vgg11-normal-plain", config={})
+    first, last = _first_and_last()
+    t.log_result("t1", first)
+    t.log_result("t1", last)
+    t.log_figure("t1", first, {**last, "not_a_layer_metric": 1.0, "outcome": "stalled"},
+                 title="vgg11-normal-plain")
+    op = json.loads(t.spool_path.read_text().splitlines()[-1])
+    assert op["op"] == "figure" and "not_a_layer_metric" not in op["last"]
+    assert "train_loss" not in op["initial"] and op["last"]["epoch"] == 3.0
+    assert t.flush() and t.pending() == 0 and t.figure_errors() == {}
+    assert t.figure_path("t1") == tmp_path / "rec" / "figures" / "t1.png"
+    assert t.figure_path("t1").stat().st_size > 10_000
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    run_id = t.run_ids()["t1"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.json", "profile.png"]
+    run = client.get_run(run_id)
+    assert run.data.metrics["profile/act_std_ratio_last_first"] == pytest.approx(1e-5)
+    assert run.data.metrics["profile/max_dead_frac"] == pytest.approx(0.5)
+    assert [m.step for m in client.get_metric_history(run_id, "profile/min_update_ratio")] == [3]
+    assert run.data.tags["sweeper.profile"]
+
+    # A new driver replays the whole spool: nothing is uploaded again, no point is duplicated.
+    _lag_behind(t)
+    t2 = _tracker(tmp_path)
+
+    def no_upload(*args, **kwargs):
+        raise AssertionError("uploaded again on a replay")
+
+    t2.client.log_artifact = no_upload
+    assert t2.flush() and t2.pending() == 0
+    assert len(client.get_metric_history(run_id, "profile/min_update_ratio")) == 1
+    assert len(client.get_metric_history(run_id, "train_loss")) == 2
+
+    # Newer metrics are a new figure: the artifact is replaced, still one file.
+    t2.client.log_artifact = MlflowClient(default_tracking_uri(tmp_path)).log_artifact
+    t2.log_figure("t1", first, {**last, "epoch": 4, "dead_frac/l00_conv": 0.9})
+    assert t2.flush()
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.json", "profile.png"]
+    assert client.get_run(run_id).data.metrics["profile/max_dead_frac"] == pytest.approx(0.9)
+
+
+def test_a_crash_between_upload_and_tag_repeats_the_delivery_harmlessly(tmp_path):
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={})
+    first, last = _first_and_last()
+    t.log_figure("t1", first, last)
+    real_set_tag = t.client.set_tag
+    t.client.set_tag = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("server went away"))
+    assert t.flush() is False and "server went away" in t.last_error()
+    t.client.set_tag = real_set_tag
+    assert t.flush(force=True) and t.pending() == 0
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    run_id = t.run_ids()["t1"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.json", "profile.png"]
+    assert len(client.get_metric_history(run_id, "profile/max_dead_frac")) == 1  # exact duplicate
+
+
+def test_a_figure_that_cannot_be_drawn_never_blocks_the_spool(tmp_path, monkeypatch):
+    import sweeper.profile
+
+    def broken(*args, **kwargs):
+        raise ValueError("no good")
+
+    monkeypatch.setattr(sweeper.profile, "layer_profile", broken)
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={})
+    t.log_figure("t1", *_first_and_last())
+    t.set_tags("t1", {"after": "figure"})
+    assert t.flush() and t.pending() == 0
+    assert t.figure_errors() == {"t1": "ValueError: no good"}
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_run(t.run_ids()["t1"]).data.tags["after"] == "figure"
+
+
+def test_parent_metrics_at_step_0_and_replays_add_no_point(tmp_path):
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.log_parent_metrics({"trials_stalled": 3, "profile/max_dead_frac": 0.25, "best_ok": True,
+                          "nan_reading": math.nan, "note": "strings are no metrics", "none": None})
+    assert t.flush() and t.pending() == 0
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    parent = t.parent_run_id()
+    metrics = client.get_run(parent).data.metrics
+    assert set(metrics) == {"trials_stalled", "profile/max_dead_frac", "best_ok", "nan_reading"}
+    assert metrics["trials_stalled"] == 3.0 and math.isnan(metrics["nan_reading"])
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "trials_stalled")] == \
+        [(0, 3.0)]
+    _lag_behind(t)
+    t2 = _tracker(tmp_path)
+    assert t2.flush() and t2.pending() == 0
+    for key in metrics:
+        assert len(client.get_metric_history(parent, key)) == 1, key
+    time.sleep(0.01)  # a later summary is a newer point, and the latest value
+    t2.log_parent_metrics({"trials_stalled": 4})
+    assert t2.flush()
+    assert client.get_run(parent).data.metrics["trials_stalled"] == 4.0
+    assert len(client.get_metric_history(parent, "trials_stalled")) == 2
