@@ -107,6 +107,17 @@ class DiagnosticsConfig:
     stall_tolerance: float = 0.05
     stall_epochs: int = 3
     stop_on_stall: bool = False
+    # Check the named cause by intervention (sweeper.counterfactual), once, at the epoch a stall is
+    # first named: short runs with lr / 10, lr x 10 (from the trial's init and from its stalled
+    # weights), He init and BatchNorm (from scratch) on the trial's own data. On by default because
+    # its cost is capped by `counterfactual_budget`; a budget too small to run them skips them, saying so.
+    counterfactuals: bool = True
+    counterfactual_steps: int = 200  # optimizer steps per intervention, at most (fewer if the budget caps)
+    # Below this many steps per intervention a run cannot tell an escape from noise: skip instead.
+    counterfactual_min_steps: int = 50
+    # All interventions together take at most this fraction of the trial's budget (epochs x steps
+    # per epoch). 0.1: a stalled trial costs at most 10% more than it would have anyway.
+    counterfactual_budget: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -236,6 +247,10 @@ class TrialConfig:
         _at_least(p, "diagnostics.probe_size", g.probe_size, 1)
         _positive(p, "diagnostics.stall_tolerance", g.stall_tolerance)
         _at_least(p, "diagnostics.stall_epochs", g.stall_epochs, 1)
+        _boolean(p, "diagnostics.counterfactuals", g.counterfactuals)
+        _at_least(p, "diagnostics.counterfactual_min_steps", g.counterfactual_min_steps, 1)
+        _at_least(p, "diagnostics.counterfactual_steps", g.counterfactual_steps, g.counterfactual_min_steps)
+        _in_range(p, "diagnostics.counterfactual_budget", g.counterfactual_budget, 0.0, 1.0, lo_open=True)
 
         _at_least(p, "epochs", self.epochs, 1)
         _at_least(p, "seed", self.seed, 0)

@@ -33,7 +33,10 @@ The probe runs under a forked RNG with BatchNorm buffers restored, so diagnostic
 training trajectory: a trial gives the same metrics with and without them.
 
 Stall detection: training loss within ``stall_tolerance`` of ln(num_classes) for ``stall_epochs``
-epochs (or a learned-then-collapsed trial back at chance); the cause is named from the measurements.
+epochs (or a learned-then-collapsed trial back at chance); the cause is named from the measurements,
+then checked by intervention the first time a stall is named (:mod:`sweeper.counterfactual`: lr / 10,
+lr x 10, He init, BN in short runs): where the interventions decide it, the label carries their cause
+(``stall_reason``; the measured one stays in ``stall_reason_measured``, the evidence in ``cf_evidence``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from sweeper.inits import fans, weight_std
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
            "last_step", "maxpool_factor", "padding_fraction", "predicted_gain", "predicted_stds",
-           "relu_correlation", "spatial_correlation"]
+           "relu_correlation", "signal_cause", "spatial_correlation"]
 
 STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradient", "lr_too_high",
                  "lr_too_small", "learn_then_collapse", "plateau")
@@ -90,6 +93,8 @@ class Diagnostics:
         self._start_weights: list[torch.Tensor] = []
         self._min_loss = math.inf
         self._initial_max_update = math.nan  # the largest per-step update ratio at step 0
+        # The counterfactual check of the first named stall: {"cause", "decisive", "evidence"}.
+        self._checked: dict[str, Any] | None = None
 
     # ---- Hook protocol --------------------------------------------------------------------------
 
@@ -138,8 +143,14 @@ class Diagnostics:
         stalled = len(recent) >= self.cfg.stall_epochs and all(at_chance(v) for v in recent)
         collapsed = at_chance(loss) and self._min_loss < chance - 0.5
         if stalled or collapsed:
-            reason = "learn_then_collapse" if collapsed else classify_stall(
+            measured = "learn_then_collapse" if collapsed else classify_stall(
                 out, self.layers, initial_max_update=self._initial_max_update)
+            if self._checked is None:  # the first epoch a stall is named: check it, once per trial
+                out.update(self._check(ctx, measured, out))
+            reason = measured
+            if self._checked and self._checked["decisive"] and not collapsed:
+                reason = self._checked["cause"]  # the interventions decided it
+            out["stall_reason_measured"] = measured
             ctx.label = ("stalled", reason)
             ctx.stop = self.cfg.stop_on_stall
         else:
@@ -149,14 +160,43 @@ class Diagnostics:
             out["stall_reason"] = ctx.label[1]
         return out
 
+    def _check(self, ctx, measured: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Run the counterfactuals (:mod:`sweeper.counterfactual`) and decide the checked cause.
+
+        A learned-then-collapsed trial keeps its label (it names what happened, and outcomes read it);
+        its evidence is still recorded. A run that fails (e.g. out of memory for a BN copy) leaves the
+        measured cause and says why, instead of failing the trial: the runs only ever touch copies."""
+        from sweeper.counterfactual import checked_cause, run_counterfactuals
+
+        if not self.cfg.counterfactuals:
+            self._checked = {"cause": measured, "decisive": False, "evidence": "counterfactuals off"}
+            return {}
+        try:
+            evidence = run_counterfactuals(ctx, self.cfg)
+        except Exception as exc:  # noqa: BLE001 -- a diagnostic must not end a sweep's trial
+            why = f"the runs failed: {type(exc).__name__}: {exc}"
+            self._checked = {"cause": measured, "decisive": False, "evidence": why}
+            return {"cf_skipped": why, "cf_evidence": f"no counterfactuals: {why}"}
+        cause, decisive = checked_cause(evidence, measured, lambda: signal_cause(metrics, self.layers))
+        line = evidence.sentence()
+        if measured == "learn_then_collapse":
+            decisive = False
+            if evidence.runs:
+                line += f" -> label kept: learn_then_collapse (the interventions point to {cause})"
+        elif evidence.runs:
+            line += f" -> {cause}" + ("" if cause == measured else f" (measured: {measured})")
+        self._checked = {"cause": cause if decisive else measured, "decisive": decisive, "evidence": line}
+        return {**evidence.metrics(), "cf_evidence": line}
+
     def state_dict(self) -> dict[str, Any]:
         return {"start_weights": self._start_weights, "min_loss": self._min_loss,
-                "initial_max_update": self._initial_max_update}
+                "initial_max_update": self._initial_max_update, "checked": self._checked}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._start_weights = list(state["start_weights"])
         self._min_loss = state["min_loss"]
         self._initial_max_update = state["initial_max_update"]
+        self._checked = state.get("checked")  # absent in checkpoints written before issue #10
 
     # ---- measurement ----------------------------------------------------------------------------
 
@@ -370,6 +410,25 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
             return "lr_too_high"
         return "lr_too_small"
     return "plateau"
+
+
+def signal_cause(metrics: dict[str, Any], layers: list[LayerInfo]) -> str:
+    """The init/signal cause the measurements point to, when an intervention on the init (He, BN)
+    fixed a stall that classify_stall named otherwise: dead units if the deep half is dead, else the
+    signal that collapsed more along depth -- forward (last/first activation std) or backward
+    (first/last weight-gradient norm)."""
+    keys = [l.key for l in layers if not l.aux and f"act_std/{l.key}" in metrics]
+    if not keys:
+        return "vanishing_signal"
+    deep = [metrics.get(f"dead_frac/{k}", 0.0) for k in keys[len(keys) // 2:]]
+    deep = [d for d in deep if math.isfinite(d)]
+    if deep and sum(deep) / len(deep) > DEAD_DEEP:
+        return "dead_relu"
+    stds = [metrics[f"act_std/{k}"] for k in keys]
+    forward = min(stds[1:], default=stds[0]) / stds[0] if stds[0] > 0 else 1.0
+    first, last = metrics.get(f"grad_norm/{keys[0]}", 1.0), metrics.get(f"grad_norm/{keys[-1]}", 1.0)
+    backward = first / last if last > 0 else 1.0
+    return "vanishing_gradient" if backward < forward else "vanishing_signal"
 
 
 # ---- theory -------------------------------------------------------------------------------------

@@ -391,3 +391,54 @@ def test_googlenet_probe_gradient_includes_weighted_aux_losses():
         loss = sum(w * nn.functional.cross_entropy(o, y) for w, o in ((1.0, logits), (0.3, aux1), (0.3, aux2)))
         loss.backward()
     assert m["grad_norm/l00_conv"] == pytest.approx(float(model.conv1.conv.weight.grad.norm()), rel=1e-4)
+
+
+# ---- causes checked by intervention (issue #10) ----------------------------------------------------
+
+from sweeper.counterfactual import Evidence, RunResult  # noqa: E402
+from sweeper.diagnostics import signal_cause  # noqa: E402
+
+
+@pytest.mark.parametrize("case,cause", [
+    (dict(stds=[1, 1, 1, 1], updates=[1e-4] * 4, dead=[0, 0, 0.6, 0.7]), "dead_relu"),
+    (dict(stds=[1, 0.5, 0.3, 0.2], updates=[1e-4] * 4, grads=[1e-4, 1e-2, 0.1, 1]), "vanishing_gradient"),
+    (dict(stds=[1, 1e-2, 1e-3, 1e-4], updates=[1e-4] * 4, grads=[0.5, 1, 1, 1]), "vanishing_signal"),
+])
+def test_signal_cause_follows_the_measurements(case, cause):
+    metrics, layers = _fake(**case)
+    assert signal_cause(metrics, layers) == cause
+
+
+def test_a_fake_context_without_training_batches_records_why_nothing_ran():
+    ctx = _ctx(_mlp(), torch.randn(8, 3, 8, 8), torch.arange(8))
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=1))
+    diag.on_fit_start(ctx)
+    out = diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
+    assert "no training batches" in out["cf_skipped"]
+    assert out["stall_reason"] == out["stall_reason_measured"]
+
+
+def test_the_checked_cause_is_decided_once_and_labels_every_later_stalled_epoch(monkeypatch):
+    calls = []
+
+    def fake_runs(ctx, cfg):
+        calls.append(ctx)
+        runs = {"lr_div10": RunResult(True, 1.5, 50), "lr_x10": RunResult(False, 2.3, 50)}
+        return Evidence(runs=runs, steps=50, total_steps=100, budget=2000)
+
+    monkeypatch.setattr("sweeper.counterfactual.run_counterfactuals", fake_runs)
+    monkeypatch.setattr("sweeper.diagnostics.classify_stall", lambda *a, **k: "lr_too_small")
+    ctx = _ctx(_mlp(), torch.randn(8, 3, 8, 8), torch.arange(8))
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=1))
+    diag.on_fit_start(ctx)
+    first = diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
+    assert ctx.label == ("stalled", "lr_too_high") and first["stall_reason_measured"] == "lr_too_small"
+    assert first["cf_evidence"] == "lr/10 escaped chance in 50 steps; lr x10 did not -> lr_too_high " \
+                                   "(measured: lr_too_small)"
+    ctx.history.append({"train_loss": math.log(10)})
+    second = diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
+    assert len(calls) == 1 and "cf_evidence" not in second and second["stall_reason"] == "lr_too_high"
+    resumed = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=1))  # the verdict is checkpointed
+    resumed.load_state_dict(diag.state_dict())
+    resumed.on_epoch_end(ctx, {"train_loss": math.log(10)})
+    assert len(calls) == 1 and ctx.label == ("stalled", "lr_too_high")
