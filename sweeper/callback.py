@@ -16,12 +16,13 @@ from ray.tune import Callback
 
 from sweeper.config import TrialConfig
 from sweeper.console import console, fmt
+from sweeper.driver import setting
 from sweeper.outcomes import Outcome, classify
 from sweeper.records import SweepRecord, scalar_metrics
 from sweeper.spaces import Sweep
 from sweeper.tracking import Tracker
 
-__all__ = ["SweepCallback", "activate", "trial_label"]
+__all__ = ["SweepCallback", "trial_label"]
 
 
 
@@ -38,16 +39,6 @@ def trial_label(config: Mapping[str, Any]) -> str:
     if config.get("seed") not in (None, 0):  # replicates (Sweep.seeds) stay apart by name
         parts.append(f"s{config['seed']}")
     return "-".join(parts)
-
-
-# This launch's settings, read by a SweepCallback that Tuner.restore unpickled (see its setup).
-_ACTIVE: dict[str, Any] = {}
-
-
-def activate(**settings: Any) -> None:
-    """Make this launch's tracker and flags the ones every SweepCallback uses; none to clear."""
-    _ACTIVE.clear()
-    _ACTIVE.update(settings)
 
 
 class SweepCallback(Callback):
@@ -68,8 +59,9 @@ class SweepCallback(Callback):
         self.started, self.last_print = time.time(), 0.0  # a resumed sweep's clock starts now
         # Tuner.restore brings this callback back from Ray's pickle with the first launch's
         # settings; this launch's tracker (its tracking URI) and output flags win.
-        if _ACTIVE:
-            self.tracker, self.quiet = _ACTIVE["tracker"], _ACTIVE["quiet"]
+        self.tracker = setting("tracker", self.tracker)
+        self.quiet = setting("quiet", self.quiet)
+        self.record_dir = setting("record_dir", self.record_dir)
 
     @property
     def _record(self) -> SweepRecord:
@@ -144,6 +136,9 @@ class SweepCallback(Callback):
                    epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
         if last:
             rec["last"] = scalar_metrics(last)
+        evidence = next((e["cf_evidence"] for e in reversed(epochs) if e.get("cf_evidence")), None)
+        if evidence:
+            rec["cause_evidence"] = evidence
         self._record.write_trial(trial.trial_id, rec)
         self.states[trial.trial_id] = outcome
         self._open_run(trial)
@@ -154,6 +149,8 @@ class SweepCallback(Callback):
                 "mlflow.note.content": diagnosis(trial_label(trial.config), result, rec)}
         if outcome == "stalled":
             tags["sweeper.stall_reason"] = result.cause
+        if evidence:  # what the interventions showed (sweeper.counterfactual): strings are no metrics
+            tags["sweeper.cause_evidence"] = evidence
         if decision is not None:
             tags.update({f"sweeper.prune.{k}": decision.get(k)
                          for k in ("rung", "cutoff", "peers", "value")})

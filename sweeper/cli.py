@@ -263,16 +263,26 @@ def sync(
 def report(
     name: str = typer.Argument(..., help="Sweep name."),
     storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
-    out: Optional[Path] = typer.Option(None, help="Directory (default: the sweep record's report/)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Directory (default: the sweep record's report/; ./NAME-report for a sweep on "
+                   "a URI, whose record's copy goes to the storage too)."),
 ) -> None:
     """Write the study report (tables, figures, text, one HTML file)."""
+    import shutil
+
     from sweeper.local import existing_record
     from sweeper.report import build_report
 
-    record = existing_record(name, storage)
-    result = build_report(record, out or record.dir / "report")
+    record, mirror = existing_record(name, storage, with_mirror=True)
+    result = build_report(record, record.dir / "report" if mirror or out is None else out)
+    html = result.html
+    if mirror is not None:  # beside the sweep on its storage, and here to open
+        mirror.push()
+        target = out or Path(f"{name}-report")
+        shutil.copytree(record.dir / "report", target, dirs_exist_ok=True)
+        html = target / Path(result.html).name
     console.print(result.summary)
-    console.print(f"report: {result.html}")
+    console.print(f"report: {html}")
 
 
 @app.command()

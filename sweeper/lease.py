@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["DriverLease", "LEASE_FILE", "LeaseHeld", "LeaseInfo", "STALE_AFTER_S", "clean_orphans", "read_lease",
+__all__ = ["DriverLease", "LEASE_FILE", "LeaseHeld", "LeaseInfo", "STALE_AFTER_S", "STOP_FILE",
+           "clean_orphans", "read_lease",
            "request_stop"]
 
 HEARTBEAT_S = 2.0

@@ -160,14 +160,29 @@ def print_plan(sweep) -> None:
         console.print(f"sampled per trial: {escape(key)} ~ {escape(text)}")
 
 
-def existing_record(name: str, storage: str | None):
-    from sweeper.tuner import record_for, storage_root
+def resolve_storage(name: str, storage: str | None) -> str | None:
+    """--storage if given; else ./sweeps if the sweep is there; else where this machine launched it."""
+    from sweeper.store import index_lookup
+    from sweeper.tuner import DEFAULT_STORAGE, storage_root
 
-    record = record_for(name, storage)
+    if storage is not None:
+        return storage
+    if (Path(storage_root(DEFAULT_STORAGE)) / name / "sweeper" / "sweep.json").is_file():
+        return None
+    return index_lookup(name)
+
+
+def existing_record(name: str, storage: str | None, *, with_mirror: bool = False):
+    """The sweep's record, read from wherever it lives (a fresh local copy for a URI)."""
+    from sweeper.store import redacted_root
+    from sweeper.tuner import open_sweep_record, storage_root
+
+    storage = resolve_storage(name, storage)
+    record, mirror = open_sweep_record(name, storage)
     if not record.exists():
-        raise ConfigError([f"no sweep named {name!r} under {storage_root(storage)} "
+        raise ConfigError([f"no sweep named {name!r} under {redacted_root(storage_root(storage))} "
                            "(pass --storage where it was launched)"])
-    return record
+    return (record, mirror) if with_mirror else record
 
 
 def saved_sweep(name: str, storage: str | None):
@@ -184,7 +199,7 @@ def saved_sweep(name: str, storage: str | None):
         path = Path(tmp) / f"{name}.py"
         path.write_text(text)
         sweep, _ = load_sweep(path, items)
-    sweep = sweep.replace(name=name, storage=storage or sweep.storage)
+    sweep = sweep.replace(name=name, storage=resolve_storage(name, storage) or sweep.storage)
     return sweep, text, meta.get("overrides", {})
 
 
@@ -215,7 +230,7 @@ def print_status(name: str, storage: str | None) -> None:
                       f"{n} {k}" + (f" ({at_chance} at chance)" if k == "pruned" and at_chance else "")
                       for k, n in sorted(counts.items())))
     if "sweep_uid" in meta:
-        tracker = _tracker_for(name, storage, None)
+        tracker = _tracker_for(record, storage, None)
         pending = tracker.pending()
         if pending:
             error_console.print(f"[yellow]MLflow: {pending} operation(s) not yet delivered to "
@@ -261,21 +276,30 @@ def _varying_keys(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
-def _tracker_for(name: str, storage: str | None, tracking_uri: str | None):
+def _tracker_for(record, storage: str | None, tracking_uri: str | None):
     from sweeper.tracking import Tracker, default_tracking_uri
     from sweeper.tuner import record_root
 
-    record = existing_record(name, storage)
     meta = record.meta()
     uri = tracking_uri or meta.get("tracking_uri") or default_tracking_uri(record_root(storage))
-    return Tracker(record.dir, uri, experiment=name, sweep_uid=meta["sweep_uid"])
+    return Tracker(record.dir, uri, experiment=meta.get("name", record.experiment_dir.name),
+                   sweep_uid=meta["sweep_uid"])
 
 
 def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
                   wait_s: float) -> bool:
-    tracker = _tracker_for(name, storage, tracking_uri)
+    from sweeper.lease import read_lease
+
+    record, mirror = existing_record(name, storage, with_mirror=True)
+    lease = read_lease(record.dir)
+    if mirror is not None and lease is not None and lease.alive:
+        raise ConfigError([f"sweep {name!r} is running (driver {lease.describe()}): its driver "
+                           "delivers its own tracking; sync after it ends"])
+    tracker = _tracker_for(record, storage, tracking_uri)
     before = tracker.pending()
     ok = tracker.flush_until(wait_s)
+    if mirror is not None:
+        mirror.push()  # what was delivered, so the next reader does not deliver it again
     if ok:
         console.print(f"delivered {before} tracking operation(s); nothing pending")
     else:

@@ -36,6 +36,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeper.console import error_console
+from sweeper.driver import setting
 from sweeper.records import SweepRecord
 
 __all__ = ["CellASHA", "PrunedAwareOptunaSearch", "make_scheduler", "make_searcher", "milestones"]
@@ -73,8 +74,13 @@ class CellASHA(FIFOScheduler):
     # ---- the rung table, kept in the sweep record ---------------------------------------------
 
     @property
+    def _record_dir(self) -> str:
+        # A restored scheduler writes where this launch's record is, not where the first one was.
+        return setting("record_dir", self.record_dir)
+
+    @property
     def _path(self) -> Path:
-        return Path(self.record_dir) / "sweeper" / RUNGS_FILE
+        return Path(self._record_dir) / "sweeper" / RUNGS_FILE
 
     def table(self) -> dict[str, dict[str, dict[str, float]]]:
         if self._table is None:  # a restored sweep: the rungs as the last driver left them
@@ -111,7 +117,7 @@ class CellASHA(FIFOScheduler):
                               epoch, result[self.metric])
         if decision is None:
             return TrialScheduler.CONTINUE
-        SweepRecord(self.record_dir).append_decision(decision)
+        SweepRecord(self._record_dir).append_decision(decision)
         return TrialScheduler.STOP
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -141,13 +142,29 @@ class Tracker:
 
     @property
     def state_path(self) -> Path:
-        return self.dir / "mlflow_state.json"
+        """Delivery state per tracking server: the spool is one, the servers may be several.
+
+        Resuming or syncing a sweep against another server starts that server's state at the top of
+        the spool, so its runs are created there (found again by tag, never twice), and neither
+        server's run ids are ever sent to the other. An embedded SQLite store is keyed by its file
+        and host as well: the same relative path on two machines is two stores.
+        """
+        key = redact(self.tracking_uri)
+        if key.startswith("sqlite:"):
+            key = f"{key}@{socket.gethostname()}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return self.dir / f"mlflow_state-{digest}.json"
 
     def _state(self) -> dict[str, Any]:
         if self.state_path.is_file():
             return json.loads(self.state_path.read_text())
-        return {"offset": 0, "delivered": 0, "experiment_id": None, "parent": None, "runs": {},
-                "steps": {}, "last_error": None}
+        legacy = self.dir / "mlflow_state.json"  # one unkeyed state, from before servers were keyed
+        if legacy.is_file():
+            state = json.loads(legacy.read_text())
+            if state.get("tracking_uri") in (None, redact(self.tracking_uri)):
+                return state
+        return {"tracking_uri": redact(self.tracking_uri), "offset": 0, "delivered": 0,
+                "experiment_id": None, "parent": None, "runs": {}, "steps": {}, "last_error": None}
 
     def _save_state(self, state: Mapping[str, Any]) -> None:
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")

@@ -59,9 +59,13 @@ def train_trial(config: dict[str, Any], metric: str = "val_accuracy", mode: str 
 
     checkpoint = tune.get_checkpoint()
     fail_at = _fail_once_epoch()
+    import ray
+
+    # Which Ray node ran each epoch: on one machine every node shares the IP that Tune records.
+    node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], save) -> None:
-        metrics = with_metric(metrics, metric, mode)
+        metrics = {**with_metric(metrics, metric, mode), "node_id": node_id}
         with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as d:
             save(Path(d))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

@@ -26,13 +26,15 @@ from typing import Any, Mapping
 import ray
 from ray import tune
 
-from sweeper.callback import SweepCallback, activate, trial_label
+from sweeper.callback import SweepCallback, trial_label
 from sweeper.checkpoints import repair_restorable_checkpoints
+from sweeper.driver import activate
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
 from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
+from sweeper.store import Mirror, index_remember, join_uri, open_record, redacted_root
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
@@ -74,8 +76,7 @@ def storage_root(storage: str | None) -> str:
 
 
 def experiment_dir(name: str, storage: str | None) -> str:
-    root = storage_root(storage)
-    return f"{root.rstrip('/')}/{name}"
+    return join_uri(storage_root(storage), name)
 
 
 def record_root(storage: str | None) -> str:
@@ -84,9 +85,13 @@ def record_root(storage: str | None) -> str:
     return storage_root(DEFAULT_STORAGE) if "://" in root else root
 
 
-def record_for(name: str, storage: str | None) -> SweepRecord:
-    """The local record of a sweep. Remote storage keeps Ray's state remote; the record stays local."""
-    return SweepRecord(Path(record_root(storage)) / name)
+def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirror | None]:
+    """The sweep's record where it lives (see sweeper.store); a Mirror when that is a URI."""
+    root = storage_root(storage)
+    try:
+        return open_record(name, root)
+    except OSError as exc:  # pyarrow: unreachable endpoint, no credentials, no such bucket...
+        raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {exc}"]) from None
 
 
 def _check_storage(root: str, *, multi_node: bool) -> list[str]:
@@ -342,8 +347,8 @@ def _refuse_ray_client(address: str | None) -> None:
         f"dashboard port 8265; never expose it):\n  {command}"])
 
 
-def _prepare(sweep: Sweep, *, local: bool, num_cpus: int | None, restore: bool,
-             address: str | None = None) -> None:
+def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | None,
+             restore: bool, address: str | None = None) -> None:
     """Every check that needs no cluster, before Ray starts: bad input exits with nothing started."""
     if not local:
         if not (address or os.environ.get("RAY_ADDRESS")):
@@ -352,7 +357,6 @@ def _prepare(sweep: Sweep, *, local: bool, num_cpus: int | None, restore: bool,
                 "or --local to start a fresh Ray on this machine"])
         _refuse_ray_client(address)
     root = storage_root(sweep.storage)
-    record = record_for(sweep.name, sweep.storage)
     if record.exists():
         if not restore:
             raise ConfigError([f"sweep {sweep.name!r} already exists in "
@@ -388,8 +392,8 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 
     root = storage_root(sweep.storage)
     exp_dir = experiment_dir(sweep.name, sweep.storage)
-    record = record_for(sweep.name, sweep.storage)
-    _prepare(sweep, local=local, num_cpus=num_cpus, restore=restore, address=address)
+    record, mirror = open_sweep_record(sweep.name, sweep.storage)
+    _prepare(sweep, record, local=local, num_cpus=num_cpus, restore=restore, address=address)
 
     created = _dirs_to_create(record.dir)
     lease = DriverLease(record.dir)
@@ -419,6 +423,9 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
             if ray.is_initialized():
                 ray.shutdown()
             _remove_created(created)
+    index_remember(sweep.name, root)
+    if mirror is not None:  # the record goes to the storage from now on, heartbeat included
+        mirror.start()
     try:
         return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
                     quiet=quiet, overrides=overrides, restore=restore, tracking_uri=tracking_uri,
@@ -427,6 +434,8 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                     trainable_fn=train_trial, lease=lease)
     finally:
         lease.release()
+        if mirror is not None:
+            mirror.stop()  # the last push: the released lease disappears from the storage too
         if ray.is_initialized() and local:
             ray.shutdown()
 
@@ -532,7 +541,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             ),
         )
-    activate(tracker=tracker, quiet=quiet)
+    activate(tracker=tracker, quiet=quiet, record_dir=str(record.experiment_dir))
     try:
         tuner.fit()
     finally:
@@ -647,22 +656,24 @@ def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: boo
 def stop_sweep(name: str, storage: str | None) -> str:
     """Ask the driver of a running sweep to save its state and exit (it stays resumable).
 
-    The request is a file in the sweep's record that the driver's own heartbeat thread acts on:
-    no process is ever signalled from here, so a pid reused after a crash is never hit.
+    The request is a file in the sweep's record -- on its storage, for a sweep on a URI -- that the
+    driver's own heartbeat thread acts on: no process is ever signalled from here, so a pid reused
+    after a crash is never hit, and it works from any machine that can write the storage.
     """
-    from sweeper.lease import read_lease, request_stop
+    from sweeper.lease import STOP_FILE, read_lease, request_stop
+    from sweeper.local import existing_record
 
-    record = record_for(name, storage)
-    if not record.exists():
-        raise ConfigError([f"no sweep named {name!r} under {storage_root(storage)} "
-                           "(pass --storage where it was launched)"])
-    info = request_stop(record.dir)
-    if info is not None:
+    record, mirror = existing_record(name, storage, with_mirror=True)
+    info = read_lease(record.dir)
+    if info is not None and info.alive:
+        if mirror is not None:
+            mirror.put_remote(STOP_FILE, json.dumps({"requested": time.time()}).encode())
+        else:
+            request_stop(record.dir)
         return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
                 f"`sweeper launch` or `sweeper resume {name}` continues it")
-    stale = read_lease(record.dir)
-    if stale is not None or (record.dir / "driver.json").exists():
-        who = stale.describe() if stale else "an older driver"
+    if info is not None or (record.dir / "driver.json").exists():
+        who = info.describe() if info else "an older driver"
         return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
                 f"`sweeper resume {name}` continues it")
     return f"sweep {name!r} is not running"

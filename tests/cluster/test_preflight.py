@@ -8,16 +8,14 @@ problem there is one clear message naming the nodes, with nothing started and no
 
 import os
 import re
-import secrets
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import free_port, run_sweeper
+from _cluster import cluster  # noqa: F401 - the fixture
+from conftest import run_sweeper
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,51 +24,6 @@ from sweeper.spaces import Sweep
 SWEEP = Sweep(name="on_cluster", space={"model.arch": "smallcnn", "data.name": "cifar10",
               "diagnostics.enabled": False}, max_epochs=1)
 """
-
-
-def _ray_start(args: list[str], env: dict) -> None:
-    ray = Path(sys.executable).with_name("ray")
-    out = subprocess.run([str(ray), "start", *args], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-
-
-def _end_cluster(temp_dir: Path) -> None:
-    needle = str(temp_dir).encode()
-    for _ in range(3):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if needle in (entry / "cmdline").read_bytes():
-                        pids.append(int(entry.name))
-                except OSError:
-                    continue
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(1)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    temp_dir = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        _ray_start(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env)
-        for _ in range(2):
-            _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-                        "--disable-usage-stats"], env)
-        yield f"127.0.0.1:{port}", env
-    finally:
-        _end_cluster(temp_dir)
 
 
 def test_cluster_checks_run_on_each_worker_node_and_refuse_with_nothing_written(cluster, tmp_path):
