@@ -252,7 +252,7 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, data, criterion: 
            steps: int, autocast) -> torch.Tensor:
     """``steps`` training steps on the trial's batch order; the per-step losses (one host read at the
     end, plus one every _DIVERGE_CHECK steps to end a run that has diverged)."""
-    from sweeper.models import split_outputs
+    from sweeper.train import train_step
 
     aux_weight = cfg.model.aux_weight
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # as fit's batch generator: the same batches
@@ -261,13 +261,8 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, data, criterion: 
     while len(losses) < steps:
         before = len(losses)
         for x, y in data.train_batches(gen):
-            with autocast():
-                logits, aux = split_outputs(model(x))
-                loss = criterion(logits.float(), y)
-                total = loss + aux_weight * sum(criterion(a.float(), y) for a in aux) if aux else loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            _, loss = train_step(model, optimizer, criterion, x, y, aux_weight=aux_weight,
+                                 autocast=autocast)
             losses.append(loss.detach().float())
             if len(losses) >= steps:
                 break

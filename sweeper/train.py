@@ -43,6 +43,7 @@ __all__ = [
     "evaluate",
     "fit",
     "resolve_device",
+    "train_step",
 ]
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -262,13 +263,8 @@ def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast,
     model.train()
     totals = None
     for x, y in ctx.data.train_batches(gen):
-        with autocast():
-            logits, aux = split_outputs(net(x))
-            loss = criterion(logits.float(), y)
-            total = loss + aux_weight * sum(criterion(a.float(), y) for a in aux) if aux else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        logits, loss = train_step(net, optimizer, criterion, x, y, aux_weight=aux_weight,
+                                  autocast=autocast)
         # No .item() here: a host-device sync per step costs more than a small net's step on a GPU.
         batch = _batch_stats(logits.detach(), y, loss.detach())
         totals = batch if totals is None else totals.add_(batch)
@@ -289,6 +285,24 @@ def _eval_totals(model: nn.Module, batches, criterion: nn.Module, autocast) -> t
             totals = batch if totals is None else totals.add_(batch)
     model.train(was_training)
     return totals
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+               x: torch.Tensor, y: torch.Tensor, *, aux_weight: float = 0.0,
+               autocast: Callable[[], Any] = contextlib.nullcontext):
+    """One optimizer step; (logits, main loss), both still on the device.
+
+    GoogLeNet's auxiliary heads add ``aux_weight`` times their losses to what is minimised, as in
+    the paper; the loss reported is the main head's.
+    """
+    with autocast():
+        logits, aux = split_outputs(net(x))
+        loss = criterion(logits.float(), y)
+        total = loss + aux_weight * sum(criterion(a.float(), y) for a in aux) if aux else loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return logits, loss
 
 
 def _batch_stats(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:

@@ -467,6 +467,11 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                       or default_tracking_uri(record_root(sweep.storage)),
                       experiment=sweep.name, sweep_uid=meta["sweep_uid"])
     record.update_meta(tracking_uri=redact(tracker.tracking_uri))
+    if tracker.tracking_uri.startswith("sqlite:") and (not local or "://" in root):
+        # A cluster sweep, or one whose record lives on a URI: its runs are on this machine only.
+        console.print(f"MLflow runs go to the embedded store {tracker.tracking_uri} on this machine "
+                      "(`sweeper ui` serves it); pass --tracking-uri http://HOST:5000 to share them",
+                      style="yellow")
     tracker.start_sweep(
         run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(meta['created']))}",
         tags={"sweeper.sweep": sweep.name, "sweeper.git_sha": meta.get("git_sha"),

@@ -89,8 +89,7 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     c = Cluster(tmp_path_factory.mktemp("ray"), env)
     try:
-        c.start()
-        yield c.address, env
+        yield c.start()
     finally:
         c.stop()
 

@@ -58,7 +58,7 @@ def _status(storage: str, env: dict, cwd: Path) -> str:
 
 
 def test_a_sweep_on_s3_is_driven_read_stopped_and_resumed_from_anywhere(cluster, s3, tmp_path):
-    address, cluster_env = cluster
+    address, cluster_env = cluster.address, cluster.env
     storage = s3.uri()
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = tmp_path / "on_s3.py"

@@ -27,7 +27,7 @@ SWEEP = Sweep(name="on_cluster", space={"model.arch": "smallcnn", "data.name": "
 
 
 def test_cluster_checks_run_on_each_worker_node_and_refuse_with_nothing_written(cluster, tmp_path):
-    address, env = cluster
+    address, env = cluster.address, cluster.env
     space = tmp_path / "space.py"
     space.write_text(SPACE)
     work = tmp_path / "work"
@@ -48,7 +48,7 @@ def test_cluster_checks_run_on_each_worker_node_and_refuse_with_nothing_written(
 
 
 def test_a_driver_without_the_clusters_token_gets_one_sentence(cluster, tmp_path):
-    address, env = cluster
+    address, env = cluster.address, cluster.env
     space = tmp_path / "space.py"
     space.write_text(SPACE.replace('"cifar10"', '"digits"'))
     home = tmp_path / "home"  # no ~/.ray/auth_token here, and no RAY_AUTH_TOKEN
