@@ -9,7 +9,7 @@ from ray.cluster_utils import Cluster
 from sweeper.spaces import Sweep
 from sweeper.tuner import preflight
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts real (multi-node) Ray clusters
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ def store(tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.mlflow
+@pytest.mark.slow  # a real MLflow server, started and stopped twice
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ui_opens_in_training_mode_and_one_signal_stops_everything(store, stop):
     """SIGTERM as a supervisor sends it; SIGINT as Ctrl-C would (a terminal signals the foreground
