@@ -630,7 +630,10 @@ def mlflow_server_args() -> list[str]:
 def test_tracking_server_recipe():
     args = mlflow_server_args()
     opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
-    assert urlparse(opt["--backend-store-uri"]).scheme == "postgresql"
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the image installs psycopg2 (the same
+    # driver tests/test_postgres.py runs the real server with), so the URI must name it.
+    assert urlparse(opt["--backend-store-uri"]).scheme == "postgresql+psycopg2"
+    assert "psycopg2-binary" in (INFRA / "tracking.Dockerfile").read_text()
     assert urlparse(opt["--backend-store-uri"]).hostname == "postgres"  # the compose service
     artifacts = urlparse(opt["--artifacts-destination"])
     assert artifacts.scheme == "s3"
