@@ -3,7 +3,8 @@
 Both sweeps run here, one after the other, on a fresh local Ray with the same sampled configurations
 (same seed), so the ratios compare like with like:
 
-    python bench/asha_vs_fifo.py --num-samples 1 --max-epochs 6
+    python bench/asha_vs_fifo.py --num-samples 1 --max-epochs 15 --prune-within sweep
+    python bench/asha_vs_fifo.py --num-samples 3 --max-epochs 15        # per-cell rungs need peers
 
 Writes bench/results/asha_vs_fifo.json and prints the table.
 """
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--max-epochs", type=int, default=6)
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--prune-within", choices=["cell", "sweep"], default="cell",
+                    help="ASHA's peers: the trial's grid cell (the study's default) or the sweep")
     args = ap.parse_args()
 
     rows = {}
@@ -34,6 +37,7 @@ def main() -> None:
         for scheduler in ("asha", "fifo"):
             overrides = ["dataset=digits", "width=1/8", f"max_epochs={args.max_epochs}",
                          f"num_samples={args.num_samples}", f"scheduler={scheduler}",
+                         f"prune_within={args.prune_within}",
                          f"storage={tmp}/{scheduler}", f"name=bench_{scheduler}"]
             sweep, text = load_sweep(ROOT / "search_spaces" / "vgg_depth.py", overrides)
             t0 = time.time()

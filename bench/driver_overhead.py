@@ -28,7 +28,7 @@ from sweeper.spaces import Sweep
 SWEEP = Sweep(
     name="overhead",
     space={{"model.arch": "smallcnn", "model.width": 0.125, "data.name": "digits",
-            "data.limit": {limit}, "diagnostics.enabled": False,
+            "data.limit": {limit!r}, "diagnostics.enabled": False,
             "optim.lr": tune.loguniform(1e-3, 1e-1)}},
     scheduler="fifo", max_epochs=1, num_samples={trials}, seed=0,
 )
@@ -40,7 +40,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--num-cpus", type=int, default=2)
-    ap.add_argument("--limit", type=int, default=512, help="training images per trial")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="training images per trial (default: all of digits' ~1300: ~0.4 s a trial)")
     args = ap.parse_args()
 
     import torch
