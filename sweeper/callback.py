@@ -93,6 +93,9 @@ class SweepCallback(Callback):
             self.opened.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        carried = result.pop("resumed_history", None)
+        if carried:
+            self._fill_gap(trial, carried, before=int(result.get("epoch", 0)))
         self._record.append_epoch(trial.trial_id, result)
         self._open_run(trial)
         self.tracker.log_result(trial.trial_id, result)
@@ -110,6 +113,22 @@ class SweepCallback(Callback):
         rec["best"] = _best(rec.get("best"), scalar_metrics(result), self.sweep)
         self._record.write_trial(trial.trial_id, rec)
         self._progress(trials)
+
+    def _fill_gap(self, trial, carried: str, *, before: int) -> None:
+        """Epochs the resumed checkpoint holds that the record lacks (a killed driver's last unpushed
+        seconds): recorded and tracked now, from the checkpoint's own rows, so none goes missing."""
+        import json
+
+        have = {int(row.get("epoch", 0)) for row in self._record.epochs(trial.trial_id)}
+        for row in json.loads(carried):
+            epoch = int(row.get("epoch", 0))
+            if epoch not in have and 0 < epoch < before:
+                self._record.append_epoch(trial.trial_id, row)
+                self.tracker.log_result(trial.trial_id, row)
+                if not self.quiet:
+                    console.print(f"  {trial_label(trial.config)}: epoch {epoch} recorded from its "
+                                  "checkpoint (the previous driver died before writing it)",
+                                  style="yellow")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=None)

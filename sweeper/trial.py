@@ -22,16 +22,18 @@ from typing import Any
 from ray import tune
 
 from sweeper.config import TrialConfig
-from sweeper.train import CHECKPOINT_FILE, fit
+from sweeper.train import CHECKPOINT_FILE, INIT_PREFIX, fit
 
-__all__ = ["FAIL_ONCE_ENV", "MISSING_CHECKPOINT_MARKER", "train_trial", "with_metric",
-           "worst_value"]
+__all__ = ["FAIL_ONCE_ENV", "MISSING_CHECKPOINT_MARKER", "RESUMED_HISTORY", "train_trial",
+           "with_metric", "worst_value"]
 # Fault injection for the retry test: the first trial to finish epoch N (after its checkpoint is saved)
 # raises once, claiming a marker file so that no trial fails twice. Unset in normal use.
 FAIL_ONCE_ENV = "SWEEPER_TEST_FAIL_ONCE"
 # Left by sweeper.checkpoints in place of a checkpoint that is gone from storage with nothing newer
 # to stand in for it: Ray needs the directory to exist, and the trial starts again from scratch.
 MISSING_CHECKPOINT_MARKER = "SWEEPER_CHECKPOINT_MISSING"
+# The key of the resumed checkpoint's epochs in the first report after a resume (a JSON string).
+RESUMED_HISTORY = "resumed_history"
 
 
 def worst_value(metric: str, mode: str) -> float:
@@ -64,8 +66,12 @@ def train_trial(config: dict[str, Any], metric: str = "val_accuracy", mode: str 
     # Which Ray node ran each epoch: on one machine every node shares the IP that Tune records.
     node_id = ray.get_runtime_context().get_node_id()
 
+    carried: list[str] = []  # the resumed checkpoint's own epochs, for the first report only
+
     def report(metrics: dict[str, Any], save) -> None:
         metrics = {**with_metric(metrics, metric, mode), "node_id": node_id}
+        if carried:
+            metrics[RESUMED_HISTORY] = carried.pop()
         with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as d:
             save(Path(d))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -78,11 +84,30 @@ def train_trial(config: dict[str, Any], metric: str = "val_accuracy", mode: str 
             checkpoint.to_directory(resume_dir)
             if (Path(resume_dir) / CHECKPOINT_FILE).is_file():
                 resume_from = Path(resume_dir)
+                carried.append(_history_of(resume_from))
             else:
                 print(f"sweeper: the checkpoint {checkpoint.path} holds no trial state "
                       "(it was lost from storage): this trial starts again from scratch",
                       file=sys.stderr)
         fit(cfg, report=report, resume_from=resume_from, hooks=hooks)
+
+
+def _history_of(checkpoint_dir: Path) -> str:
+    """The epochs a checkpoint holds, as JSON: the first report after a resume carries them.
+
+    A driver killed between writing its record and pushing it to the storage can leave Ray's state
+    (which names this checkpoint) ahead of the sweep's record; the driver that resumes fills the
+    record's gap from these rows (see SweepCallback), so no epoch goes missing.
+    """
+    import json
+
+    import torch
+
+    state = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    rows = [dict(row) for row in state.get("history", [])]
+    if rows and state.get("initial"):
+        rows[0].update({INIT_PREFIX + k: v for k, v in state["initial"].items()})
+    return json.dumps(rows, default=float)
 
 
 def _fail_once_epoch() -> int | None:

@@ -250,17 +250,38 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | No
                            log_to_driver=False, configure_logging=False)
         return context.address_info.get("session_dir")
     address = address or os.environ.get("RAY_ADDRESS")
-    auth_error = getattr(ray.exceptions, "AuthenticationError", RuntimeError)
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (RuntimeError, auth_error) as exc:
-        if "token" in str(exc).lower():
+    except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError, AuthenticationError or
+        # ConnectionError here, depending on where the token was found wanting
+        text = str(exc)
+        if isinstance(exc, ConnectionError):
+            # Ray's own retries said why on stderr; a wrong token and a wrong address end alike.
             raise ConfigError([
-                f"the Ray cluster at {address!r} needs its authentication token, and this machine "
-                "has none: copy the head node's ~/.ray/auth_token to this machine's ~/.ray/, or "
-                "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"]) from None
-        raise
+                f"could not connect to the Ray cluster at {address!r}: it is not reachable from "
+                "here, or it refused this machine's authentication token (the cluster's is the "
+                "head node's ~/.ray/auth_token: copy it to this machine's ~/.ray/, or set "
+                "RAY_AUTH_TOKEN)"]) from None
+        if not any(word in text for word in ("token", "Unauthenticated", "InvalidAuthToken")):
+            raise
+        if _token_available():
+            raise ConfigError([
+                f"the Ray cluster at {address!r} refused this machine's authentication token: "
+                "it is not the cluster's. Copy the head node's ~/.ray/auth_token to this "
+                "machine's ~/.ray/auth_token, or set RAY_AUTH_TOKEN to it"]) from None
+        raise ConfigError([
+            f"the Ray cluster at {address!r} needs its authentication token, and this machine "
+            "has none: copy the head node's ~/.ray/auth_token to this machine's ~/.ray/, or "
+            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"]) from None
     return None
+
+
+def _token_available() -> bool:
+    """Whether this machine has a Ray token where Ray looks (ray/_private/authentication, 2.60)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path)
 
 
 def _local_capacity(num_cpus: int | None) -> list[dict[str, float]]:

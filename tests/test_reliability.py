@@ -355,3 +355,30 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
     assert all(t["status"] == "finished" and t["epochs"] == 12
                and t["outcome"] not in ("failed", "stopped", "pruned") for t in record.trials()), \
         [(t["outcome"], t["epochs"], t["reason"]) for t in record.trials()]
+
+
+def test_epochs_a_killed_driver_never_recorded_are_filled_from_the_resumed_checkpoint(tmp_path):
+    """Ray's state (and so the checkpoint a resume starts from) can be ahead of the sweep's record
+    when a driver dies between its record write and its push to the storage: the first report of
+    the resumed trial carries the checkpoint's epochs, and the gap is filled from them, once."""
+    from types import SimpleNamespace
+
+    from sweeper.callback import SweepCallback
+    from sweeper.spaces import Sweep
+    from sweeper.tracking import Tracker
+
+    record = _fake_sweep(tmp_path, "gap")
+    sweep = Sweep(name="gap", space={"model.arch": "smallcnn"}, max_epochs=5)
+    tracker = Tracker(record.dir, f"sqlite:///{tmp_path / 'ml.db'}", "gap", "uid")
+    cb = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=True, planned=1)
+    trial = SimpleNamespace(trial_id="t1", config={"model.arch": "smallcnn", "optim.lr": 0.1},
+                            num_failures=0, status="RUNNING")
+    for epoch in (1, 2):  # what the dead driver had recorded
+        record.append_epoch("t1", {"epoch": epoch, "train_loss": 2.0, "val_accuracy": 0.1})
+    history = [{"epoch": e, "train_loss": 2.0 - e / 10, "val_accuracy": 0.1 * e} for e in (1, 2, 3)]
+    cb.on_trial_result(0, [trial], trial, {"epoch": 4, "train_loss": 1.5, "val_accuracy": 0.5,
+                                           "resumed_history": json.dumps(history)})
+    assert [row["epoch"] for row in record.epochs("t1")] == [1, 2, 3, 4]
+    assert record.epochs("t1")[2]["train_loss"] == pytest.approx(1.7)  # from the checkpoint
+    assert all("resumed_history" not in row for row in record.epochs("t1"))
+    tracker.close()

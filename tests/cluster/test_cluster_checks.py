@@ -63,3 +63,18 @@ def test_a_driver_without_the_clusters_token_gets_one_sentence(cluster, tmp_path
     first = out.stderr.strip().splitlines()[0]
     assert "needs its authentication token" in first and "~/.ray/auth_token" in first
     assert time.time() - t0 < 60  # not a minute of retries
+
+
+def test_a_driver_with_the_wrong_token_gets_one_sentence(cluster, tmp_path):
+    space = tmp_path / "space.py"
+    space.write_text(SPACE.replace('"cifar10"', '"digits"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_TOKEN="0" * 64, HOME=str(tmp_path))  # a token, but not the cluster's
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "launch", str(space), "--address",
+                          cluster.address, "--storage", f"file://{tmp_path / 'shared'}"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    ours = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "refused this machine's authentication token" in ours[0], out.stderr
+    assert ours[0].startswith(f"error: could not connect to the Ray cluster at '{cluster.address}'")
+    assert "Traceback" not in out.stderr

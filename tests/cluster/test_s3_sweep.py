@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _cluster import AWS, cluster, s3  # noqa: F401 - fixtures
+from _cluster import AWS, cluster, pids_naming, s3  # noqa: F401 - fixtures
 from conftest import run_sweeper
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -49,6 +49,17 @@ def _fresh_dir(tmp_path: Path, name: str) -> tuple[Path, Path]:
     work.mkdir(parents=True)
     cache.mkdir(parents=True)
     return work, cache
+
+
+def _epochs_done(storage: str, env: dict, cwd: Path) -> int:
+    """Epochs run so far by all trials, as the storage shows them (status, from another machine)."""
+    out = run_sweeper("export", "on_s3", "--storage", storage, "-f", "json", "-o",
+                      str(cwd / "progress"), env=env, cwd=cwd)
+    if out.returncode != 0:
+        return 0
+    import json
+
+    return sum(int(t.get("epochs") or 0) for t in json.loads((cwd / "progress.json").read_text()))
 
 
 def _status(storage: str, env: dict, cwd: Path) -> str:
@@ -102,13 +113,36 @@ def test_a_sweep_on_s3_is_driven_read_stopped_and_resumed_from_anywhere(cluster,
     assert list(work_a.iterdir()) == [], list(work_a.iterdir())  # nothing of the sweep stayed on A
     assert "on_s3': not running" in _status(storage, env_b, work_b)
 
-    # ---- machine C resumes it to the end --------------------------------------------------------
+    # ---- machine C resumes it, and its driver is killed (SIGKILL, no goodbye) -------------------
     work_c, cache_c = _fresh_dir(tmp_path, "c")
-    resumed = run_sweeper(*launch, env=_env(cluster_env, cache_c), cwd=work_c, timeout=900)
+    before = _epochs_done(storage, env_b, work_b)
+    env_c = {**os.environ, **_env(cluster_env, cache_c)}
+    env_c.pop("RAY_ADDRESS", None)
+    killed = subprocess.Popen([sys.executable, "-m", "sweeper.cli", *launch], cwd=work_c,
+                              env=env_c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and _epochs_done(storage, env_b, work_b) < before + 2:
+            assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+            time.sleep(1)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    # Its trials were actors of the dead driver's job: Ray ends them; wait until none is left, so no
+    # late checkpoint lands behind the next driver's back.
+    deadline = time.time() + 120
+    while pids_naming("ray::ImplicitFunc") and time.time() < deadline:
+        time.sleep(0.5)
+
+    # ---- machine D takes the sweep over and finishes it -----------------------------------------
+    work_dd, cache_dd = _fresh_dir(tmp_path, "d2")
+    resumed = run_sweeper(*launch, env=_env(cluster_env, cache_dd), cwd=work_dd, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming sweep 'on_s3'" in resumed.stdout
+    assert "died without releasing the sweep: taking it over" in resumed.stdout
 
-    # ---- machine D reads the result: status, export and report agree ----------------------------
+    # ---- machine E reads the result: status, export and report agree ----------------------------
     work_d, cache_d = _fresh_dir(tmp_path, "d")
     env_d = _env(cluster_env, cache_d)
     status = _status(storage, env_d, work_d)
@@ -130,7 +164,7 @@ def test_a_sweep_on_s3_is_driven_read_stopped_and_resumed_from_anywhere(cluster,
     nodes = {row.get("node_id") for row in epochs}
     assert len(nodes - {None}) == 2, nodes
 
-    # One parent run across three drivers on three "machines", one child per trial, no step twice.
+    # One parent run across four drivers on four "machines", one child per trial, no step twice.
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("on_s3")
     runs = client.search_runs([exp.experiment_id], max_results=100)
