@@ -33,12 +33,12 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from sweeper.lease import STOP_FILE  # the request `sweeper stop` leaves beside the lease
 from sweeper.records import SweepRecord
 
 __all__ = ["Mirror", "index_lookup", "index_remember", "is_uri", "join_uri", "open_record"]
 
 PUSH_S = 3.0  # how stale another machine's view of a running sweep may be (plus the heartbeat's 2 s)
-STOP_FILE = "stop_request.json"
 LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
 
 

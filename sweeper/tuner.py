@@ -152,21 +152,34 @@ def _resource_problems(sweep: Sweep, capacity: list[dict[str, float]], *,
     return problems
 
 
-def _data_problems(sweep: Sweep) -> list[str]:
-    """Every dataset the grid names is present (decoded once into this node's cache)."""
-    from sweeper.data import DatasetUnavailable, load_splits
-
-    problems, checked = [], set()
+def _dataset_configs(sweep: Sweep) -> list[dict[str, Any]]:
+    """One flat config per distinct dataset the grid names (name, directory, resolution)."""
+    configs, seen = [], set()
     for cfg in _configs_to_check(sweep):
         key = (cfg.data.name, cfg.data.dir, cfg.data.resolution)
-        if key in checked:
-            continue
-        checked.add(key)
+        if key not in seen:
+            seen.add(key)
+            configs.append(cfg.to_flat())
+    return configs
+
+
+def _dataset_problems(data_configs: list[dict[str, Any]]) -> list[str]:
+    """Each dataset is present (decoded once into this node's cache), else why not."""
+    from sweeper.data import DatasetUnavailable, load_splits
+
+    problems = []
+    for flat in data_configs:
+        cfg = TrialConfig.from_flat(flat)
         try:
             load_splits(cfg.data, seed=cfg.seed)
         except DatasetUnavailable as exc:
             problems.append(str(exc))
     return problems
+
+
+def _data_problems(sweep: Sweep) -> list[str]:
+    """Every dataset the grid names is present on this machine."""
+    return _dataset_problems(_dataset_configs(sweep))
 
 
 def preflight(sweep: Sweep, *, root: str, gpu_available: bool, local: bool = False) -> list[str]:
@@ -189,15 +202,7 @@ def preflight(sweep: Sweep, *, root: str, gpu_available: bool, local: bool = Fal
 
 def check_node(root: str, data_configs: list[dict[str, Any]], expect_gpu: bool) -> list[str]:
     """Run on one node: can it write the storage, load every dataset, see its GPUs?"""
-    from sweeper.data import DatasetUnavailable, load_splits
-
-    problems = [p for p in _check_storage(root, multi_node=False)]
-    for flat in data_configs:
-        cfg = TrialConfig.from_flat(flat)
-        try:
-            load_splits(cfg.data, seed=cfg.seed)  # decodes once into this node's cache
-        except DatasetUnavailable as exc:
-            problems.append(str(exc))
+    problems = _check_storage(root, multi_node=False) + _dataset_problems(data_configs)
     if expect_gpu:
         import torch
 
@@ -210,12 +215,7 @@ def check_node(root: str, data_configs: list[dict[str, Any]], expect_gpu: bool) 
 def _node_problems(sweep: Sweep, root: str, nodes: list[dict[str, Any]]) -> list[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    data_configs, seen = [], set()
-    for cfg in _configs_to_check(sweep):
-        key = (cfg.data.name, cfg.data.dir, cfg.data.resolution)
-        if key not in seen:
-            seen.add(key)
-            data_configs.append(cfg.to_flat())
+    data_configs = _dataset_configs(sweep)
     workers = [n for n in nodes if n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0)]
     task = ray.remote(num_cpus=0)(check_node)
     refs = {n["NodeManagerAddress"] + (f" ({n['NodeID'][:8]})" if len(workers) > 1 else ""):
