@@ -33,13 +33,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--bn", choices=["on", "off", "both"], default="on", help="BatchNorm in the models")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model (the trial option)")
     args = ap.parse_args()
 
     print(f"{'arch':<10} {'img/s (last epoch)':>18} {'peak MiB':>9}")
     rows = []
-    for arch in args.archs:
+    variants = [(a, bn) for a in args.archs
+                for bn in {"on": [True], "off": [False], "both": [True, False]}[args.bn]]
+    for arch, bn in variants:
         cfg = TrialConfig.from_flat({
-            "model.arch": arch, "model.width": args.width, "model.batch_norm": True,
+            "model.arch": arch, "model.width": args.width, "model.batch_norm": bn,
+            "compile": args.compile,
             "data.name": args.dataset, "data.synthetic_size": args.size,
             "data.batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
             "amp": not args.no_amp, "diagnostics.enabled": False, "optim.lr": 0.01})
@@ -48,13 +53,14 @@ def main() -> None:
         # Not torch.cuda.max_memory_allocated() here: fit resets the peak each epoch. CUDA only.
         peaks = [h["gpu_memory_peak_mb"] for h in result.history if "gpu_memory_peak_mb" in h]
         peak = max(peaks) if peaks else float("nan")
-        print(f"{arch:<10} {result.last['images_per_second']:>18.0f} {peak:>9.0f}")
-        rows.append({"arch": arch, "images_per_second": result.last["images_per_second"],
+        name = arch + ("_bn" if bn else "")
+        print(f"{name:<10} {result.last['images_per_second']:>18.0f} {peak:>9.0f}", flush=True)
+        rows.append({"arch": arch, "batch_norm": bn, "compile": args.compile, "images_per_second": result.last["images_per_second"],
                      "gpu_memory_peak_mb": peak if peaks else None,
                      "device": str(resolve_device(cfg.device)), "config": cfg.to_flat()})
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(rows, indent=1))
+    (out / ("throughput_compiled.json" if args.compile else "throughput.json")).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

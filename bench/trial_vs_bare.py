@@ -52,7 +52,8 @@ from sweeper.spaces import Sweep
 SWEEP = Sweep(
     name="{name}",
     space={{"model.arch": "{arch}", "model.width": {width}, "data.name": "{dataset}",
-            "data.batch_size": {batch_size}, "diagnostics.enabled": False, "device": "{device}"}},
+            "data.batch_size": {batch_size}, "data.synthetic_size": {size},
+            "diagnostics.enabled": False, "device": "{device}"}},
     scheduler="fifo", max_epochs={epochs}, num_samples=1, seed=0,
 )
 '''
@@ -148,7 +149,7 @@ def through_ray(args, tmp: Path, rep: int) -> dict[str, list[float]]:
     name = f"trial_vs_bare_{rep}"
     space = tmp / f"{name}.py"
     space.write_text(SPACE.format(name=name, arch=args.arch, width=args.width, dataset=args.dataset,
-                                  batch_size=args.batch_size, epochs=args.epochs,
+                                  batch_size=args.batch_size, size=args.size, epochs=args.epochs,
                                   device=args.device))
     store = tmp / "store"
     sweep, text = load_sweep(space, [f"storage={store}"])
@@ -205,6 +206,7 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=0.125)
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=2048, help="examples, for --dataset synthetic")
     ap.add_argument("--epochs", type=int, default=10, help="per run (>= 3: epoch 1 and the last "
                     "are left out of the epoch spacing)")
     ap.add_argument("--reps", type=int, default=3)
@@ -233,7 +235,7 @@ def main() -> None:
         space = Path(tmp) / "config.py"
         space.write_text(SPACE.format(name="config", arch=args.arch, width=args.width,
                                       dataset=args.dataset, batch_size=args.batch_size,
-                                      epochs=args.epochs, device=args.device))
+                                      size=args.size, epochs=args.epochs, device=args.device))
         cfg = TrialConfig.from_flat(sample_config(load_sweep(space)[0]))
         splits = load_splits(cfg.data, seed=cfg.seed)
         torch.set_num_threads(args.threads)

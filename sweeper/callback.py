@@ -9,6 +9,7 @@ stalled or failed.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Mapping
 
@@ -111,6 +112,12 @@ class SweepCallback(Callback):
         rec.update(status="running", epochs=int(result.get("epoch", 0)),
                    last=scalar_metrics(result))
         rec["best"] = _best(rec.get("best"), scalar_metrics(result), self.sweep)
+        checkpoint = result.get("checkpoint_dir_name")  # set by Ray when this report saved one
+        if checkpoint:
+            # Relative to the experiment dir, so that the record reads the same on any machine and
+            # storage URI (sweeper.checkpoints.load_trial_state joins it to the storage root).
+            rec["checkpoint"] = f"{os.path.basename(str(trial.path).rstrip('/'))}/{checkpoint}"
+            rec["checkpoint_epoch"] = int(result.get("epoch", 0))
         self._record.write_trial(trial.trial_id, rec)
         self._progress(trials)
 

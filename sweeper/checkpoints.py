@@ -33,10 +33,11 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["Repair", "repair_restorable_checkpoints", "restorable_checkpoints"]
+__all__ = ["Repair", "load_trial_state", "trial_checkpoint_location", "repair_restorable_checkpoints", "restorable_checkpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +165,46 @@ def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     else:  # object stores cannot rename a prefix: copy it (it appears as written), then delete
         pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
         fs.delete_dir(src)
+
+
+def load_trial_state(location: str, *, map_location: str = "cpu") -> dict:
+    """The trial state (``sweeper.train.CHECKPOINT_FILE``) saved in a checkpoint, from a local
+    directory or file, or a storage URI (``s3://...?endpoint_override=...``, ``file:///...``).
+
+    A checkpoint directory written by Ray holds the file; a path to the file itself works too.
+    FileNotFoundError names what was looked for.
+    """
+    import io
+
+    import torch
+
+    from sweeper.train import CHECKPOINT_FILE
+
+    if "://" in location:
+        fs, path = pafs.FileSystem.from_uri(location)
+    else:
+        fs, path = pafs.LocalFileSystem(), str(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no checkpoint at {location!r} (looked for a directory holding "
+                                f"{CHECKPOINT_FILE}, or that file)")
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def trial_checkpoint_location(root: str, sweep_name: str, trial: dict) -> str:
+    """Where a trial's latest checkpoint lives: its record's ``checkpoint`` (relative to the sweep's
+    experiment dir, written by the driver at each report that saved one) joined to the storage root."""
+    rel = trial.get("checkpoint")
+    if not rel:
+        raise LookupError(f"trial {trial.get('trial_id')!r} of sweep {sweep_name!r} has no recorded "
+                          "checkpoint (it saved none, or ran before sweeper recorded checkpoints)")
+    if "://" in root:
+        from sweeper.store import join_uri
+
+        return join_uri(root, sweep_name, rel)
+    return str(Path(root) / sweep_name / rel)

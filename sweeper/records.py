@@ -101,6 +101,34 @@ class SweepRecord:
                 by_epoch[int(row.get("epoch", len(by_epoch) + 1))] = row
         return [by_epoch[e] for e in sorted(by_epoch)]
 
+    def find_trial(self, ref: str, *, metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
+        """One trial's record by its id, its name (``trial_label``) or ``best`` (by the sweep's metric,
+        or ``metric``/``mode`` when given, over each trial's best epoch). LookupError says what exists."""
+        trials = self.trials()
+        if not trials:
+            raise LookupError(f"sweep {self.experiment_dir.name!r} has no trials yet")
+        if ref == "best":
+            meta = self.meta()
+            metric = metric or meta.get("metric")
+            mode = mode or meta.get("mode", "max")
+            scored = [(t["best"][metric], t) for t in trials
+                      if isinstance((t.get("best") or {}).get(metric), (int, float))
+                      and math.isfinite(t["best"][metric])]
+            if not scored:
+                raise LookupError(f"no trial of sweep {self.experiment_dir.name!r} has reported "
+                                  f"{metric!r} yet")
+            pick = max if mode == "max" else min
+            return pick(scored, key=lambda pair: pair[0])[1]
+        matches = [t for t in trials if ref in (t["trial_id"], t.get("name"))]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise LookupError(f"{len(matches)} trials of sweep {self.experiment_dir.name!r} are named "
+                              f"{ref!r}: use a trial id ({', '.join(t['trial_id'] for t in matches)})")
+        known = ", ".join(t["trial_id"] for t in trials[:8]) + (" ..." if len(trials) > 8 else "")
+        raise LookupError(f"sweep {self.experiment_dir.name!r} has no trial {ref!r} (a trial id, a "
+                          f"trial name or 'best'; ids: {known})")
+
     def decisions(self) -> dict[str, dict[str, Any]]:
         """The latest ASHA stop decision per trial."""
         path = self.dir / "decisions.jsonl"

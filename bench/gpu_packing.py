@@ -1,0 +1,114 @@
+"""Packed trials on one GPU: 1, 2, 4, 8 trials side by side, aggregate images/s and GPU utilisation.
+
+Each trial is its own process (as a Ray worker would be) running ``sweeper.train.fit`` on synthetic
+CIFAR-size data; the parent samples NVML utilisation every 0.2 s while all of them train, and reads
+each trial's last-epoch images/s and peak memory from its result. The ratio that matters is the
+aggregate images/s at k trials over the images/s of one trial alone: what packing buys on this card
+for this model. No Ray, no MLflow (a bare GPU machine has neither).
+
+    python bench/gpu_packing.py --arch vgg11 --width 1 --counts 1 2 4 8
+
+Writes bench/results/gpu_packing.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CHILD = r"""
+import json, sys, torch
+from sweeper.config import TrialConfig
+from sweeper.train import fit
+flat = json.loads(sys.argv[1])
+result = fit(TrialConfig.from_flat(flat))
+peaks = [h.get("gpu_memory_peak_mb", float("nan")) for h in result.history]
+print("RESULT " + json.dumps({"images_per_second": result.last["images_per_second"],
+                              "peak_mb": max(peaks), "epochs": len(result.history)}))
+"""
+
+
+def _utilisation_sampler(stop: threading.Event, samples: list[float]) -> None:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:  # no NVML: utilisation is left out, not faked
+        return
+    while not stop.is_set():
+        samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+        time.sleep(0.2)
+
+
+def run_packed(k: int, flat: dict) -> dict:
+    stop, samples = threading.Event(), []
+    sampler = threading.Thread(target=_utilisation_sampler, args=(stop, samples), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps({**flat, "seed": i})],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(k)]
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not line:
+            raise SystemExit(f"packed trial failed (k={k}):\n{err[-2000:]}")
+        results.append(json.loads(line[-1][7:]))
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    # Steady state only: the first and last 20% of samples cover start-up and stragglers.
+    cut = len(samples) // 5
+    steady = samples[cut:len(samples) - cut] or samples
+    return {"trials": k, "wall_s": wall,
+            "aggregate_images_per_second": sum(r["images_per_second"] for r in results),
+            "per_trial_images_per_second": [r["images_per_second"] for r in results],
+            "peak_mb_per_trial": max(r["peak_mb"] for r in results),
+            "gpu_utilisation_median": statistics.median(steady) if steady else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="vgg11")
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--batch-norm", action="store_true", default=True)
+    ap.add_argument("--size", type=int, default=20000, help="synthetic examples per trial")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--device", default="cuda", help="cpu only to try the script")
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = ap.parse_args()
+    flat = {"model.arch": args.arch, "model.width": args.width, "model.batch_norm": args.batch_norm,
+            "data.name": "synthetic", "data.synthetic_size": args.size,
+            "data.batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
+            "diagnostics.enabled": False, "optim.lr": 0.01}
+    rows = []
+    print(f"{'trials':>6} {'agg img/s':>10} {'x one':>6} {'GPU util %':>10} {'peak MiB/trial':>14}")
+    for k in args.counts:
+        row = run_packed(k, flat)
+        base = rows[0]["aggregate_images_per_second"] if rows else row["aggregate_images_per_second"]
+        row["speedup_vs_one"] = row["aggregate_images_per_second"] / base
+        rows.append(row)
+        util = row["gpu_utilisation_median"]
+        print(f"{k:>6} {row['aggregate_images_per_second']:>10.0f} {row['speedup_vs_one']:>6.2f} "
+              f"{'n/a' if util is None else f'{util:.0f}':>10} {row['peak_mb_per_trial']:>14.0f}",
+              flush=True)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    (out / "gpu_packing.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+         "config": flat, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
