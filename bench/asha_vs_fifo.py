@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--max-epochs", type=int, default=6)
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--grace-period", type=int, default=None,
+                    help="ASHA's first rung (default: the study's own, 3 for vgg_depth)")
     ap.add_argument("--prune-within", choices=["cell", "sweep"], default="cell",
                     help="ASHA's peers: the trial's grid cell (the study's default) or the sweep")
     args = ap.parse_args()
@@ -38,6 +40,7 @@ def main() -> None:
             overrides = ["dataset=digits", "width=1/8", f"max_epochs={args.max_epochs}",
                          f"num_samples={args.num_samples}", f"scheduler={scheduler}",
                          f"prune_within={args.prune_within}",
+                         *([f"grace_period={args.grace_period}"] if args.grace_period else []),
                          f"storage={tmp}/{scheduler}", f"name=bench_{scheduler}"]
             sweep, text = load_sweep(ROOT / "search_spaces" / "vgg_depth.py", overrides)
             t0 = time.time()

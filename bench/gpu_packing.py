@@ -1,7 +1,8 @@
 """Packed trials on one GPU: 1, 2, 4, 8 trials side by side, aggregate images/s and GPU utilisation.
 
 Each trial is its own process (as a Ray worker would be) running ``sweeper.train.fit`` on synthetic
-CIFAR-size data; the parent samples NVML utilisation every 0.2 s while all of them train, and reads
+CIFAR-size data after a one-epoch warm-up; the parent samples NVML utilisation every 0.2 s and keeps
+the samples taken while all of them were training (each reports its window), and reads
 each trial's last-epoch images/s and peak memory from its result. The ratio that matters is the
 aggregate images/s at k trials over the images/s of one trial alone: what packing buys on this card
 for this model. No Ray, no MLflow (a bare GPU machine has neither).
@@ -25,18 +26,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
-import json, sys, torch
+import json, sys, time, torch
 from sweeper.config import TrialConfig
 from sweeper.train import fit
 flat = json.loads(sys.argv[1])
-result = fit(TrialConfig.from_flat(flat))
+cfg = TrialConfig.from_flat(flat)
+fit(cfg.replace(epochs=1))  # warm-up (CUDA context, cudnn), outside the window that is measured
+start = time.time()
+result = fit(cfg)
+end = time.time()
 peaks = [h.get("gpu_memory_peak_mb", float("nan")) for h in result.history]
 print("RESULT " + json.dumps({"images_per_second": result.last["images_per_second"],
-                              "peak_mb": max(peaks), "epochs": len(result.history)}))
+                              "peak_mb": max(peaks), "epochs": len(result.history),
+                              "start": start, "end": end}))
 """
 
 
-def _utilisation_sampler(stop: threading.Event, samples: list[float]) -> None:
+def _utilisation_sampler(stop: threading.Event, samples: list[tuple[float, float]]) -> None:
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -44,7 +50,7 @@ def _utilisation_sampler(stop: threading.Event, samples: list[float]) -> None:
     except Exception:  # no NVML: utilisation is left out, not faked
         return
     while not stop.is_set():
-        samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+        samples.append((time.time(), float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)))
         time.sleep(0.2)
 
 
@@ -66,9 +72,10 @@ def run_packed(k: int, flat: dict) -> dict:
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    # Steady state only: the first and last 20% of samples cover start-up and stragglers.
-    cut = len(samples) // 5
-    steady = samples[cut:len(samples) - cut] or samples
+    # Only while every trial trains: start-up (torch import, CUDA context, warm-up) and stragglers
+    # would otherwise dominate the samples (a first version took the median of all: 0%).
+    lo, hi = max(r["start"] for r in results), min(r["end"] for r in results)
+    steady = [u for t, u in samples if lo <= t <= hi]
     return {"trials": k, "wall_s": wall,
             "aggregate_images_per_second": sum(r["images_per_second"] for r in results),
             "per_trial_images_per_second": [r["images_per_second"] for r in results],

@@ -62,10 +62,18 @@ SWEEP = Sweep(
 # ---- (a) the bare loop ------------------------------------------------------------------------------
 
 
-def bare(cfg, splits, threads: int) -> dict[str, list[float]]:
-    """A plain loop: returns per-epoch train seconds and end-of-epoch timestamps."""
+def bare(cfg, splits, threads: int, *, benchmark: bool | None = None,
+         stats: bool = False) -> dict[str, list[float]]:
+    """A plain loop: returns per-epoch train seconds and end-of-epoch timestamps.
+
+    ``--explain`` adds two variants of it, to locate where fit's extra time goes: ``benchmark``
+    (cudnn.benchmark on, as fit sets it on CUDA; the plain loop leaves torch's default, off) and
+    ``stats`` (fit's per-step loss/top-1/top-5 sums on the device, ``sweeper.train._batch_stats``).
+    """
     import torch
     from torch import nn
+
+    from sweeper.train import _batch_stats
 
     from sweeper.data import DeviceData
     from sweeper.models import build_model, split_outputs
@@ -91,6 +99,9 @@ def bare(cfg, splits, threads: int) -> dict[str, list[float]]:
                 else contextlib.nullcontext)
     sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
 
+    saved_benchmark = torch.backends.cudnn.benchmark
+    if benchmark is not None:
+        torch.backends.cudnn.benchmark = benchmark
     train_s, ends = [], []
     for _ in range(cfg.epochs):
         model.train()
@@ -98,12 +109,17 @@ def bare(cfg, splits, threads: int) -> dict[str, list[float]]:
         loss_sum = None
         for x, y in data.train_batches(gen):
             with autocast():
-                loss = criterion(split_outputs(model(x))[0].float(), y)
+                logits = split_outputs(model(x))[0]
+                loss = criterion(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        float(loss_sum)  # one read per epoch (and the CUDA sync)
+            if stats:
+                batch = _batch_stats(logits.detach(), y, loss.detach())
+                loss_sum = batch if loss_sum is None else loss_sum.add_(batch)
+            else:
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        loss_sum.sum().item()  # one read per epoch (and the CUDA sync)
         sync()
         train_s.append(time.perf_counter() - t0)
         model.eval()
@@ -115,6 +131,7 @@ def bare(cfg, splits, threads: int) -> dict[str, list[float]]:
                 hits = h if hits is None else hits + h
         float(hits)
         ends.append(time.perf_counter())
+    torch.backends.cudnn.benchmark = saved_benchmark
     return {"train": train_s, "ends": ends}
 
 
@@ -214,6 +231,8 @@ def main() -> None:
                     help="torch threads for bare and fit; a 1-CPU Ray trial gets OMP_NUM_THREADS=1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-ray", action="store_true", help="only (a) and (b)")
+    ap.add_argument("--explain", action="store_true",
+                    help="also the bare loop with cudnn.benchmark on, and with fit's per-step sums")
     args = ap.parse_args()
     if args.epochs < 3:
         ap.error("--epochs must be >= 3")
@@ -228,7 +247,8 @@ def main() -> None:
     from sweeper.spaces import sample_config
 
     started = time.time()
-    variants = ["bare", "fit"] + ([] if args.no_ray else ["ray"])
+    variants = (["bare", "fit"] + (["bare_bench", "bare_stats"] if args.explain else [])
+                + ([] if args.no_ray else ["ray"]))
     per_rep: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="trial_vs_bare-") as tmp:
         # The config the Ray trial gets, built from the same space file the way the tuner builds it.
@@ -243,8 +263,9 @@ def main() -> None:
         for rep in range(args.reps):
             for v in variants:
                 t0 = time.perf_counter()
-                if v == "bare":
-                    r = bare(cfg, splits, args.threads)
+                if v.startswith("bare"):
+                    r = bare(cfg, splits, args.threads, benchmark=True if v == "bare_bench" else None,
+                             stats=v == "bare_stats")
                     r["spacing"] = spacing(r.pop("ends"))
                 elif v == "fit":
                     r = through_fit(cfg, splits, args.threads)
@@ -254,7 +275,7 @@ def main() -> None:
                 r["train"] = r["train"][1:-1]
                 r["wall_seconds"] = time.perf_counter() - t0
                 per_rep[v].append(r)
-                print(f"rep {rep + 1}/{args.reps} {v:<4}: train {statistics.median(r['train']):.3f} s,"
+                print(f"rep {rep + 1}/{args.reps} {v:<10}: train {statistics.median(r['train']):.3f} s,"
                       f" epoch {statistics.median(r['spacing']):.3f} s  ({r['wall_seconds']:.0f} s)",
                       flush=True)
 
@@ -274,10 +295,10 @@ def main() -> None:
     print(f"\n{args.arch} width={args.width} on {args.dataset} ({len(splits.train_y)} train images, "
           f"{steps} steps of {cfg.data.batch_size}), {args.threads} thread(s), "
           f"{args.epochs} epochs x {args.reps} reps; medians of per-rep medians, epochs 2..{args.epochs - 1}")
-    print(f"{'variant':<8} {'train s/epoch':>14} {'epoch s':>9} {'epoch/bare':>11} {'train/bare':>11}")
+    print(f"{'variant':<10} {'train s/epoch':>14} {'epoch s':>9} {'epoch/bare':>11} {'train/bare':>11}")
     for v in variants:
         s = summary[v]
-        print(f"{v:<8} {s['train_s']:>14.3f} {s['epoch_s']:>9.3f} "
+        print(f"{v:<10} {s['train_s']:>14.3f} {s['epoch_s']:>9.3f} "
               f"{s['epoch_s'] / summary['bare']['epoch_s']:>10.3f}x "
               f"{s['train_s'] / summary['bare']['train_s']:>10.3f}x")
     if "ray" in summary:

@@ -71,8 +71,16 @@ def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any]
         return Outcome("diverged", reason, False, None, chance_epochs)
     if decision is not None:
         state = f"; at chance ({cause})" if at_chance else ""
-        reason = (f"ASHA rung {decision.get('rung')}: {metric}={_fmt(decision.get('value'))} below "
-                  f"cutoff {_fmt(decision.get('cutoff'))} of {decision.get('peers')} peers{state}")
+        tie = decision.get("tie_break")
+        if tie:
+            reason = (f"ASHA rung {decision.get('rung')}: {metric}={_fmt(decision.get('value'))} tied "
+                      f"with the cutoff of {decision.get('peers')} peers, and {tie.get('metric')}="
+                      f"{_fmt(tie.get('value'))} worse than the tied peers' cutoff "
+                      f"{_fmt(tie.get('cutoff'))}{state}")
+        else:
+            reason = (f"ASHA rung {decision.get('rung')}: {metric}={_fmt(decision.get('value'))} "
+                      f"below cutoff {_fmt(decision.get('cutoff'))} of {decision.get('peers')} "
+                      f"peers{state}")
         return Outcome("pruned", reason, at_chance, cause, chance_epochs)
     if not finished:
         return Outcome("stopped", "stopped before its budget (the sweep was interrupted)",

@@ -88,6 +88,35 @@ def test_each_grid_cell_is_judged_only_against_its_own_trials(tmp_path):
                for i in range(3))
 
 
+def test_a_tie_at_the_cutoff_is_broken_by_the_splits_loss(tmp_path):
+    """Stalled trials share one chance accuracy: without a tie-break nobody at the cutoff is ever
+    stopped and ASHA runs a rung full of stalls to max_t."""
+    sched = _asha(tmp_path)
+
+    def feed(trial_id, acc, loss):
+        trial = SimpleNamespace(trial_id=trial_id, config={})
+        return sched.on_trial_result(None, trial, {"epoch": 1, "val_accuracy": acc, "val_loss": loss})
+
+    assert feed("a", 0.1, 2.30) == TrialScheduler.CONTINUE  # first at the rung
+    assert feed("b", 0.1, 2.29) == TrialScheduler.CONTINUE  # tied, lower loss than a
+    assert feed("c", 0.1, 2.31) == TrialScheduler.STOP  # tied, worse loss than the tied peers
+    decision = SweepRecord(tmp_path).decisions()["c"]
+    assert decision["value"] == decision["cutoff"] == 0.1
+    assert decision["tie_break"]["metric"] == "val_loss" and decision["tie_break"]["value"] == 2.31
+    assert feed("d", 0.5, 9.9) == TrialScheduler.CONTINUE  # above the cutoff: the loss is not asked
+    # A rung table written before tie-breaks (plain floats) still judges: no tie-break, as before.
+    old = _asha(tmp_path / "old")
+    (tmp_path / "old" / "sweeper").mkdir(parents=True)
+    (tmp_path / "old" / "sweeper" / "rungs.json").write_text(json.dumps({"[]": {"1": {"x": 0.1}}}))
+    assert old.on_trial_result(None, SimpleNamespace(trial_id="y", config={}),
+                               {"epoch": 1, "val_accuracy": 0.1, "val_loss": 5.0}) == TrialScheduler.CONTINUE
+    from sweeper.outcomes import classify
+    reason = classify([{"epoch": 1, "val_accuracy": 0.1, "val_loss": 2.31, "train_loss": 2.3,
+                        "chance_loss": 2.302}], decision=decision, error=None, metric="val_accuracy",
+                      finished=True, stall_epochs=3, stall_tolerance=0.05).reason
+    assert "tied with the cutoff" in reason and "val_loss=2.31" in reason
+
+
 def test_cell_keys_are_the_grid_axes_unless_pruning_across_the_sweep():
     space = {"model.init": tune.grid_search(["he", "normal"]), "model.batch_norm":
              tune.grid_search([False, True]), "optim.lr": tune.loguniform(1e-3, 1e-1)}
@@ -100,7 +129,8 @@ def test_asha_rungs_survive_a_restore_through_the_sweep_record(tmp_path):
     for i in range(3):
         _feed(sched, f"t{i}", 1, 0.5 + i / 10)
     fresh = pickle.loads(pickle.dumps(sched))  # as Tune unpickles it from tuner.pkl
-    assert fresh.table() == {"[]": {"1": {"t0": 0.5, "t1": 0.6, "t2": 0.7}}}
+    # [metric, tie-break]: no val_loss was reported, so no tie-break value
+    assert {t: v[0] for t, v in fresh.table()["[]"]["1"].items()} == {"t0": 0.5, "t1": 0.6, "t2": 0.7}
     assert json.loads((tmp_path / "sweeper" / "rungs.json").read_text()) == fresh.table()
     assert _feed(fresh, "t3", 1, 0.55) == TrialScheduler.STOP  # judged against the saved peers
 
