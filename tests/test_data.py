@@ -593,3 +593,22 @@ def test_an_unreadable_cache_file_is_rebuilt():
     assert torch.equal(cached("k", build)["x"], torch.arange(3)) and len(built) == 2
     assert torch.equal(cached("k", build)["x"], torch.arange(3)) and len(built) == 2
     assert os.path.getsize(path) > len(b"truncated")
+
+
+def test_a_reused_worker_computes_a_splits_pixel_statistics_once(monkeypatch):
+    """Trial after trial on one Ray worker loads the same split: its statistics (most of a warm load's
+    time) are computed once per process and seed, and handed out as copies."""
+    import sweeper.data.splits as splits_module
+
+    calls = []
+    real = splits_module.pixel_statistics
+    monkeypatch.setattr(splits_module, "pixel_statistics", lambda x: calls.append(len(x)) or real(x))
+    monkeypatch.setattr(splits_module, "_STATS", {})
+    cfg = DataConfig(name="synthetic", synthetic_size=200)
+    first = load_splits(cfg, seed=3)
+    first.mean.zero_()  # a trial that changed its copy changes nobody else's
+    again = load_splits(cfg, seed=3)
+    other = load_splits(cfg, seed=4)
+    assert len(calls) == 2  # seeds 3 and 4; the second seed-3 load reused its statistics
+    assert torch.equal(again.std, first.std) and again.mean.abs().sum() > 0
+    assert not torch.equal(other.mean, again.mean)  # another seed: another training split
