@@ -299,6 +299,37 @@ def ui(
     run_ui(name, storage, host=host, port=port)
 
 
+@app.command()
+@user_errors
+def ensemble(
+    name: str = typer.Argument(..., help="Sweep name."),
+    top: Optional[int] = typer.Option(
+        None, "--top", "-k", help="The K best trials by the sweep's metric at their checkpoint epoch."),
+    trials: List[str] = typer.Option(
+        [], "--trials", help="Only these trials: ids or names, comma-separated or repeated "
+                             "(without --top: all of them)."),
+    where: List[str] = typer.Option(
+        [], "--where", help="Only trials with KEY=VALUE: outcome, status or a trial setting "
+                            "(outcome=completed, model.arch=vgg11); repeatable."),
+    storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the sweep's)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Soft-voting ensemble of a sweep's best trials on the test split, logged under its MLflow run."""
+    from sweeper.ensemble import run_ensemble
+    from sweeper.local import existing_record, resolve_storage
+    from sweeper.tracking import default_tracking_uri
+    from sweeper.tuner import record_root, storage_root
+
+    where_storage = resolve_storage(name, storage)
+    record = existing_record(name, storage)
+    uri = (tracking_uri or record.meta().get("tracking_uri")
+           or default_tracking_uri(record_root(where_storage)))
+    if not run_ensemble(record, storage_root=storage_root(where_storage), tracking_uri=uri, top=top,
+                        trials=trials, where=where, device=device):
+        raise typer.Exit(EXIT_UNDELIVERED)
+
+
 def _exit_for(result) -> None:
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
