@@ -17,7 +17,9 @@ Export schema, one row per trial (``trials`` table):
                                  is evaluated on the test split; null otherwise)
     config.<dotted key>     one column per trial setting, typed as sampled (e.g. config.optim.lr: double)
     best.<metric>           metrics of the epoch with the best sweep metric (double)
-    last.<metric>           metrics of the last reported epoch (double)
+    last.<metric>           metrics of the last reported epoch (double): val/train summaries, and
+                            after a trial's last epoch test_accuracy/top1/top5 error, plus
+                            test_multicrop_* and test_views where data.test_scales asked for them
     prune.rung, prune.cutoff, prune.peers, prune.value   ASHA's stop decision (null if not pruned)
 
 and with ``--epochs``, one row per (trial, epoch) (``epochs`` table): trial_id, name, epoch, and every
@@ -37,7 +39,10 @@ __all__ = ["FORMATS", "epoch_rows", "export", "outcome_fields", "status_outcome"
 
 FORMATS = ("parquet", "csv", "json")
 _SUMMARY_METRICS = ("val_accuracy", "val_loss", "train_loss", "val_top1_error", "val_top5_error",
-                    "test_accuracy", "epoch", "lr", "stalled")
+                    "test_accuracy", "test_top1_error", "test_top5_error",
+                    # VGG's multi-crop test (data.test_scales), beside the single-crop test_*
+                    "test_multicrop_accuracy", "test_multicrop_top1_error",
+                    "test_multicrop_top5_error", "test_views", "epoch", "lr", "stalled")
 
 
 def trial_rows(record: SweepRecord, *, all_metrics: bool = False) -> list[dict[str, Any]]:

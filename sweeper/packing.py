@@ -32,7 +32,8 @@ HEADROOM = 0.10
 # Settings that change a training step's memory; everything else (lr, init, seed...) does not.
 _SHAPE_KEYS = ("model.arch", "model.depth", "model.width", "model.batch_norm", "model.head",
                "model.stem", "model.aux_heads", "data.batch_size", "data.name", "data.resolution",
-               "amp", "channels_last", "compile", "optim.name")
+               "data.crop", "data.dir", "data.limit", "data.synthetic_size", "amp", "channels_last",
+               "compile", "optim.name")
 
 
 def memory_key(flat: Mapping[str, Any], device_name: str) -> str:
@@ -60,13 +61,15 @@ def gpu_fraction(n_per_gpu: int) -> float:
 def measure_peak_bytes(flat: Mapping[str, Any], device: str = "cuda") -> dict[str, Any]:
     """Peak memory of one training step of this config on ``device`` (a CUDA device).
 
-    Returns {"peak_bytes", "total_bytes", "device_name", "seconds"}. Random data of the trial's
-    shape: memory does not depend on the values.
+    Returns {"peak_bytes" (step + data), "step_bytes", "data_bytes", "total_bytes", "device_name",
+    "seconds"}. Random data of the trial's shape (its crop, if any): memory does not depend on the
+    values; the trial's own splits on the device are added from the node's decoded copy.
     """
     import torch
 
     from sweeper.config import TrialConfig
     from sweeper.data import num_classes, resolution
+    from sweeper.data.splits import decoded_bytes
     from sweeper.models import build_model, split_outputs
 
     cfg = TrialConfig.from_flat(dict(flat))
@@ -77,7 +80,7 @@ def measure_peak_bytes(flat: Mapping[str, Any], device: str = "cuda") -> dict[st
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
     classes = num_classes(cfg.data) or 1000
-    side = resolution(cfg.data)
+    side = cfg.data.crop or resolution(cfg.data)  # what the network sees: the crop, if any
     model = build_model(cfg.model, num_classes=classes).to(dev)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -98,8 +101,13 @@ def measure_peak_bytes(flat: Mapping[str, Any], device: str = "cuda") -> dict[st
     props = torch.cuda.get_device_properties(dev)
     del model, optimizer, x, y, loss, logits, aux
     torch.cuda.empty_cache()
-    return {"peak_bytes": int(peak), "total_bytes": int(props.total_memory),
-            "device_name": props.name, "seconds": time.perf_counter() - t0}
+    # A trial also holds its splits on the GPU (uint8, sweeper.data.DeviceData): as large as a
+    # training step or larger for big datasets (Food-101 at 160 px: 7.8 GB). Known once the dataset
+    # was decoded on this node (launch's data check decodes it); 0 when it was not.
+    data = decoded_bytes(cfg.data) or 0
+    return {"peak_bytes": int(peak) + data, "step_bytes": int(peak), "data_bytes": data,
+            "total_bytes": int(props.total_memory), "device_name": props.name,
+            "seconds": time.perf_counter() - t0}
 
 
 def _cache_path() -> Path:

@@ -49,6 +49,9 @@ def test_debug_runs_one_trial_in_the_foreground_and_prints_an_epoch_table():
     lines = [l for l in out.stdout.splitlines() if l.strip().startswith(("1 ", "2 "))]
     assert len(lines) == 2, out.stdout
     assert "outcome: completed" in out.stdout
+    # The test split is measured once, after the last epoch, and debug says what it gave.
+    (test,) = [l for l in out.stdout.splitlines() if l.startswith("test: accuracy ")]
+    assert "top-1 error" in test and "top-5 error" in test
 
 
 def test_validate_reports_every_file(tmp_path):

@@ -612,3 +612,16 @@ def test_a_reused_worker_computes_a_splits_pixel_statistics_once(monkeypatch):
     assert len(calls) == 2  # seeds 3 and 4; the second seed-3 load reused its statistics
     assert torch.equal(again.std, first.std) and again.mean.abs().sum() > 0
     assert not torch.equal(other.mean, again.mean)  # another seed: another training split
+
+
+def test_decoded_bytes_is_the_nodes_decoded_copy_and_none_before_it(tmp_path, monkeypatch):
+    """What resources='auto' adds to a measured step: the splits a trial holds on its GPU."""
+    from sweeper.data.splits import decoded_bytes
+
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
+    cfg = DataConfig(name="synthetic", synthetic_size=300)
+    assert decoded_bytes(cfg) is None
+    splits = load_splits(cfg, seed=0)
+    images = sum(t.numel() for t in (splits.train_x, splits.val_x, splits.test_x))
+    assert images <= decoded_bytes(cfg) < 1.2 * images + 100_000
+    assert decoded_bytes(dataclasses.replace(cfg, synthetic_size=301)) is None  # another dataset

@@ -17,7 +17,7 @@ from sweeper.config import DataConfig
 from sweeper.data.cache import cached
 from sweeper.data.sources import DATASETS, DatasetSpec, default_dir
 
-__all__ = ["TEST_FRACTION", "Splits", "load_splits", "num_classes", "resolution", "source_dir"]
+__all__ = ["TEST_FRACTION", "Splits", "decoded_bytes", "load_splits", "num_classes", "resolution", "source_dir"]
 
 TEST_FRACTION = 0.2  # carved from sources without an official test split
 _TEST_SEED = 0  # independent of the trial seed: one test set for every trial
@@ -80,6 +80,19 @@ def _cache_key(cfg: DataConfig, spec: DatasetSpec, res: int, directory: Path) ->
     if cfg.name == "synthetic":
         key += f"|n={cfg.synthetic_size}|k={cfg.synthetic_classes}"
     return key
+
+
+def decoded_bytes(cfg: DataConfig) -> int | None:
+    """Bytes of the dataset as this node decoded it (its cache file: uint8 images and labels), which
+    is what a trial's splits hold together; None if it was not decoded here yet. Reads no images."""
+    from sweeper.data.cache import cache_file
+
+    spec = _spec(cfg)
+    try:
+        size = cache_file(_cache_key(cfg, spec, resolution(cfg), source_dir(cfg))).stat().st_size
+    except OSError:
+        return None
+    return size  # an upper bound with data.limit, which keeps fewer training images
 
 
 def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
