@@ -62,6 +62,22 @@ class ModelConfig:
     init_mode: str = "fan_in"  # he: fan_in preserves forward signal, fan_out preserves gradients
     # 'uniform' or 'normal'; None = the scheme's own default (xavier: uniform, he: normal).
     init_distribution: str | None = None
+    # ---- transfer (sweeper.transfer): start from trained weights, freeze part of the net.
+    # A torchvision weights name ('ResNet18_Weights.IMAGENET1K_V1', or 'IMAGENET1K_V1' for this arch),
+    # read from torch.hub's cache and never downloaded, or a state-dict / sweeper checkpoint file.
+    # A torchvision name also sets the input normalisation its weights expect (ImageNet mean/std).
+    pretrained: str | None = None
+    # A trained trial: 'sweep:NAME/REF' (REF: best, a trial id or a trial name; the driver replaces it
+    # by the trial's checkpoint location before Ray starts), or a checkpoint path / storage URI.
+    init_from: str | None = None
+    # Layers copied from the source: 'backbone' (all but the head, by name), 'all' (every tensor whose
+    # name and shape match), 'vgg_paper' (A's first 4 convs into D/E's convs of the same stage and
+    # position, + the head's linears: VGG paper sec. 3.1),
+    # 'none' (nothing: the from-scratch control); None = 'backbone' for pretrained, 'all' for init_from.
+    init_layers: str | None = None
+    # 'none'; 'backbone' (only the head trains); 'all_but_last:N' (the last N backbone blocks and the
+    # head train). Frozen parameters are left out of the optimizer; frozen BN/Dropout stay in eval mode.
+    freeze: str = "none"
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,29 @@ class DataConfig:
     color_shift: float = 0.1
     synthetic_size: int = 2048  # examples generated for name='synthetic'
     synthetic_classes: int = 10
+    # ---- VGG's multi-scale training and multi-crop testing (sweeper.data.device, sweeper.data.views).
+    # All scalars, so they travel through Tune spaces and MLflow params; sides in pixels of the square
+    # image as stored (data.resolution, which must hold the largest scale: images are decoded once to
+    # it and only ever shrunk, never the original 512-px files kept).
+    # Side of the network's input crop; None = today's behaviour (the stored image, shifted by
+    # crop_padding). VGG: 224 from S in [256, 512].
+    crop: int | None = None
+    # Training scale S: each batch is resized to S x S (S uniform in [scale_min, scale_max], drawn per
+    # batch), then randomly cropped to `crop`. Both None: S = the stored resolution (VGG's fixed S).
+    scale_min: int | None = None
+    scale_max: int | None = None
+    # Multi-crop test: comma-separated test scales Q, e.g. "256,384,512"; None = single-crop only.
+    test_scales: str | None = None
+    test_grid: int = 5  # test_grid x test_grid crops per scale (VGG: 5x5), evenly spaced corner to corner
+    test_flips: bool = True  # each crop also mirrored (VGG: 2 flips; 3 scales x 2 x 25 = 150 views)
+
+    @property
+    def test_scale_list(self) -> tuple[int, ...]:
+        """``test_scales`` parsed ("256,384,512" -> (256, 384, 512)); () when None. ValueError if bad."""
+        if self.test_scales is None:
+            return ()
+        # Empty pieces are skipped, so one scale can be written "64," (a bare 64 reads as a number).
+        return tuple(int(s) for s in str(self.test_scales).replace(" ", "").split(",") if s)
 
 
 @dataclass(frozen=True)
@@ -197,6 +236,7 @@ class TrialConfig:
         from sweeper.data import DATASETS
         from sweeper.inits import INITS
         from sweeper.models import ARCHITECTURES
+        from sweeper.transfer import config_problems as transfer_problems
 
         p: list[str] = []
         m, d, o, g = self.model, self.data, self.optim, self.diagnostics
@@ -220,6 +260,7 @@ class TrialConfig:
         elif m.depth is not None:
             p.append(f"model.depth={m.depth!r} applies only to model.arch='vgg' "
                      f"(model.arch={m.arch!r} fixes its own depth); remove it")
+        p += transfer_problems(m)  # model.pretrained, init_from, init_layers, freeze
 
         _choice(p, "data.name", d.name, DATASETS)
         if d.resolution is not None:
@@ -232,6 +273,7 @@ class TrialConfig:
         _at_least(p, "data.color_shift", d.color_shift, 0.0)
         _at_least(p, "data.synthetic_size", d.synthetic_size, 20)
         _at_least(p, "data.synthetic_classes", d.synthetic_classes, 2)
+        _views_problems(p, d, DATASETS)
 
         _choice(p, "optim.name", o.name, ["adam", "sgd"])
         _positive(p, "optim.lr", o.lr)
@@ -412,6 +454,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ValueError(f"{key}={value!r} is not a finite number")
         return float(value)
     if typ is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            # The command line reads `data.test_scales=64` as the number 64; for a text setting
+            # the digits were meant (one test scale, a file named 64...).
+            return str(value)
         if not isinstance(value, str):
             raise ValueError(f"{key}={value!r} is not a string")
         return value
@@ -446,3 +492,52 @@ def _in_range(p: list[str], key: str, value: float, lo: float, hi: float, *,
     if not (ok_lo and ok_hi):
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
         p.append(f"{key}={value!r} must be in {lb}{lo}, {hi}{rb}")
+
+
+def _views_problems(p: list[str], d: DataConfig, datasets: Mapping[str, Any]) -> None:
+    """data.crop, data.scale_min/max and data.test_*: sizes that fit inside the stored image."""
+    spec = datasets.get(d.name)
+    stored = d.resolution or (spec.native_resolution if spec is not None else None)
+    where = (f"the stored resolution {stored} (data.resolution, else {d.name}'s native size; "
+             "raise data.resolution to decode larger)")
+    if d.crop is not None:
+        _at_least(p, "data.crop", d.crop, 8)
+        if stored is not None and d.crop > stored:
+            p.append(f"data.crop={d.crop!r} must be <= {where}")
+    if (d.scale_min is None) != (d.scale_max is None):
+        p.append(f"data.scale_min={d.scale_min!r} and data.scale_max={d.scale_max!r}: set both "
+                 "(the training scale S range) or neither")
+    elif d.scale_min is not None:
+        if d.crop is None:
+            p.append(f"data.scale_min={d.scale_min!r}/data.scale_max={d.scale_max!r} need data.crop "
+                     "(the side cut from the image resized to S), e.g. data.crop=224 for S in [256, 512]")
+        elif d.scale_min < d.crop:
+            p.append(f"data.scale_min={d.scale_min!r} must be >= data.crop={d.crop!r}: a crop is cut "
+                     "from the image resized to S")
+        if d.scale_min > d.scale_max:
+            p.append(f"data.scale_min={d.scale_min!r} must be <= data.scale_max={d.scale_max!r}")
+        if stored is not None and d.scale_max > stored:
+            p.append(f"data.scale_max={d.scale_max!r} must be <= {where}: images are only shrunk "
+                     f"to S, so decode at data.resolution={d.scale_max}")
+    _at_least(p, "data.test_grid", d.test_grid, 1)
+    _boolean(p, "data.test_flips", d.test_flips)
+    if d.test_scales is None:
+        return
+    try:
+        scales = d.test_scale_list
+    except ValueError:
+        p.append(f"data.test_scales={d.test_scales!r} is not a comma-separated list of integers "
+                 "(e.g. '256,384,512')")
+        return
+    if not scales:
+        p.append(f"data.test_scales={d.test_scales!r} lists no scale (e.g. '256,384,512', or '64,' "
+                 "for one)")
+    if d.crop is None:
+        p.append(f"data.test_scales={d.test_scales!r} needs data.crop (the side of each test crop)")
+    if len(set(scales)) != len(scales):
+        p.append(f"data.test_scales={d.test_scales!r} repeats a scale; each must appear once")
+    for q in scales:
+        if d.crop is not None and q < d.crop:
+            p.append(f"data.test_scales={d.test_scales!r}: scale {q} must be >= data.crop={d.crop!r}")
+        if stored is not None and q > stored:
+            p.append(f"data.test_scales={d.test_scales!r}: scale {q} must be <= {where}")

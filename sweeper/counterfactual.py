@@ -186,10 +186,12 @@ def rebuild_initial_model(cfg, num_classes: int, device: torch.device) -> nn.Mod
     RNG. Only the CPU generator is seeded: the init draws from it alone, and ``torch.manual_seed``
     would also reseed (and leave reseeded) every CUDA generator the trial's dropout draws from."""
     from sweeper.models import build_model
+    from sweeper.transfer import apply_transfer
 
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes=num_classes)
+        apply_transfer(model, cfg.model)  # step 0 holds the trial's copied weights and frozen blocks
     model = model.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -61,9 +61,26 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
     if "initial_loss" in result.initial:
         summary += f"; loss at step 0: {fmt(result.initial['initial_loss'])}"
     console.print(summary, style=style)
+    test = _test_line(result.last)
+    if test:
+        console.print(test)
     if checkpoint_dir is not None:
         console.print(f"checkpoint: {checkpoint_dir}")
     return result
+
+
+def _test_line(last: dict) -> str | None:
+    """The test split's numbers, measured once after a trial's last epoch (none if it stopped early)."""
+    if "test_accuracy" not in last:
+        return None
+    line = (f"test: accuracy {fmt(last['test_accuracy'])}, top-1 error {fmt(last.get('test_top1_error'))}"
+            f", top-5 error {fmt(last.get('test_top5_error'))}")
+    if "test_multicrop_accuracy" in last:
+        line += (f"; multi-crop ({int(last.get('test_views', 0))} views per image): accuracy "
+                 f"{fmt(last['test_multicrop_accuracy'])}, top-1 error "
+                 f"{fmt(last.get('test_multicrop_top1_error'))}, top-5 error "
+                 f"{fmt(last.get('test_multicrop_top5_error'))}")
+    return line
 
 
 def layer_table(initial: dict, last: dict):
@@ -162,8 +179,7 @@ def print_plan(sweep) -> None:
 
 def resolve_storage(name: str, storage: str | None) -> str | None:
     """--storage if given; else ./sweeps if the sweep is there; else where this machine launched it."""
-    from sweeper.store import index_lookup
-    from sweeper.tuner import DEFAULT_STORAGE, storage_root
+    from sweeper.store import DEFAULT_STORAGE, index_lookup, storage_root
 
     if storage is not None:
         return storage

@@ -36,10 +36,23 @@ import pyarrow.fs as pafs
 from sweeper.lease import STOP_FILE  # the request `sweeper stop` leaves beside the lease
 from sweeper.records import SweepRecord
 
-__all__ = ["Mirror", "index_lookup", "index_remember", "is_uri", "join_uri", "open_record"]
+__all__ = ["DEFAULT_STORAGE", "Mirror", "index_lookup", "index_remember", "is_uri", "join_uri", "open_record",
+           "storage_root"]
 
 PUSH_S = 3.0  # how stale another machine's view of a running sweep may be (plus the heartbeat's 2 s)
 LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
+
+
+DEFAULT_STORAGE = "sweeps"  # where sweeps live unless --storage says otherwise (relative to the cwd)
+
+
+def storage_root(storage: str | None) -> str:
+    """An absolute local path or a URI (s3://, gs://, ...). Here, not in sweeper.tuner, so that readers
+    of sweeps (``model.init_from='sweep:NAME/...'`` in ``sweeper debug``) need no Ray."""
+    storage = storage or DEFAULT_STORAGE
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
 
 
 def is_uri(root: str) -> bool:

@@ -32,6 +32,7 @@ from torch import nn
 from sweeper.config import TrialConfig
 from sweeper.data import DeviceData, Splits, load_splits
 from sweeper.models import build_model, split_outputs
+from sweeper.transfer import apply_transfer, input_normalization
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -131,10 +132,15 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
     if splits is None:
         splits = load_splits(cfg.data, seed=cfg.seed)
     channels_last = on_cuda and cfg.channels_last
-    data = DeviceData(splits, cfg.data, device=device, channels_last=channels_last)
+    data = DeviceData(splits, cfg.data, device=device, channels_last=channels_last,
+                      normalize=input_normalization(cfg))  # pretrained weights' mean/std, else None
 
     torch.manual_seed(cfg.seed)  # the init draws from the global generator
-    model = build_model(cfg.model, num_classes=data.num_classes).to(device)
+    model = build_model(cfg.model, num_classes=data.num_classes)
+    # model.pretrained / init_from / freeze (sweeper.transfer): on the CPU, before the optimizer sees
+    # the parameters (frozen ones are left out of it); draws no random numbers.
+    transfer = apply_transfer(model, cfg.model)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The steps and evaluations run `net`; hooks, checkpoints and the step-0 probe see `model` itself
@@ -164,6 +170,8 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
             hook.load_state_dict(hook_state)
     else:
         initial = {"initial_loss": _probe_loss(ctx, autocast)}
+        if transfer.source is not None or transfer.frozen:
+            initial.update(transfer.metrics())  # init/transfer_tensors, init/frozen_tensors
         for hook in hooks:
             initial.update(hook.on_fit_start(ctx))
 
@@ -224,6 +232,12 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
         if outcome == "completed" and ctx.epoch == cfg.epochs:
             test = evaluate(net, data.eval_batches("test"), criterion, autocast)
             metrics.update({f"test_{k}": v for k, v in test.items()})
+            if cfg.data.test_scales is not None:  # VGG's multi-crop test: views' posteriors averaged
+                from sweeper.data.views import multicrop_evaluate
+
+                multi = multicrop_evaluate(net, data, "test", autocast=autocast)
+                metrics["test_views"] = multi.pop("views")
+                metrics.update({f"test_multicrop_{k}": v for k, v in multi.items()})
         if on_cuda:
             # What a fractional-GPU trial must fit: the epoch's peak, training and evaluation included.
             metrics["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -342,13 +356,15 @@ def _probe_loss(ctx: TrainContext, autocast) -> float:
 
 def _optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
+    # Frozen parameters (model.freeze) never reach the optimizer: no decay, no momentum, no update.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if o.decay_norm_bias:
-        params: Any = model.parameters()  # one group: weight decay on every parameter (the VGG recipe)
+        params: Any = trainable  # one group: weight decay on every parameter (the VGG recipe)
     else:
         # Decay only conv/linear weights: norm scales and shifts and biases are 1-D, and shrinking them
         # towards 0 fights BatchNorm's rescaling instead of regularising.
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in trainable if p.ndim <= 1]
+        decay = [p for p in trainable if p.ndim > 1]
         params = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

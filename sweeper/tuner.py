@@ -34,12 +34,13 @@ from sweeper.console import console, error_console, fmt
 from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
-from sweeper.store import Mirror, index_remember, join_uri, open_record, redacted_root
+# storage_root and DEFAULT_STORAGE live in sweeper.store (Ray-free readers need them); kept here by name.
+from sweeper.store import DEFAULT_STORAGE, Mirror, index_remember, join_uri, open_record, redacted_root, \
+    storage_root
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
 
-DEFAULT_STORAGE = "sweeps"
 _TUNE_ENV = {
     # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
     # second they cost real time. Our record and MLflow keep what matters.
@@ -65,14 +66,6 @@ class LaunchResult:
 
 
 # ---- storage ------------------------------------------------------------------------------------------
-
-
-def storage_root(storage: str | None) -> str:
-    """An absolute local path or a URI (s3://, gs://, ...)."""
-    storage = storage or DEFAULT_STORAGE
-    if "://" in storage:
-        return storage
-    return str(Path(storage).expanduser().resolve())
 
 
 def experiment_dir(name: str, storage: str | None) -> str:
@@ -384,12 +377,17 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
                                f"{experiment_dir(sweep.name, sweep.storage)}: launch without "
                                "--fresh to resume it, or pick another --name"])
         _check_space_unchanged(sweep, record)
+    from sweeper.transfer import source_problems
+
+    sources = source_problems(sweep)  # model.pretrained / init_from: readable here, fitting their models
+    if sources and not local:
+        raise ConfigError(sources)
     if local:  # the cluster is this machine: nothing needs it to have started
         capacity = _local_capacity(num_cpus)
         problems = _resource_problems(sweep, capacity, gpu_available=bool(capacity[0]["gpu"]))
         created = [] if "://" in root else _dirs_to_create(Path(root))
         problems += _check_storage(root, multi_node=False)
-        problems += _data_problems(sweep)
+        problems += _data_problems(sweep) + sources
         if problems:
             _remove_created(created)  # the storage probe made the directory: a refusal writes nothing
             raise ConfigError(problems)
@@ -410,7 +408,13 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     from sweeper.provenance import provenance
     from sweeper.spaces import space_signature
     from sweeper.trial import train_trial
+    from sweeper.transfer import resolve_sweep
 
+    # model.init_from='sweep:NAME/REF' -> that trial's checkpoint location, in the trials' configs
+    # (and so in their params): resolved once, here, so that every node reads the same checkpoint.
+    sweep, resolved = resolve_sweep(sweep)
+    for line in resolved if not quiet else ():
+        console.print(line)
     root = storage_root(sweep.storage)
     exp_dir = experiment_dir(sweep.name, sweep.storage)
     record, mirror = open_sweep_record(sweep.name, sweep.storage)

@@ -81,3 +81,13 @@ def test_config_is_immutable():
                                         ("vgg16", "vgg16")])
 def test_parse_value(text, value):
     assert parse_value(text) == value
+
+
+def test_digits_given_for_a_text_setting_are_that_text():
+    # `sweeper launch FILE data.test_scales=64` parses 64 as a number; one test scale was meant.
+    from sweeper.config import parse_value
+
+    cfg = TrialConfig.from_flat({"data.resolution": 64, "data.crop": 32, "data.test_scales": parse_value("64")})
+    assert cfg.data.test_scales == "64" and cfg.data.test_scale_list == (64,)
+    with pytest.raises(ConfigError, match=r"model.pretrained=0.5 is not a string"):
+        TrialConfig.from_flat({"model.pretrained": 0.5})

@@ -273,7 +273,9 @@ def _parent_run(uri: str, sweep: str, sweep_uid: str) -> str:
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(sweep) or None
-    exp_id = exp.experiment_id if exp else client.create_experiment(sweep)
+    # Artifacts beside the test's own store: MLflow's default is ./mlruns in the working directory.
+    artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    exp_id = exp.experiment_id if exp else client.create_experiment(sweep, artifact_location=artifacts)
     return client.create_run(exp_id, tags={"sweeper.sweep_uid": sweep_uid,
                                            "sweeper.role": "sweep"}).info.run_id
 

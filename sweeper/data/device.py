@@ -7,12 +7,23 @@ No step waits for the host: an epoch's randomness (order, crop offsets, flips, l
 up front and crosses to the device in one non-blocking copy from pinned memory, and every step after
 that only queues kernels. A CPU generator makes exactly the calls, in exactly the order, that drawing
 batch by batch made: a seed gives the same batches as before, and the same draws on every device.
+
+VGG's multi-scale training (``data.crop``, ``data.scale_min``/``data.scale_max``): each batch is
+resized to a drawn S x S (one batched, antialiased interpolate), then every image is cropped to
+``data.crop`` at its own drawn offset. Evaluation batches are the centre crop at one scale (see
+:meth:`DeviceData.eval_scale`); the multi-crop test views are built in :mod:`sweeper.data.views`.
+
+Memory: the splits live on the device as uint8, 3 x R x R bytes per image (R = data.resolution):
+Food-101 (101,000 images) needs 1.2 GB at R=64, 5.0 GB at 128, 7.8 GB at 160 and 19.9 GB at 256;
+STL-10 (13,000) needs 0.36 GB at 96. Each trial holds its own copy, so trials sharing a GPU each pay
+it; a trial whose data does not fit the device's free memory stops at once with a message saying so
+(:class:`DataTooLarge`) instead of failing with an out-of-memory error later.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +32,23 @@ from sweeper.config import DataConfig
 from sweeper.data.sources import DATASETS
 from sweeper.data.splits import Splits
 
-__all__ = ["SPLITS", "DeviceData", "EpochDraws"]
+__all__ = ["SPLITS", "DataTooLarge", "DeviceData", "EpochDraws", "data_bytes"]
 
 SPLITS = ("train", "val", "test")
 Batch = tuple[torch.Tensor, torch.Tensor]
+# Free device memory the data may take at most: the rest is for the model, its optimizer state and
+# activations (a VGG-16 step at batch 64 and 112 px: ~3 GB, estimated; several trials may share a GPU).
+DEVICE_DATA_FRACTION = 0.8
+
+
+class DataTooLarge(RuntimeError):
+    """The splits would not fit in the device's free memory; the message says what to lower."""
+
+
+def data_bytes(splits: Splits) -> int:
+    """Bytes the splits take on the device (uint8 images + int64 labels)."""
+    return sum(getattr(splits, f"{s}_x").numel() + 8 * getattr(splits, f"{s}_y").numel()
+               for s in SPLITS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,8 @@ class EpochDraws:
     ox: torch.Tensor | None  # int64 [m]: crop column offsets
     mirror: torch.Tensor | None  # bool [m]: flip horizontally
     alpha: torch.Tensor | None  # float32 [m, 3]: PCA lighting coefficients, already times color_shift
+    # Training scale S per batch (host ints: they are shapes), or None without data.scale_min/max.
+    scales: list[int] | None = None
 
 
 class DeviceData:
@@ -52,22 +78,31 @@ class DeviceData:
     """
 
     def __init__(self, splits: Splits, cfg: DataConfig, *, device: torch.device | str = "cpu",
-                 channels_last: bool = False):
+                 channels_last: bool = False,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None):
+        # normalize: (mean, std) per RGB channel on the 0..1 scale instead of the training split's
+        # statistics (pretrained weights expect their own: sweeper.transfer.input_normalization).
         self.cfg = cfg
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.classes = list(splits.classes)
         self.flip = cfg.flip if cfg.flip is not None else DATASETS[cfg.name].flip
+        self._check_fits(splits)
         self._x = {s: getattr(splits, f"{s}_x").to(self.device) for s in SPLITS}
         self._y = {s: getattr(splits, f"{s}_y").to(self.device) for s in SPLITS}
-        self._mean = splits.mean.to(self.device).view(1, 3, 1, 1)
-        self._std = splits.std.to(self.device).view(1, 3, 1, 1)
+        mean, std = (splits.mean, splits.std) if normalize is None else \
+            (torch.as_tensor(normalize[0], dtype=torch.float32), torch.as_tensor(normalize[1], dtype=torch.float32))
+        self._mean = mean.to(self.device).view(1, 3, 1, 1)
+        self._std = std.to(self.device).view(1, 3, 1, 1)
         # Lighting noise per image is sum_i alpha_i * eigval_i * eigvec[:, i] = (alpha * eigval) @ eigvec.T
         self._eigval = splits.eigval.to(self.device)
         self._eigvec_t = splits.eigvec.T.contiguous().to(self.device)
         h, w = self._x["train"].shape[-2:]
-        self._rows = torch.arange(h, device=self.device)  # crop gathers: offset + these
-        self._cols = torch.arange(w, device=self.device)
+        self.stored = h  # the side of the stored (square) images
+        # Output side of training and evaluation batches: data.crop, else the stored image's.
+        self.crop = cfg.crop if cfg.crop is not None else h
+        self._rows = torch.arange(cfg.crop or h, device=self.device)  # crop gathers: offset + these
+        self._cols = torch.arange(cfg.crop or w, device=self.device)
         self._probe: Batch | None = None
 
     # ---- sizes ----------------------------------------------------------------------------------
@@ -98,9 +133,11 @@ class DeviceData:
         """
         draws = self.draw_epoch(generator)
         x_all, y_all = self._x["train"], self._y["train"]
-        for start, stop in draws.bounds:
+        for b, (start, stop) in enumerate(draws.bounds):
             idx = draws.perm[start:stop]
             x = x_all.index_select(0, idx).float().div_(255.0)
+            if draws.scales is not None:
+                x = resize(x, draws.scales[b])
             yield self._finish(self._augment(x, draws, start, stop)), y_all.index_select(0, idx)
 
     def draw_epoch(self, generator: torch.Generator) -> EpochDraws:
@@ -119,12 +156,26 @@ class DeviceData:
                 break
             bounds.append((start, min(n, start + bs)))
         p = self.cfg.crop_padding
+        scales = None
+        if self.cfg.scale_min is not None and self.cfg.scale_max is not None:
+            # One S per batch, all drawn here. Sizes are shapes, so they must be host ints: free from a
+            # CPU generator (fit's), one read per epoch (not per step) from a CUDA one.
+            # Per batch rather than per image: one antialiased F.interpolate resizes the whole batch,
+            # while per-image sizes would take one kernel per image (or grid_sample, which does not
+            # antialias a 2x shrink). Across an epoch each image still meets S uniform at random,
+            # independently of the images in other batches; only images sharing a batch share S.
+            scales = torch.randint(self.cfg.scale_min, self.cfg.scale_max + 1, (len(bounds),),
+                                   generator=generator, device=on).tolist()
         parts: dict[str, list[torch.Tensor]] = {"oy": [], "ox": [], "mirror": [], "alpha": []}
-        for start, stop in bounds:
+        for b, (start, stop) in enumerate(bounds):
             m = stop - start
-            if p > 0:
-                parts["oy"].append(torch.randint(0, 2 * p + 1, (m,), generator=generator, device=on))
-                parts["ox"].append(torch.randint(0, 2 * p + 1, (m,), generator=generator, device=on))
+            if p > 0 or self.cfg.crop is not None:
+                # Offsets of the crop in the zero-padded image of side S + 2p (S: this batch's scale,
+                # else the stored side); with no data.crop the crop is the image itself: 0..2p.
+                side = scales[b] if scales is not None else self.stored
+                room = side + 2 * p - self.crop + 1
+                parts["oy"].append(torch.randint(0, room, (m,), generator=generator, device=on))
+                parts["ox"].append(torch.randint(0, room, (m,), generator=generator, device=on))
             if self.flip:
                 parts["mirror"].append(torch.rand(m, generator=generator, device=on) < 0.5)
             if self.cfg.color_shift > 0:
@@ -135,7 +186,7 @@ class DeviceData:
         if alpha is not None:
             alpha = alpha.mul_(self.cfg.color_shift)  # on the device, as the per-batch draw did
         return EpochDraws(perm=moved["perm"], bounds=bounds, oy=moved.get("oy"), ox=moved.get("ox"),
-                          mirror=moved.get("mirror"), alpha=alpha)
+                          mirror=moved.get("mirror"), alpha=alpha, scales=scales)
 
     def eval_batches(self, split: str = "val", batch_size: int | None = None) -> Iterator[Batch]:
         """``split`` ('train', 'val' or 'test') in order, normalised, unaugmented."""
@@ -145,14 +196,32 @@ class DeviceData:
         if bs < 1:
             raise ValueError(f"batch_size={bs!r} must be >= 1")
         for start in range(0, len(y_all), bs):
-            yield self._finish(x_all[start:start + bs].float().div_(255.0)), y_all[start:start + bs]
+            yield self._finish(self._eval_view(x_all[start:start + bs])), y_all[start:start + bs]
 
     def probe_batch(self, n: int) -> Batch:
         """The same batch on every call: the first ``n`` validation examples, unaugmented."""
         if self._probe is None or len(self._probe[1]) != min(n, len(self._y["val"])):
             x, y = self._x["val"][:n], self._y["val"][:n]
-            self._probe = (self._finish(x.float().div_(255.0)), y)
+            self._probe = (self._finish(self._eval_view(x)), y)
         return self._probe
+
+    # ---- views (multi-scale evaluation) ---------------------------------------------------------
+
+    @property
+    def eval_scale(self) -> int:
+        """The single-crop evaluation scale Q: the middle of [scale_min, scale_max] (VGG's Q for
+        jittered S), else the stored side; the centre ``crop`` of the image resized to Q is evaluated."""
+        if self.cfg.scale_min is not None and self.cfg.scale_max is not None:
+            return (self.cfg.scale_min + self.cfg.scale_max) // 2
+        return self.stored
+
+    def images(self, split: str) -> Batch:
+        """(uint8 N x 3 x R x R images, labels) of ``split`` on the device, as stored."""
+        return self._x[self._check_split(split)], self._y[split]
+
+    def normalise(self, x01: torch.Tensor) -> torch.Tensor:
+        """Float images on the 0..1 scale -> the network's input, normalised as every batch is."""
+        return self._finish(x01)
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -160,6 +229,32 @@ class DeviceData:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
         return split
+
+    def _eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> float 0..1 centre ``crop`` at :attr:`eval_scale` (the images as they are
+        without data.crop)."""
+        x = x.float().div_(255.0)
+        if self.cfg.crop is None:
+            return x
+        x = resize(x, self.eval_scale)
+        top = (x.shape[-1] - self.crop) // 2
+        return x[:, :, top:top + self.crop, top:top + self.crop]
+
+    def _check_fits(self, splits: Splits) -> None:
+        """Raise DataTooLarge if the uint8 splits would take more than DEVICE_DATA_FRACTION of the
+        device's free memory (CUDA only: a CPU trial's data already sits in host memory)."""
+        if self.device.type != "cuda":
+            return
+        need = data_bytes(splits)
+        free, total = torch.cuda.mem_get_info(self.device)
+        if need > DEVICE_DATA_FRACTION * free:
+            side = splits.train_x.shape[-1]
+            raise DataTooLarge(
+                f"data.name={self.cfg.name!r} at data.resolution={side}: the splits take "
+                f"{need / 1e9:.2f} GB as uint8 on {self.device}, which has {free / 1e9:.2f} GB free of "
+                f"{total / 1e9:.2f} GB (at most {DEVICE_DATA_FRACTION:.0%} of the free memory goes to "
+                "data). Lower data.resolution (memory grows with its square), set data.limit, or run "
+                "fewer trials per GPU (resources).")
 
     def _finish(self, x01: torch.Tensor) -> torch.Tensor:
         x = x01.sub_(self._mean).div_(self._std)
@@ -172,17 +267,19 @@ class DeviceData:
         return {k: t.to(self.device) for k, t in tensors.items()}
 
     def _augment(self, x: torch.Tensor, draws: EpochDraws, start: int, stop: int) -> torch.Tensor:
-        """Augment a float N x 3 x H x W batch (rows start:stop of the epoch) on the 0..1 scale."""
-        n, c, h, w = x.shape
+        """Augment a float N x 3 x H x W batch (rows start:stop of the epoch) on the 0..1 scale;
+        the result is crop x crop (H x W without data.crop)."""
+        n, c, _, w = x.shape
+        h = k = len(self._rows)  # the output side: data.crop, else the image's
         p = self.cfg.crop_padding
         if draws.oy is not None and draws.ox is not None:
             # Random crop of the zero-padded image = per-sample shift with zero fill: gather rows, then
             # columns, at per-sample offsets; two batched gathers, no loop over samples.
             padded = F.pad(x, (p, p, p, p))
             rows = draws.oy[start:stop, None] + self._rows  # n x h
-            cols = draws.ox[start:stop, None] + self._cols  # n x w
+            cols = draws.ox[start:stop, None] + self._cols  # n x k
             x = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * p))
-            x = x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+            x = x.gather(3, cols[:, None, None, :].expand(n, c, h, k))
         if draws.mirror is not None:
             x = torch.where(draws.mirror[start:stop, None, None, None], x.flip(3), x)
         if draws.alpha is not None:
@@ -190,6 +287,14 @@ class DeviceData:
             alpha = draws.alpha[start:stop]
             x = x.add_(((alpha * self._eigval) @ self._eigvec_t)[:, :, None, None])
         return x
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Float N x 3 x H x W -> N x 3 x side x side: bilinear, antialiased when shrinking (no-op at H)."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
+                         antialias=side < min(x.shape[-2:]))
 
 
 def packed_copy(tensors: dict[str, torch.Tensor], device: torch.device, *,

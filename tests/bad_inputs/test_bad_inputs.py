@@ -112,6 +112,21 @@ CASES = [
     ("no_cluster_given", "launch {S}/good.py", "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS)"),
     ("ray_client_address", "launch {S}/good.py --address ray://head.example:10001", "--address ray://head.example:10001: Ray Client (ray://) would run the sweep's controller on the head"),
     ("ray_client_env", "RAY_ADDRESS=ray://10.0.0.1:10001 launch {S}/good.py", "Ray Client (ray://) would run the sweep's controller on the head (10.0.0.1)"),
+    # ---- transfer: model.pretrained, init_from, init_layers, freeze (sweeper.transfer) ------------------
+    ("freeze_value", "launch {S}/good.py --dry-run model.freeze=half", "space: model.freeze='half' is not one of 'none', 'backbone', 'all_but_last:N'"),
+    ("freeze_too_deep", "launch {S}/good.py --local model.arch=vgg11 model.freeze=all_but_last:20", "model.freeze='all_but_last:20' keeps 20 blocks training, but model.arch='vgg11' has only 8 backbone blocks"),
+    ("init_layers_value", "validate {S}/good.py --set model.init_layers=convs", "space: model.init_layers='convs' is not one of ['all', 'backbone', 'none', 'vgg_paper']"),
+    ("vgg_paper_not_vgg", "launch {S}/good.py --dry-run model.init_from=a.pt model.init_layers=vgg_paper", "space: model.init_layers='vgg_paper' copies a VGG's first four convs and its head's linear layers; model.arch='smallcnn' is no VGG"),
+    ("pretrained_and_init_from", "launch {S}/good.py --dry-run model.init_from=a.pt model.pretrained=b.pt", "space: model.pretrained='b.pt' and model.init_from='a.pt' are both set"),
+    ("pretrained_unknown_name", "validate {S}/good.py --set model.arch=resnet18 --set model.pretrained=ResNet18_Weights.NOPE", "space: model.pretrained='ResNet18_Weights.NOPE' is not a torchvision weights name nor a file path (for model.arch='resnet18': ResNet18_Weights.IMAGENET1K_V1)"),
+    ("pretrained_wrong_arch", "launch {S}/good.py --dry-run model.arch=vgg11 model.pretrained=ResNet18_Weights.IMAGENET1K_V1", "space: model.pretrained='ResNet18_Weights.IMAGENET1K_V1' is for another architecture: model.arch='vgg11' (batch_norm=False) takes VGG11_Weights.IMAGENET1K_V1"),
+    ("pretrained_stem", "launch {S}/good.py --dry-run model.arch=resnet18 model.batch_norm=true model.pretrained=IMAGENET1K_V1", "space: model.pretrained='IMAGENET1K_V1' was trained with the ImageNet stem: set model.stem='imagenet'"),
+    ("pretrained_not_cached", "TORCH_HOME=/nonexistent-sweeper-torch launch {S}/good.py --local model.arch=resnet18 model.stem=imagenet model.batch_norm=true width=1 model.pretrained=ResNet18_Weights.IMAGENET1K_V1", "model.pretrained='ResNet18_Weights.IMAGENET1K_V1': /nonexistent-sweeper-torch/hub/checkpoints/resnet18-f37072fd.pth is not in torch's cache, and sweeper never downloads weights"),
+    ("pretrained_missing_file", "launch {S}/good.py --local model.pretrained=/nonexistent-sweeper/weights.pt", "model.pretrained='/nonexistent-sweeper/weights.pt': no such file or checkpoint"),
+    ("init_from_missing_checkpoint", "launch {S}/good.py --local model.init_from=/nonexistent-sweeper/checkpoint_000001", "model.init_from='/nonexistent-sweeper/checkpoint_000001': no such file or checkpoint"),
+    ("init_from_bad_reference", "validate {S}/good.py --set model.init_from=sweep:/best", "space: model.init_from='sweep:/best' is not a sweep reference 'sweep:NAME/REF'"),
+    ("init_from_unknown_sweep", "launch {S}/good.py --local model.init_from=sweep:no_such_sweep/best", "model.init_from='sweep:no_such_sweep/best': no sweep named 'no_such_sweep' under"),
+    ("init_from_in_choice", "launch {S}/init_from_choice.py --local", "space['model.init_from']: a sweep reference must be a fixed value or a tune.grid_search value"),
 ]
 
 _ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
