@@ -34,12 +34,31 @@ def trial_label(config: Mapping[str, Any]) -> str:
         arch = f"vgg{config['model.depth']}p"
     parts = [str(arch), str(config.get("model.init", "he"))]
     parts.append("bn" if config.get("model.batch_norm") else "plain")
+    parts += _transfer_parts(config)
     lr = config.get("optim.lr")
     if isinstance(lr, (int, float)):
         parts.append(f"lr{lr:.2g}")
     if config.get("seed") not in (None, 0):  # replicates (Sweep.seeds) stay apart by name
         parts.append(f"s{config['seed']}")
     return "-".join(parts)
+
+
+def _transfer_parts(config: Mapping[str, Any]) -> list[str]:
+    """What a trial copied and froze (sweeper.transfer): the arms of a fine-tuning study would
+    otherwise share one name (resnet18-he-bn-lr0.03 six times)."""
+    parts = []
+    if config.get("model.pretrained") or config.get("model.init_from"):
+        layers = config.get("model.init_layers")
+        if layers == "none":
+            parts.append("scratch")
+        else:
+            parts.append("pt" if config.get("model.pretrained") else "from")
+            if layers in ("vgg_paper", "all", "backbone"):
+                parts[-1] += f"-{layers.replace('_', '')}"
+    freeze = config.get("model.freeze")
+    if isinstance(freeze, str) and freeze != "none":
+        parts.append("frz" if freeze == "backbone" else f"frz-last{freeze.rpartition(':')[2]}")
+    return parts
 
 
 class SweepCallback(Callback):

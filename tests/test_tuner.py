@@ -153,6 +153,13 @@ def test_optuna_internals_the_pruned_handoff_relies_on_still_exist():
      "vgg16-normal-plain-lr0.012"),
     ({"model.arch": "vgg", "model.depth": 30, "model.init": "he", "model.batch_norm": True,
       "optim.lr": 0.1}, "vgg30p-he-bn-lr0.1"),
+    ({"model.arch": "resnet18", "model.batch_norm": True, "model.pretrained": "/w.pt",
+      "model.freeze": "all_but_last:2", "optim.lr": 0.03}, "resnet18-he-bn-pt-frz-last2-lr0.03"),
+    ({"model.arch": "resnet18", "model.batch_norm": True, "model.pretrained": "/w.pt",
+      "model.init_layers": "none", "model.freeze": "none", "optim.lr": 0.03},
+     "resnet18-he-bn-scratch-lr0.03"),
+    ({"model.arch": "vgg16", "model.init_from": "s3://b/src/t/checkpoint_000002",
+      "model.init_layers": "vgg_paper", "optim.lr": 0.01}, "vgg16-he-plain-from-vggpaper-lr0.01"),
 ])
 def test_trial_labels_are_readable(config, label):
     assert trial_label(config) == label
