@@ -684,6 +684,54 @@ def source_problems(sweep: "Sweep") -> list[str]:
     return problems
 
 
+def source_files(sweep: "Sweep") -> list[tuple[str, str]]:
+    """(setting, what a trial will read) for every source of the grid: a file path or storage URI,
+    or the torch.hub cache file of a torchvision weights name. For the per-node check of a cluster:
+    a path on the driver's disk is no use to a trial on another machine."""
+    from sweeper.config import TrialConfig
+    from sweeper.spaces import base_config, grid_cells, sample_config
+
+    sampled = sample_config(sweep)
+    out: list[tuple[str, str]] = []
+    for cell in grid_cells(sweep):
+        try:
+            m = TrialConfig.from_flat({**sampled, **base_config(sweep, cell)}).model
+        except ConfigError:
+            continue
+        if m.init_from is not None and m.init_layers != "none":
+            out.append(("model.init_from", m.init_from))
+        if m.pretrained is not None and m.init_layers != "none":
+            try:
+                where = m.pretrained if is_file_ref(m.pretrained) else \
+                    str(torchvision_file(torchvision_weights(m)))
+            except ConfigError:
+                continue  # reported before the cluster was asked
+            out.append(("model.pretrained", where))
+    return list(dict.fromkeys(out))
+
+
+def unreadable_sources(sources: list[tuple[str, str]]) -> list[str]:
+    """Run where trials run: the sources this machine cannot read, one sentence each."""
+    import pyarrow.fs as pafs
+
+    problems = []
+    for key, where in sources:
+        try:
+            if "://" in where:
+                fs, path = pafs.FileSystem.from_uri(where)
+                found = fs.get_file_info(path).type != pafs.FileType.NotFound
+            else:
+                found = Path(where).expanduser().exists()
+        except Exception as exc:  # noqa: BLE001 -- unreachable storage, no credentials
+            problems.append(f"{key}: {where!r} cannot be read here: {type(exc).__name__}: {exc}")
+            continue
+        if not found:
+            problems.append(f"{key}: {where!r} is not on this machine (a file on the launching "
+                            "machine's disk is not on the others: put it on shared storage, e.g. "
+                            "s3://..., or the same path on every node)")
+    return problems
+
+
 # ---- a stand-in "pretrained" file ----------------------------------------------------------------------
 
 STANDIN_DEFAULTS = {"model.arch": "resnet18", "model.width": 0.125, "model.batch_norm": True,

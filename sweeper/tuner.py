@@ -193,9 +193,14 @@ def preflight(sweep: Sweep, *, root: str, gpu_available: bool, local: bool = Fal
     return problems
 
 
-def check_node(root: str, data_configs: list[dict[str, Any]], expect_gpu: bool) -> list[str]:
-    """Run on one node: can it write the storage, load every dataset, see its GPUs?"""
-    problems = _check_storage(root, multi_node=False) + _dataset_problems(data_configs)
+def check_node(root: str, data_configs: list[dict[str, Any]], expect_gpu: bool,
+               sources: list[tuple[str, str]] = ()) -> list[str]:
+    """Run on one node: can it write the storage, load every dataset, read every pretrained or
+    init_from source, see its GPUs?"""
+    from sweeper.transfer import unreadable_sources
+
+    problems = (_check_storage(root, multi_node=False) + _dataset_problems(data_configs)
+                + unreadable_sources(list(sources)))
     if expect_gpu:
         import torch
 
@@ -208,12 +213,15 @@ def check_node(root: str, data_configs: list[dict[str, Any]], expect_gpu: bool) 
 def _node_problems(sweep: Sweep, root: str, nodes: list[dict[str, Any]]) -> list[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from sweeper.transfer import source_files
+
     data_configs = _dataset_configs(sweep)
+    sources = source_files(sweep)
     workers = [n for n in nodes if n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0)]
     task = ray.remote(num_cpus=0)(check_node)
     refs = {n["NodeManagerAddress"] + (f" ({n['NodeID'][:8]})" if len(workers) > 1 else ""):
             task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(root, data_configs, bool(n["Resources"].get("GPU", 0)))
+            .remote(root, data_configs, bool(n["Resources"].get("GPU", 0)), sources)
             for n in workers}
     by_problem: dict[str, list[str]] = {}
     for where, ref in refs.items():

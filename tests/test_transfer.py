@@ -430,3 +430,30 @@ def test_a_target_sweep_starts_from_the_best_trial_of_a_source_sweep(tmp_path):
     epochs = SweepRecord(tmp_path / "sweeps" / "dst").epochs(dst["trial_id"])
     assert epochs[0]["init/transfer_tensors"] == 10.0
     assert json.dumps(dst["config"])  # JSON-safe params
+
+
+def test_each_node_is_asked_for_the_sources_its_trials_will_read(tmp_path, monkeypatch):
+    """On a cluster a weights file on the launching machine's disk is not on the workers: the
+    per-node check (sweeper.tuner.check_node, run on every node before trials) names it."""
+    from ray import tune
+
+    from sweeper.spaces import Sweep
+    from sweeper.transfer import source_files
+    from sweeper.tuner import check_node
+
+    here = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, here)
+    sweep = Sweep(name="s", space={"model.arch": "resnet18", "model.batch_norm": True,
+                                   "model.pretrained": str(here),
+                                   "model.init_layers": tune.grid_search(["backbone", "none"])})
+    sources = source_files(sweep)
+    assert sources == [("model.pretrained", str(here))]  # the scratch arm (init_layers=none) reads none
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert check_node(str(tmp_path / "store"), [], False, sources) == []
+    here.unlink()  # as a worker without the file sees it
+    (problem,) = check_node(str(tmp_path / "store"), [], False, sources)
+    assert problem.startswith(f"model.pretrained: {str(here)!r} is not on this machine")
+    tv = Sweep(name="t", space={"model.arch": "resnet18", "model.batch_norm": True,
+                                "model.stem": "imagenet", "model.pretrained": "IMAGENET1K_V1"})
+    ((key, where),) = source_files(tv)  # a torchvision name: its file in that node's torch.hub cache
+    assert key == "model.pretrained" and where.startswith(str(tmp_path / "torch"))
