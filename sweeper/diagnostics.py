@@ -401,11 +401,16 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
     if (dead and sum(dead) / len(dead) > DEAD_DEEP) or (sens and min(sens) < INSENSITIVE and
                                                        max(dead, default=0.0) > DEAD_DEEP):
         return "dead_relu"
-    updates = [metrics[f"update_ratio/{k}"] for k in keys]
+    # Gradients and updates only of the layers that train: a frozen backbone (model.freeze) has no
+    # gradient by construction, which is no vanishing gradient (seen: a fine-tuning arm so named).
+    trained = [l.key for l in layers if l.key in keys and _trains(l.module)]
+    if not trained:
+        return "plateau"
+    updates = [metrics[f"update_ratio/{k}"] for k in trained]
     if max(updates) < FROZEN_UPDATE:  # nothing moves, yet few units are dead
         return "vanishing_signal"
-    first_grad = metrics[f"grad_norm/{keys[0]}"]
-    last_grad = metrics[f"grad_norm/{keys[-1]}"]
+    first_grad = metrics[f"grad_norm/{trained[0]}"]
+    last_grad = metrics[f"grad_norm/{trained[-1]}"]
     if last_grad > 0 and first_grad / last_grad < GRADIENT_COLLAPSE:
         return "vanishing_gradient"
     if max(updates) < SLOW_UPDATE:
@@ -413,6 +418,11 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
             return "lr_too_high"
         return "lr_too_small"
     return "plateau"
+
+
+def _trains(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is None or bool(weight.requires_grad)
 
 
 def signal_cause(metrics: dict[str, Any], layers: list[LayerInfo]) -> str:

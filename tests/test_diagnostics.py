@@ -146,6 +146,17 @@ def test_classify_stall(case, reason):
     assert classify_stall(metrics, layers) == reason
 
 
+def test_a_frozen_backbone_is_no_vanishing_gradient():
+    """model.freeze: frozen layers have no gradient by construction; only the trained ones count."""
+    metrics, layers = _fake(stds=[1, 1, 1, 1], updates=[0.0, 0.0, 0.0, 1e-2], grads=[0, 0, 0, 1.0])
+    frozen = [LayerInfo(l.index, l.key, l.path, nn.Linear(2, 2), l.gain_pred) for l in layers]
+    for l in frozen[:3]:
+        l.module.weight.requires_grad_(False)
+    assert classify_stall(metrics, frozen) == "plateau"
+    trainable = [LayerInfo(l.index, l.key, l.path, nn.Linear(2, 2), l.gain_pred) for l in layers]
+    assert classify_stall(metrics, trainable) == "vanishing_gradient"  # the same numbers, all training
+
+
 def test_lr_too_high_vs_too_small_depends_on_the_first_steps():
     metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[2e-4] * 4)
     assert classify_stall(metrics, layers, initial_max_update=1e-2) == "lr_too_high"
