@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -67,9 +68,16 @@ def main() -> None:
         per_trial = statistics.median(solo)
 
         t0 = time.time()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         result = launch(sweep, text, local=True, num_cpus=args.num_cpus, quiet=True,
                         tracking_uri=f"sqlite:///{tmp}/ml.db", tracking_wait_s=60)
         span = time.time() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        # On 2 cores every CPU second the driver spends (Tune's loop, sweeper's callback, record,
+        # tracking thread) is taken from the trials; Ray's own processes (raylet, GCS, workers) are
+        # children, counted once they have exited (after launch shut Ray down).
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        driver_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         from sweeper.records import SweepRecord
 
         record = SweepRecord(Path(tmp) / "store" / "overhead")
@@ -81,10 +89,15 @@ def main() -> None:
     row = {"trials": args.trials, "num_cpus": args.num_cpus, "fit_seconds_per_trial": per_trial,
            "ideal_seconds": ideal, "launch_seconds": span, "first_start_to_last_finish": trial_span,
            "ratio_launch": span / ideal, "ratio_trials": trial_span / ideal,
+           "driver_cpu_seconds": driver_cpu,
+           "ray_processes_cpu_seconds": children.ru_utime + children.ru_stime,
            "outcomes": result.outcomes}
     print(f"{args.trials} trials of {per_trial:.2f} s on {args.num_cpus} CPUs: ideal {ideal:.0f} s; "
           f"launch took {span:.0f} s ({span / ideal:.2f}x), first trial start to last finish "
           f"{trial_span:.0f} s ({trial_span / ideal:.2f}x)")
+    print(f"CPU seconds: driver process {driver_cpu:.1f} ({1000 * driver_cpu / args.trials:.0f} ms per "
+          f"trial), Ray's processes incl. workers {row['ray_processes_cpu_seconds']:.1f}, trials' own "
+          f"{args.trials * per_trial:.1f}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "driver_overhead.json").write_text(json.dumps(row, indent=1))

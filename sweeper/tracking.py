@@ -85,6 +85,9 @@ class Tracker:
         self.sweep_uid = sweep_uid
         self._client = None
         self._verified: set[str] = set()  # runs whose logged steps were read back in this process
+        # trial_id -> run id of every trial run of this sweep on the server, read once per process
+        # (see _existing_trial_run); None until a trial without a known run needs it.
+        self._existing: dict[str, str] | None = None
         self._next_try = 0.0
         self._backoff = 1.0
         self._lock = _spool_lock(self.dir)  # one delivery at a time: the state is read-modify-write
@@ -94,8 +97,8 @@ class Tracker:
 
     def __getstate__(self):  # the client holds sockets, the thread and lock are this process's
         state = dict(self.__dict__)
-        state.update(_client=None, _verified=set(), _next_try=0.0, _backoff=1.0, _lock=None,
-                     _wake=None, _closing=None, _thread=None)
+        state.update(_client=None, _verified=set(), _existing=None, _next_try=0.0, _backoff=1.0,
+                     _lock=None, _wake=None, _closing=None, _thread=None)
         return state
 
     def __setstate__(self, state):
@@ -362,6 +365,32 @@ class Tracker:
             max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def _existing_trial_run(self, state: dict[str, Any], trial_id: str) -> str | None:
+        """A run the server already has for this trial although the delivery state does not name it
+        (a driver died between creating it and saving the state; a state file lost or new).
+
+        One search per process lists every trial run of the sweep, instead of one search per trial:
+        those grew with the experiment and were a tenth of a 200-trial sweep's driver CPU. Runs this
+        process creates go into the state as they are made, so the list never needs refreshing
+        (one driver at a time holds a sweep: sweeper.lease)."""
+        if self._existing is None:
+            found: dict[str, str] = {}
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    [self._experiment_id(state)],
+                    filter_string=f"tags.`sweeper.sweep_uid` = '{self.sweep_uid}'",
+                    max_results=1000, page_token=token)
+                for run in page:
+                    tid = run.data.tags.get("sweeper.trial_id")
+                    if tid and run.data.tags.get("sweeper.role", "trial") == "trial":
+                        found.setdefault(tid, run.info.run_id)
+                token = page.token
+                if not token:
+                    break
+            self._existing = found
+        return self._existing.get(trial_id)
+
     def _run_for(self, state: dict[str, Any], trial_id: str | None) -> str:
         run_id = state["parent"] if trial_id is None else state["runs"].get(trial_id)
         if run_id is None:
@@ -385,13 +414,18 @@ class Tracker:
             state["parent"] = run_id
         elif kind == "child":
             trial_id = op["trial_id"]
-            run_id = state["runs"].get(trial_id) or self._find_run(state, "sweeper.trial_id", trial_id)
+            run_id = state["runs"].get(trial_id) or self._existing_trial_run(state, trial_id)
             if run_id is None:
                 tags = {"mlflow.parentRunId": self._run_for(state, None),
                         "sweeper.sweep_uid": self.sweep_uid, "sweeper.trial_id": trial_id,
                         "sweeper.role": "trial", "sweeper.outcome": "running"}
                 run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
                                                 tags=tags).info.run_id
+                # Found again by a retry of this op in this process (the params may fail to log).
+                self._existing[trial_id] = run_id
+                # A run made just now has no step yet: nothing to read back.
+                state["steps"][trial_id] = -1
+                self._verified.add(trial_id)
                 self._log_params(run_id, op["config"])
                 self.client.log_dict(run_id, {k: redact(v) for k, v in op["config"].items()},
                                      "config.json")

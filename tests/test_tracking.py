@@ -90,6 +90,40 @@ def test_replays_and_a_restarted_driver_never_duplicate_a_point(tmp_path):
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
+def test_trial_runs_are_looked_up_once_per_process_and_a_dead_drivers_run_is_reused(tmp_path,
+                                                                                     monkeypatch):
+    """A driver killed between creating a trial's run and saving its delivery state left a run the
+    state does not name: the next driver finds it instead of making a second. The lookup is one
+    search per process, not one per trial (those grew with the experiment)."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r1", config={"a": 1})
+    assert t.flush()
+    state = json.loads(t.state_path.read_text())
+    del state["runs"]["t1"]  # as if the driver died before saving the new run's id
+    t.state_path.write_text(json.dumps(state))
+    t2 = _tracker(tmp_path)
+    searches = []
+    real = MlflowClient.search_runs
+    monkeypatch.setattr(MlflowClient, "search_runs",
+                        lambda self, *a, **k: searches.append(k.get("filter_string")) or real(self, *a, **k))
+    t2.start_trial("t1", run_name="r1", config={"a": 1})
+    for i in range(2, 6):
+        t2.start_trial(f"t{i}", run_name=f"r{i}", config={"a": i})
+        t2.log_result(f"t{i}", _result(1, train_loss=1.0))
+    assert t2.flush()
+    assert len(searches) == 1
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("exp")
+    by_trial = {}
+    for run in client.search_runs([exp.experiment_id]):
+        if run.data.tags.get("sweeper.role") == "trial":
+            by_trial.setdefault(run.data.tags["sweeper.trial_id"], []).append(run.info.run_id)
+    assert sorted(by_trial) == ["t1", "t2", "t3", "t4", "t5"]
+    assert all(len(runs) == 1 for runs in by_trial.values())
+    assert json.loads(t2.state_path.read_text())["runs"]["t1"] == by_trial["t1"][0]
+
+
 def test_an_unreachable_server_spools_and_sync_delivers_later(tmp_path):
     port = free_port()
     t = _tracker(tmp_path, uri=f"http://127.0.0.1:{port}")
