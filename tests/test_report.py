@@ -273,3 +273,12 @@ def test_depth_is_the_weight_layers_the_model_has(arch, depth, head, layers):
     assert weight_depth(cfg) == layers == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     flat = {"model.arch": arch, "model.head": head, **({"model.depth": depth} if depth else {})}
     assert weight_layers(flat) == layers
+
+
+def test_a_location_valued_axis_is_named_by_its_source_not_its_whole_path():
+    # model.init_from=sweep:vgg_a/best reaches the record resolved to a checkpoint location.
+    from sweeper.report.study import axis_value
+
+    where = "s3://bucket/team/sweeps/vgg_a/vgg11-he-plain-lr0.0035-1e4b8_00001/checkpoint_000005?endpoint_override=h:9"
+    assert axis_value(where) == ".../vgg_a/vgg11-he-plain-lr0.0035-1e4b8_00001/checkpoint_000005"
+    assert axis_value(None) == "None" and axis_value("he") == "he" and axis_value(0.5) == "0.5"

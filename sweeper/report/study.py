@@ -447,8 +447,20 @@ def cell_label(cell: Cell, view: bool = True) -> str:
         parts.append(cell.init)
     if view or "model.batch_norm" in cell.values:
         parts.append("BN" if cell.bn else "no BN")
-    parts += [f"{k.split('.')[-1]}={v}" for k, v in cell.values.items() if k not in VIEW_AXES]
+    parts += [f"{k.split('.')[-1]}={axis_value(v)}" for k, v in cell.values.items()
+              if k not in VIEW_AXES]
     return ", ".join(parts) or "all trials"
+
+
+def axis_value(value: Any) -> str:
+    """An axis value as the text names it. A file or checkpoint location (model.init_from resolved
+    to ``<storage>/<sweep>/<trial dir>/checkpoint_N``) is named by its last three parts -- the source
+    sweep, trial and checkpoint -- not its whole path; the cells table keeps the full value."""
+    text = str(value)
+    if "/" in text and len(text) > 40:
+        tail = [p for p in text.split("?", 1)[0].rstrip("/").split("/") if p][-3:]
+        return ".../" + "/".join(tail)
+    return text
 
 
 # ---- the forward signal at init --------------------------------------------------------------------------
