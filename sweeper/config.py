@@ -117,8 +117,15 @@ class DataConfig:
         """``test_scales`` parsed ("256,384,512" -> (256, 384, 512)); () when None. ValueError if bad."""
         if self.test_scales is None:
             return ()
-        # Empty pieces are skipped, so one scale can be written "64," (a bare 64 reads as a number).
-        return tuple(int(s) for s in str(self.test_scales).replace(" ", "").split(",") if s)
+        # One trailing comma is allowed ("64," for one scale); any other empty piece is a typo.
+        pieces = str(self.test_scales).replace(" ", "").split(",")
+        if len(pieces) > 1 and pieces[-1] == "":
+            pieces = pieces[:-1]
+        if pieces == [""]:
+            return ()  # nothing listed: problems() says so
+        if any(piece == "" for piece in pieces):
+            raise ValueError(f"data.test_scales={self.test_scales!r} has an empty item")
+        return tuple(int(piece) for piece in pieces)
 
 
 @dataclass(frozen=True)
@@ -454,9 +461,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ValueError(f"{key}={value!r} is not a finite number")
         return float(value)
     if typ is str:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             # The command line reads `data.test_scales=64` as the number 64; for a text setting
-            # the digits were meant (one test scale, a file named 64...).
+            # the characters were meant (one test scale, a file named 64...), and the setting's own
+            # check says what it takes.
             return str(value)
         if not isinstance(value, str):
             raise ValueError(f"{key}={value!r} is not a string")
@@ -536,6 +544,15 @@ def _views_problems(p: list[str], d: DataConfig, datasets: Mapping[str, Any]) ->
         p.append(f"data.test_scales={d.test_scales!r} needs data.crop (the side of each test crop)")
     if len(set(scales)) != len(scales):
         p.append(f"data.test_scales={d.test_scales!r} repeats a scale; each must appear once")
+    if scales and d.crop is not None and max(scales) >= d.crop:
+        # G positions per side run corner to corner over q - crop + 1 possible offsets: a grid finer
+        # than the largest scale allows only repeats views (seen: test_grid=10 on a 28-px scale with
+        # 24-px crops reported 200 views, 50 distinct; 100000 tried to allocate 69 TB).
+        fits = max(scales) - d.crop + 1
+        if d.test_grid > fits:
+            p.append(f"data.test_grid={d.test_grid!r} must be <= {fits}: the largest test scale "
+                     f"{max(scales)} leaves {fits} distinct crop offsets of data.crop={d.crop!r} per "
+                     "side (VGG uses 5)")
     for q in scales:
         if d.crop is not None and q < d.crop:
             p.append(f"data.test_scales={d.test_scales!r}: scale {q} must be >= data.crop={d.crop!r}")

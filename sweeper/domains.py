@@ -141,6 +141,11 @@ def _domain_problems(key: str, value: Any, search: str) -> list[str]:
     if not _is_domain(value):
         return []
     text = describe_domain(value)
+    if key == "model.init_from" and any(isinstance(c, str) and c.startswith("sweep:")
+                                        for c in getattr(value, "categories", []) or []):
+        # The launch resolves each reference once, before Ray starts: a sampled one never would be.
+        return [f"{where}={text}: a sweep reference (sweep:NAME/REF) must be a fixed value or a "
+                "tune.grid_search value, which the launch resolves before Ray starts"]
     d = _domain(value)
     if d.kind == "function":
         if search == "optuna":

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -174,6 +175,9 @@ def select_members(record, *, sweep: str, storage_root: str, top: int | None,
     words = []
     if trials:
         wanted = [name.strip() for item in trials for name in item.split(",") if name.strip()]
+        if not wanted:
+            raise ConfigError([f"--trials {','.join(trials)!r} names no trial (trial ids or names, "
+                               f"comma-separated, e.g. {every[0]['trial_id']})"])
         chosen, problems = [], []
         for ref in wanted:
             found = [t for t in every if ref in (t["trial_id"], t.get("name"))]
@@ -196,7 +200,7 @@ def select_members(record, *, sweep: str, storage_root: str, top: int | None,
                 key in (t.get("config") or {}) for t in every):
             raise ConfigError([f"--where {key}={text}: {key!r} is not 'outcome', 'status' or a trial "
                                "setting (e.g. model.arch, optim.lr; see sweeper/config.py)"])
-        kept = []
+        kept, seen = [], []
         for t in pool:
             if key in ("outcome", "status"):
                 value = t.get(key)
@@ -204,6 +208,13 @@ def select_members(record, *, sweep: str, storage_root: str, top: int | None,
                 value = {**defaults, **(t.get("config") or {})}.get(key)
             if _matches(value, want, text):
                 kept.append(t)
+            elif value not in seen:
+                seen.append(value)
+        if pool and not kept:
+            listed = ", ".join(map(str, seen[:8])) + (" ..." if len(seen) > 8 else "")
+            raise ConfigError([f"--where {key}={text}: no trial of sweep {sweep!r}"
+                               + (f" among {'; '.join(words)}" if words else "")
+                               + f" has {key}={text} (its trials have {listed})"])
         pool = kept
         words.append(f"{key}={text}")
 
@@ -291,6 +302,7 @@ def member_test_probabilities(state: Mapping[str, Any], *, device: torch.device,
     from sweeper.config import TrialConfig
     from sweeper.data import DeviceData, load_splits
     from sweeper.models import build_model
+    from sweeper.transfer import input_normalization
 
     cfg = TrialConfig.from_flat(state["config"])
     key = (repr(cfg.data), cfg.seed)
@@ -299,7 +311,12 @@ def member_test_probabilities(state: Mapping[str, Any], *, device: torch.device,
         splits = load_splits(cfg.data, seed=cfg.seed)
         if splits_cache is not None:
             splits_cache[key] = splits
-    data = DeviceData(splits, cfg.data, device=device)
+    # The inputs a trial was trained on: a torchvision-pretrained trial normalises with its weights'
+    # mean/std (sweeper.transfer.input_normalization), not the training split's statistics.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resolution warning was the trial's to give
+        normalize = input_normalization(cfg)
+    data = DeviceData(splits, cfg.data, device=device, normalize=normalize)
     model = build_model(cfg.model, num_classes=data.num_classes)
     model.load_state_dict(state["model"])
     model.to(device)
@@ -385,7 +402,10 @@ def evaluate_ensemble(members: Sequence[Member], *, device: str = "auto", sweep:
     try:
         torch_device = resolve_device(device)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError([f"--device {device}: {exc}"]) from None
+        text = str(exc)
+        if "Expected one of" in text:  # torch's list of every device type it knows
+            text = "not a device (use auto, cpu, cuda or cuda:N)"
+        raise ConfigError([f"--device {device}: {text}"]) from None
     _check_datasets(members)
     cache: dict = {}
     member_probs, member_scores = [], {}

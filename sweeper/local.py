@@ -44,6 +44,9 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
     console.print(config_table(cfg.to_flat(), title=f"trial config (sample {sample})",
                                defaults=defaults))
     console.print(f"device: {resolve_device(cfg.device)}")
+    transfer = _transfer_line(cfg)
+    if transfer:
+        console.print(transfer)
     printer = EpochPrinter()
 
     def report(metrics, save):
@@ -67,6 +70,23 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
     if checkpoint_dir is not None:
         console.print(f"checkpoint: {checkpoint_dir}")
     return result
+
+
+def _transfer_line(cfg) -> str | None:
+    """What model.pretrained / init_from / freeze will do to the trial's model (a CPU build of it:
+    sources are cached per process, so fit reads them again from memory)."""
+    m = cfg.model
+    if m.pretrained is None and m.init_from is None and m.freeze == "none":
+        return None
+    import torch
+
+    from sweeper.data import num_classes
+    from sweeper.models import build_model
+    from sweeper.transfer import apply_transfer
+
+    with torch.random.fork_rng(devices=[]):
+        done = apply_transfer(build_model(m, num_classes=num_classes(cfg.data) or 10), m)
+    return f"model: {done.describe()}"
 
 
 def _test_line(last: dict) -> str | None:

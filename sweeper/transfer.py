@@ -12,7 +12,10 @@ Three settings of :class:`~sweeper.config.ModelConfig` (defaults and meanings li
     file keeps the dataset's statistics.
 ``model.init_from``
     Initialising from a trained trial: a checkpoint path or storage URI, or ``sweep:NAME/REF`` (REF =
-    ``best``, a trial id or a trial name). The driver resolves a sweep reference before Ray starts
+    ``best``, a trial id or a trial name; ``best`` ranks trials by the sweep's metric at their
+    checkpoint epoch, diverged ones and those without a checkpoint excluded, as ``sweeper ensemble``
+    does). A source with non-finite weights, or one trained with BatchNorm copied into a net without
+    it, is refused. The driver resolves a sweep reference before Ray starts
     (:func:`resolve_sweep`) and puts the checkpoint's location into the trial config, so a trial on
     any node reads it from the storage, and its params record what it was initialised from.
 ``model.init_layers``
@@ -230,11 +233,20 @@ def load_source(location: str, *, key: str = "model.init_from") -> tuple[dict[st
     try:
         obj = load_trial_state(path)
     except FileNotFoundError:
+        if local and os.path.isdir(path):
+            raise ConfigError([f"{key}={location!r} is a directory without trial_state.pt (give a "
+                               "state-dict file, or a checkpoint directory holding trial_state.pt)"]) from None
         raise ConfigError([f"{key}={location!r}: no such file or checkpoint (a state-dict file, a "
                            "checkpoint directory holding trial_state.pt, or a storage URI)"]) from None
     except Exception as exc:  # noqa: BLE001 -- unreadable, not a torch file, unreachable storage
-        raise ConfigError([f"{key}={location!r} cannot be read as a state dict: "
-                           f"{type(exc).__name__}: {exc}"]) from None
+        if local and os.path.isfile(path) and os.path.getsize(path) == 0:
+            why = "the file is empty"
+        elif isinstance(exc, (EOFError, KeyError, IndexError, UnicodeDecodeError)) or \
+                "magic number" in str(exc) or "zip archive" in str(exc):
+            why = f"not a file torch.save wrote ({type(exc).__name__}: {exc})"
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+        raise ConfigError([f"{key}={location!r} cannot be read as a state dict: {why}"]) from None
     config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):  # a sweeper checkpoint
         config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
@@ -543,6 +555,22 @@ def _copy_vgg_paper(model: nn.Module, source: Mapping[str, torch.Tensor], *, key
     return [name for name, _ in plan], len(source) - len(plan)
 
 
+def _check_source(sd: Mapping[str, torch.Tensor], model: nn.Module, *, key: str, value: str) -> None:
+    """Refuse a source whose weights cannot mean what they would be copied as: non-finite tensors
+    (a diverged trial's checkpoint), or BatchNorm-trained convs copied into a net without BatchNorm
+    (their outputs were scaled by the BN after them; without it they explode or vanish)."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError([f"{key}={value!r} holds non-finite weights ({len(bad)} tensor(s), e.g. "
+                           f"{', '.join(bad[:3])}): a diverged trial's checkpoint? Copy a trial that "
+                           "trained (sweep:NAME/best never picks a diverged one)"])
+    src_bn = [k for k in sd if k.endswith(".running_mean")]
+    if src_bn and not any(k.endswith(".running_mean") for k in model.state_dict()):
+        raise ConfigError([f"{key}={value!r} was trained with BatchNorm layers (e.g. "
+                           f"{src_bn[0].rpartition('.')[0]}) and this model has none: its convs "
+                           "expect the BN after them; set model.batch_norm=true"])
+
+
 def apply_transfer(model: nn.Module, m: "ModelConfig", *, storage: str | None = None) -> Transfer:
     """Load ``model.pretrained`` / ``model.init_from`` into a freshly built model as ``model.init_layers``
     says, then apply ``model.freeze``; in place, on the CPU, before the optimizer is built.
@@ -561,6 +589,7 @@ def apply_transfer(model: nn.Module, m: "ModelConfig", *, storage: str | None = 
         source, value, key, strict = location, m.init_from, "model.init_from", False
     if source is not None and layers != "none":
         sd = _torchvision_layout(sd, model)
+        _check_source(sd, model, key=key, value=value)
         if layers == "vgg_paper":
             copied, skipped = _copy_vgg_paper(model, sd, key=key, value=value)
         else:
@@ -613,15 +642,63 @@ def resolve_init_from(value: str, *, storage: str | None = None) -> tuple[str, s
                            f"{', '.join(redacted_root(r) for r in roots)} (sweeps there: "
                            f"{', '.join(known) or 'none'}); launch the source sweep first, or give "
                            "a checkpoint path"])
+    metric = record.meta().get("metric")
     try:
-        trial = record.find_trial(ref)
+        if ref == "best":
+            trial, best, at = _best_trial(record, name)
+        else:
+            trial = record.find_trial(ref)
+            best, at = _number((trial.get("best") or {}).get(metric)), ""
         location = trial_checkpoint_location(root, name, trial)
     except LookupError as exc:
         raise ConfigError([f"model.init_from={value!r}: {exc}"]) from None
-    metric = record.meta().get("metric")
-    best = (trial.get("best") or {}).get(metric)
-    score = f", best {metric} {best:.4g}" if isinstance(best, (int, float)) and math.isfinite(best) else ""
+    score = f", best {metric} {best:.4g}{at}" if best is not None else ""
     return location, f"trial {trial.get('name')} ({trial['trial_id']}{score}) of sweep {name!r}"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _best_trial(record, name: str) -> tuple[dict, float, str]:
+    """``sweep:NAME/best``: the trial whose *checkpoint* scores best by the sweep's metric (the
+    checkpoint is a trial's latest epoch, not its best: a trial that peaked and then diverged holds
+    NaN weights), among trials with a checkpoint that did not diverge; as ``sweeper ensemble`` ranks.
+    A record without ``checkpoint_epoch`` (older sweeps) ranks by the trial's best epoch."""
+    from sweeper.ensemble import _value_at
+
+    meta = record.meta()
+    metric, mode = meta.get("metric", "val_accuracy"), meta.get("mode", "max")
+    trials = record.trials()
+    if not trials:
+        raise LookupError(f"sweep {name!r} has no trials yet")
+    scored, skipped = [], {}
+    for t in trials:
+        label, epoch = t.get("name") or t["trial_id"], t.get("checkpoint_epoch")
+        if not t.get("checkpoint"):
+            skipped.setdefault("no checkpoint", []).append(label)
+            continue
+        if t.get("outcome") == "diverged":
+            skipped.setdefault("diverged", []).append(label)
+            continue
+        if epoch is None:
+            v, at = _number((t.get("best") or {}).get(metric)), ""
+        else:
+            v, at = _value_at(record, t, int(epoch), metric), f" at its checkpoint epoch {int(epoch)}"
+        if v is None:
+            skipped.setdefault(f"no finite {metric} at its checkpoint", []).append(label)
+            continue
+        scored.append((v, t, at))
+    if not scored:
+        why = "; ".join(f"{reason}: {', '.join(names[:5])}" for reason, names in skipped.items())
+        raise LookupError(f"sweep {name!r} has no trial to copy as 'best' ({why}); name a trial "
+                          "instead, or launch the source sweep further")
+    sign = -1.0 if mode == "max" else 1.0
+    scored.sort(key=lambda c: (sign * c[0], c[1].get("created", 0), c[1]["trial_id"]))
+    value, trial, at = scored[0]
+    return trial, value, at
 
 
 def resolve_sweep(sweep: "Sweep") -> tuple["Sweep", list[str]]:
@@ -753,9 +830,22 @@ def standin(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Pat
     from sweeper.train import CHECKPOINT_FILE, fit
 
     flat = {**STANDIN_DEFAULTS, **(overrides or {})}
-    epochs = int(flat.pop("epochs"))
+    epochs = flat.pop("epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError([f"epochs={epochs!r} must be an integer >= 0 (0: the random init)"])
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ConfigError([f"{str(path)!r} is a directory: give the file to write, e.g. "
+                           f"{str(path / 'standin.pt')!r}"])
+    above = next(a for a in path.parents if a.exists())
+    if not above.is_dir():
+        raise ConfigError([f"{str(path)!r}: {str(above)!r} is a file, not a folder"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError([f"{str(path)!r}: cannot create its folder ({exc.strerror or exc})"]) from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError([f"{str(path)!r}: its folder {str(path.parent)!r} is not writable"])
     if epochs <= 0:
         cfg = TrialConfig.from_flat(flat)
         from sweeper.data import num_classes
@@ -775,7 +865,10 @@ def standin(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Pat
 
             fit(cfg, report=report)
             state = torch.load(saved / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
-    torch.save(state, path)
+    try:
+        torch.save(state, path)
+    except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError for an unopenable file
+        raise ConfigError([f"{str(path)!r} cannot be written: {str(exc).splitlines()[0][-200:]}"]) from None
     return path
 
 

@@ -89,5 +89,21 @@ def test_digits_given_for_a_text_setting_are_that_text():
 
     cfg = TrialConfig.from_flat({"data.resolution": 64, "data.crop": 32, "data.test_scales": parse_value("64")})
     assert cfg.data.test_scales == "64" and cfg.data.test_scale_list == (64,)
-    with pytest.raises(ConfigError, match=r"model.pretrained=0.5 is not a string"):
-        TrialConfig.from_flat({"model.pretrained": 0.5})
+    with pytest.raises(ConfigError, match=r"data.test_scales='28.5' is not a comma-separated list "
+                                          r"of integers"):
+        TrialConfig.from_flat({"data.resolution": 64, "data.crop": 24, "data.test_scales": 28.5})
+
+
+@pytest.mark.parametrize("flat,message", [
+    ({"data.test_scales": "28,,32"}, "data.test_scales='28,,32' is not a comma-separated list"),
+    ({"data.test_scales": "28,", "data.test_grid": 10},
+     "data.test_grid=10 must be <= 5: the largest test scale 28 leaves 5 distinct crop offsets"),
+    ({"data.test_scales": "28,32", "data.test_grid": 100000}, "data.test_grid=100000 must be <= 9"),
+])
+def test_multicrop_settings_that_would_repeat_or_explode_are_refused(flat, message):
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"data.resolution": 32, "data.crop": 24, **flat})
+    assert any(p.startswith(message) for p in err.value.problems), err.value.problems
+    cfg = TrialConfig.from_flat({"data.resolution": 32, "data.crop": 24, "data.test_scales": "28,",
+                                 "data.test_grid": 5})
+    assert cfg.data.test_scale_list == (28,)

@@ -243,8 +243,18 @@ def test_evaluate_ensemble_matches_an_independent_recomputation(fake_sweep):
      "'colour' is not 'outcome', 'status' or a trial setting"),
     (["fake", "--top", "2", "--where", "outcome"], "--where 'outcome' is not KEY=VALUE"),
     (["fake", "--trials", "t0,t3"], "members are trained on different datasets"),
-    (["fake", "--top", "1", "--where", "outcome=pruned"], "has no trial to ensemble among outcome=pruned"),
+    (["fake", "--top", "1", "--where", "outcome=pruned"],
+     "--where outcome=pruned: no trial of sweep 'fake' has outcome=pruned (its trials have completed)"),
+    # regressions: an empty --trials said "no trial to ensemble among trials " (nothing named); a
+    # --where value no trial has did not say which values exist.
+    (["fake", "--trials", ""], "--trials '' names no trial (trial ids or names, comma-separated"),
+    (["fake", "--trials", ","], "--trials ',' names no trial"),
+    (["fake", "--top", "1", "--where", "lr=7"],
+     "--where optim.lr=7: no trial of sweep 'fake' has optim.lr=7 (its trials have 0.05, 0.02, 0.1)"),
     (["fake", "--top", "2", "--device", "cuda:7"], "--device cuda:7"),
+    # regression: torch's list of 20 device types was the message
+    (["fake", "--top", "2", "--device", "bogus"],
+     "--device bogus: not a device (use auto, cpu, cuda or cuda:N)"),
 ])
 def test_bad_inputs_exit_2_with_one_line(fake_sweep, args, message):
     root, _ = fake_sweep
@@ -256,6 +266,14 @@ def test_bad_inputs_exit_2_with_one_line(fake_sweep, args, message):
     assert message in " ".join(output.split()), output
     assert "Traceback" not in output
     assert not (root / "never.db").exists()  # refused before any tracking
+
+
+def test_a_sweep_without_trials_is_refused(tmp_path):
+    record = SweepRecord(tmp_path / "empty")
+    record.create({"name": "empty", "sweep_uid": "u", "metric": "val_accuracy", "mode": "max"}, "")
+    code, output = _invoke("ensemble", "empty", "--top", "1", "--storage", str(tmp_path))
+    assert code == EXIT_USAGE, output
+    assert "sweep 'empty' has no trials yet" in output and "Traceback" not in output
 
 
 def test_no_checkpoints_is_refused(tmp_path):
@@ -406,3 +424,28 @@ def test_ensemble_of_a_real_sweep_end_to_end(tmp_path):
     code, output = _invoke("ensemble", "tiny", "--top", "4", "--storage", str(storage))
     assert code == EXIT_USAGE and "--top 4: sweep 'tiny' has 3 trial(s)" in output, output
     assert "Traceback" not in output
+
+
+def test_a_torchvision_pretrained_member_is_evaluated_with_its_weights_normalisation():
+    # Before: members were evaluated with the training split's mean/std even when the trial trained
+    # on ImageNet-normalised inputs (model.pretrained = a torchvision name): silently other inputs.
+    from sweeper.config import TrialConfig
+    from sweeper.data import DeviceData, load_splits
+    from sweeper.ensemble import member_test_probabilities, predict_probabilities
+    from sweeper.models import build_model
+
+    flat = {"data.name": "synthetic", "data.synthetic_size": 64, "data.resolution": 16,
+            "model.arch": "resnet18", "model.batch_norm": True, "model.width": 0.125,
+            "model.stem": "imagenet", "model.pretrained": "ResNet18_Weights.IMAGENET1K_V1",
+            "device": "cpu"}
+    cfg = TrialConfig.from_flat(flat)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=10).eval()
+    got, _, _ = member_test_probabilities({"config": flat, "model": model.state_dict()},
+                                          device=torch.device("cpu"))
+    splits = load_splits(cfg.data, seed=cfg.seed)
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    want, _ = predict_probabilities(model, DeviceData(splits, cfg.data, normalize=imagenet).eval_batches("test"))
+    own, _ = predict_probabilities(model, DeviceData(splits, cfg.data).eval_batches("test"))
+    assert not torch.allclose(want, own)  # the two normalisations do differ here
+    assert torch.allclose(got, want, atol=1e-6)

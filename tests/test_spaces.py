@@ -298,3 +298,12 @@ def test_a_directory_or_a_json_file_is_not_a_search_space(tmp_path):
     (tmp_path / "s.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"s.json: is a .json file, not a Python search-space file"):
         load_sweep(tmp_path / "s.json")
+
+
+def test_a_sampled_sweep_reference_is_refused_by_validate_not_only_by_launch():
+    # A launch resolves sweep:NAME/REF once, before Ray starts; a sampled one never would be.
+    with pytest.raises(ConfigError) as err:
+        Sweep(name="s", space={"model.init_from": tune.choice(["sweep:src/best", None])})
+    assert any("space['model.init_from']=" in p and "must be a fixed value or a tune.grid_search"
+               in p for p in err.value.problems), err.value.problems
+    Sweep(name="s", space={"model.init_from": tune.grid_search(["sweep:src/best", None])})

@@ -284,12 +284,13 @@ def test_vgg_paper_copies_the_first_four_convs_and_the_head_from_vgg_a_into_d_an
 
 def test_vgg_paper_refuses_another_head_or_width_and_all_copies_every_matching_tensor(vgg_a):
     where, state = vgg_a
+    # batch_norm as the source's: a BN-trained source into a net without BN is refused first.
     paper = _cfg(**{"model.arch": "vgg16", "model.head": "paper", "model.init_from": str(where),
-                    "model.init_layers": "vgg_paper"}).model
+                    "model.batch_norm": True, "model.init_layers": "vgg_paper"}).model
     text = _errors(lambda: apply_transfer(build_model(paper, num_classes=10), paper))
     assert "the source has 1 and the model 3" in text and "model.head must be the source's" in text
     wide = _cfg(**{"model.arch": "vgg16", "model.width": 0.25, "model.init_from": str(where),
-                   "model.init_layers": "vgg_paper"}).model
+                   "model.batch_norm": True, "model.init_layers": "vgg_paper"}).model
     text = _errors(lambda: apply_transfer(build_model(wide, num_classes=10), wide))
     assert "features.0.weight (8, 3, 3, 3) -> features.0.weight (16, 3, 3, 3)" in text
 
@@ -457,3 +458,118 @@ def test_each_node_is_asked_for_the_sources_its_trials_will_read(tmp_path, monke
                                 "model.stem": "imagenet", "model.pretrained": "IMAGENET1K_V1"})
     ((key, where),) = source_files(tv)  # a torchvision name: its file in that node's torch.hub cache
     assert key == "model.pretrained" and where.startswith(str(tmp_path / "torch"))
+
+
+# ---- regressions: sources that load but cannot mean what they would be copied as --------------------
+
+
+def test_a_diverged_source_with_non_finite_weights_is_refused_naming_the_key(tmp_path):
+    # Before: the NaN weights were copied and the trial "diverged" at step 0 (exit 1, no hint why).
+    state = _standin(tmp_path / "s.pt")
+    state["layer1.0.conv1.weight"] = torch.full_like(state["layer1.0.conv1.weight"], float("nan"))
+    torch.save({"model": state, "config": {}}, tmp_path / "trial_state.pt")
+    cfg = _cfg(**R18, **{"model.init_from": str(tmp_path)}).model
+    text = _errors(lambda: apply_transfer(build_model(cfg, num_classes=10), cfg))
+    assert f"model.init_from='{tmp_path}' holds non-finite weights (1 tensor(s), e.g. " \
+           "layer1.0.conv1.weight): a diverged trial's checkpoint?" in text
+
+
+def test_batchnorm_trained_weights_into_a_net_without_batchnorm_are_refused(tmp_path):
+    # Before: the convs were copied, the BN tensors silently skipped, and the loss exploded (~1e19).
+    _standin(tmp_path / "bn.pt")  # model.batch_norm=True
+    cfg = _cfg(**{**R18, "model.batch_norm": False, "model.pretrained": str(tmp_path / "bn.pt")}).model
+    text = _errors(lambda: apply_transfer(build_model(cfg, num_classes=10), cfg))
+    assert f"model.pretrained='{tmp_path / 'bn.pt'}' was trained with BatchNorm layers (e.g. stem.bn) " \
+           "and this model has none: its convs expect the BN after them; set model.batch_norm=true" in text
+    # The other way (plain source, BN model) stays allowed: BN renormalises what it is given.
+    _standin(tmp_path / "plain.pt", **{"model.batch_norm": False})
+    ok = _cfg(**{**R18, "model.pretrained": str(tmp_path / "plain.pt")}).model
+    assert apply_transfer(build_model(ok, num_classes=10), ok).copied
+
+
+def test_a_directory_an_empty_file_and_a_text_file_say_what_they_are(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello\n")
+    expected = {"d": "is a directory without trial_state.pt",
+                "empty.pt": "cannot be read as a state dict: the file is empty",
+                "text.pt": "cannot be read as a state dict: not a file torch.save wrote"}
+    for name, message in expected.items():
+        m = _cfg(**R18, **{"model.pretrained": str(tmp_path / name)}).model
+        assert f"model.pretrained='{tmp_path / name}' {message}" in \
+            _errors(lambda: apply_transfer(build_model(m, num_classes=10), m)), name
+
+
+def test_debug_with_a_diverged_source_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from sweeper.cli import app
+
+    state = _standin(tmp_path / "s.pt")
+    torch.save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in state.items()}, tmp_path / "nan.pt")
+    result = CliRunner().invoke(app, ["debug", "data.name=synthetic", "data.synthetic_size=64",
+                                      "model.arch=resnet18", "model.batch_norm=true", "width=1/8",
+                                      f"model.pretrained={tmp_path / 'nan.pt'}", "--epochs", "1",
+                                      "--no-diagnostics", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert f"error: model.pretrained='{tmp_path / 'nan.pt'}' holds non-finite weights" in \
+        " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_sweep_best_ranks_checkpoints_and_never_picks_a_diverged_trial(tmp_path, monkeypatch):
+    # Before: 'best' took the trial with the best epoch anywhere -- here the one that peaked and then
+    # diverged, whose (latest-epoch) checkpoint holds NaN weights; and a trial whose checkpoint had
+    # degraded since its peak. Now: the best metric at the checkpoint epoch, diverged trials excluded.
+    from sweeper.records import SweepRecord
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
+    record = SweepRecord(tmp_path / "store" / "src")
+    record.create({"name": "src", "metric": "val_accuracy", "mode": "max"}, "")
+    for tid, name, peak, last, outcome in [("t_0", "peaked-then-nan", 0.99, float("nan"), "diverged"),
+                                           ("t_1", "peaked-then-worse", 0.95, 0.30, "completed"),
+                                           ("t_2", "steady", 0.60, 0.50, "completed")]:
+        record.write_trial(tid, {"trial_id": tid, "name": name, "created": 1, "outcome": outcome,
+                                 "best": {"epoch": 1, "val_accuracy": peak},
+                                 "last": {"epoch": 2, "val_accuracy": last},
+                                 "checkpoint": f"{name}/checkpoint_000001", "checkpoint_epoch": 2})
+    location, what = resolve_init_from("sweep:src/best", storage=str(tmp_path / "store"))
+    assert location.endswith("steady/checkpoint_000001"), location
+    assert what == "trial steady (t_2, best val_accuracy 0.5 at its checkpoint epoch 2) of sweep 'src'"
+
+    record.write_trial("t_2", {**record.find_trial("t_2"), "outcome": "diverged"})
+    record.write_trial("t_1", {**record.find_trial("t_1"), "last": {"epoch": 2, "val_accuracy": None}})
+    text = _errors(lambda: resolve_init_from("sweep:src", storage=str(tmp_path / "store")))
+    assert "model.init_from='sweep:src': sweep 'src' has no trial to copy as 'best' (diverged: " \
+           "peaked-then-nan, steady; no finite val_accuracy at its checkpoint: peaked-then-worse)" in text
+
+
+def test_standin_refuses_a_directory_a_file_as_folder_and_bad_epochs_before_training(tmp_path, capsys):
+    # Before: a traceback and exit 1 -- for a directory only after training for 2 epochs.
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.pt").write_text("x")
+    cases = {(str(tmp_path / "dir"),): f"error: '{tmp_path / 'dir'}' is a directory: give the file to "
+                                        f"write, e.g. '{tmp_path / 'dir' / 'standin.pt'}'",
+             (str(tmp_path / "file.pt" / "s.pt"), "epochs=0"):
+                 f"error: '{tmp_path / 'file.pt' / 's.pt'}': '{tmp_path / 'file.pt'}' is a file, not a folder",
+             (str(tmp_path / "s.pt"), "epochs=abc"): "error: epochs='abc' must be an integer >= 0",
+             (str(tmp_path / "s.pt"), "epochs=1.5"): "error: epochs=1.5 must be an integer >= 0"}
+    t0 = time.time()
+    for args, message in cases.items():
+        assert main(["standin", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert time.time() - t0 < 2 and not (tmp_path / "s.pt").exists()
+
+
+def test_debug_says_what_was_copied_and_frozen(tmp_path):
+    from sweeper.local import _transfer_line
+
+    assert _transfer_line(_cfg()) is None  # nothing to transfer, nothing said
+    path = tmp_path / "sd.pt"
+    torch.save(build_model(_cfg(**{"model.arch": "smallcnn", "model.width": 0.25}).model,
+                           num_classes=10).state_dict(), path)
+    line = _transfer_line(_cfg(**{"model.arch": "smallcnn", "model.width": 0.25,
+                                  "model.init_from": str(path), "model.freeze": "backbone"}))
+    assert line.startswith("model: copied ") and str(path) in line and "froze" in line
