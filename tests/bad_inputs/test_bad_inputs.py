@@ -126,7 +126,7 @@ CASES = [
     ("init_from_missing_checkpoint", "launch {S}/good.py --local model.init_from=/nonexistent-sweeper/checkpoint_000001", "model.init_from='/nonexistent-sweeper/checkpoint_000001': no such file or checkpoint"),
     ("init_from_bad_reference", "validate {S}/good.py --set model.init_from=sweep:/best", "space: model.init_from='sweep:/best' is not a sweep reference 'sweep:NAME/REF'"),
     ("init_from_unknown_sweep", "launch {S}/good.py --local model.init_from=sweep:no_such_sweep/best", "model.init_from='sweep:no_such_sweep/best': no sweep named 'no_such_sweep' under"),
-    ("init_from_in_choice", "launch {S}/init_from_choice.py --local", "space['model.init_from']: a sweep reference must be a fixed value or a tune.grid_search value"),
+    ("init_from_in_choice", "launch {S}/init_from_choice.py --local", "space['model.init_from']=choice([None, 'sweep:vgg_a/best']): a sweep reference (sweep:NAME/REF) must be a fixed value or a tune.grid_search value"),
 ]
 
 _ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
