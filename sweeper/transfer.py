@@ -182,12 +182,17 @@ def config_problems(m: "ModelConfig") -> list[str]:
 def input_normalization(cfg: "TrialConfig") -> tuple[list[float], list[float]] | None:
     """(mean, std) the weights expect, or None for the dataset's own statistics.
 
+    ``model.init_from`` another trial inherits that trial's: a source fine-tuned from torchvision
+    weights was fed ImageNet-normalised images (see ``_inherited_normalization``).
+
     A torchvision name gives its weights' (ImageNet's; GoogLeNet's weights expect (x - 0.5) / 0.5,
     what torchvision's ``transform_input`` does). The size they were trained at is not imposed: a
     ``data.resolution`` other than the weights' crop size only warns (features transfer across
     sizes, less well), because changing the resolution silently would change the experiment.
     """
     m = cfg.model
+    if m.pretrained is None and m.init_from is not None and m.init_layers != "none":
+        return _inherited_normalization(m.init_from)
     if m.pretrained is None or is_file_ref(m.pretrained):
         return None
     weights = torchvision_weights(m)
@@ -201,6 +206,35 @@ def input_normalization(cfg: "TrialConfig") -> tuple[list[float], list[float]] |
     if m.arch == "googlenet":
         return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     return list(transforms.mean), list(transforms.std)
+
+
+def _inherited_normalization(init_from: str, depth: int = 0) -> tuple[list[float], list[float]] | None:
+    """A trial started from another trial's weights sees its inputs as that trial did: a source
+    fine-tuned from torchvision weights was fed ImageNet-normalised images, and its features expect
+    them (the source's config is in its checkpoint). None: the dataset's statistics, as before."""
+    from sweeper.config import TrialConfig
+
+    if depth > 8:  # a chain of init_from sources this long is a loop
+        return None
+    try:
+        location, _ = resolve_init_from(init_from)
+        _, source = load_source(location)
+        src = TrialConfig.from_flat(source) if source else None
+    except (ConfigError, ValueError):
+        return None  # apply_transfer reports an unreadable source, with its own message
+    if src is None:
+        return None
+    m = src.model
+    if m.pretrained is not None and not is_file_ref(m.pretrained) and m.init_layers != "none":
+        with warnings.catch_warnings():  # the source's resolution is not this trial's to warn about
+            warnings.simplefilter("ignore")
+            try:
+                return input_normalization(src)
+            except ConfigError:
+                return None
+    if m.pretrained is None and m.init_from is not None and m.init_layers != "none":
+        return _inherited_normalization(m.init_from, depth + 1)
+    return None
 
 
 # ---- sources ------------------------------------------------------------------------------------------

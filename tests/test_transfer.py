@@ -573,3 +573,30 @@ def test_debug_says_what_was_copied_and_frozen(tmp_path):
     line = _transfer_line(_cfg(**{"model.arch": "smallcnn", "model.width": 0.25,
                                   "model.init_from": str(path), "model.freeze": "backbone"}))
     assert line.startswith("model: copied ") and str(path) in line and "froze" in line
+
+
+def test_a_trial_started_from_a_torchvision_fine_tuned_trial_sees_imagenet_normalised_inputs(tmp_path):
+    """Its source was fed ImageNet-normalised images; its features expect them (the source's
+    config travels in its checkpoint). A source trained on the dataset's statistics keeps those."""
+    from sweeper.transfer import input_normalization
+
+    tuned = {"model.arch": "resnet18", "model.batch_norm": True, "model.stem": "imagenet",
+             "model.pretrained": "IMAGENET1K_V1", "data.resolution": 224}
+    sd = build_model(TrialConfig.from_flat(tuned).model, num_classes=10).state_dict()
+    source = tmp_path / "tuned" / CHECKPOINT_FILE
+    source.parent.mkdir()
+    torch.save({"model": sd, "config": TrialConfig.from_flat(tuned).to_flat()}, source)
+    target = TrialConfig.from_flat({**tuned, "model.pretrained": None,
+                                    "model.init_from": str(source.parent)})
+    mean, std = input_normalization(target)
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
+    chained = tmp_path / "chained" / CHECKPOINT_FILE  # a trial started from that trial: inherited too
+    chained.parent.mkdir()
+    torch.save({"model": sd, "config": target.to_flat()}, chained)
+    assert input_normalization(target.replace(**{"model.init_from": str(chained.parent)}))[0] == \
+        pytest.approx([0.485, 0.456, 0.406])
+    scratch = tmp_path / "scratch" / CHECKPOINT_FILE
+    scratch.parent.mkdir()
+    torch.save({"model": sd, "config": {**target.to_flat(), "model.init_from": None}}, scratch)
+    assert input_normalization(target.replace(**{"model.init_from": str(scratch.parent)})) is None
+    assert input_normalization(target.replace(**{"model.init_layers": "none"})) is None
