@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from sweeper.config import ConfigError
+from sweeper.records import finite
 
 __all__ = ["EnsembleResult", "Member", "ensemble_id", "ensemble_table", "evaluate_ensemble",
            "log_ensemble", "member_test_probabilities", "mean_probabilities", "predict_probabilities",
@@ -103,27 +104,6 @@ class EnsembleResult:
 
 
 # ---- choosing members -----------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float | None:
-    """A finite float from a record value ("nan" strings and non-numbers -> None)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _value_at(record, trial: Mapping[str, Any], epoch: int, metric: str) -> float | None:
-    last = trial.get("last") or {}
-    if _number(last.get("epoch")) == epoch and _number(last.get(metric)) is not None:
-        return _number(last.get(metric))
-    for row in record.epochs(trial["trial_id"]):
-        if _number(row.get("epoch")) == epoch:
-            return _number(row.get(metric))
-    return None
 
 
 def _where_filters(where: Sequence[str]) -> list[tuple[str, Any, str]]:
@@ -218,23 +198,9 @@ def select_members(record, *, sweep: str, storage_root: str, top: int | None,
         pool = kept
         words.append(f"{key}={text}")
 
-    excluded: dict[str, list[str]] = {}
-    candidates = []
-    for t in pool:
-        label = t.get("name") or t["trial_id"]
-        epoch = t.get("checkpoint_epoch")
-        if not t.get("checkpoint") or epoch is None:
-            excluded.setdefault("no checkpoint", []).append(label)
-            continue
-        if t.get("outcome") == "diverged":
-            excluded.setdefault("diverged", []).append(label)
-            continue
-        value = _value_at(record, t, int(epoch), metric)
-        if value is None:
-            excluded.setdefault(f"no finite {metric} at its checkpoint epoch", []).append(label)
-            continue
-        best = t.get("best") or {}
-        candidates.append((value, t, _number(best.get("epoch")), _number(best.get(metric))))
+    ranked, excluded = record.by_checkpoint(pool)
+    candidates = [(value, t, finite((t.get("best") or {}).get("epoch")),
+                   finite((t.get("best") or {}).get(metric))) for value, t in ranked]
     if trials and excluded:  # trials asked for by name are members, or the command says why not
         raise ConfigError([f"--trials: sweep {sweep!r} cannot ensemble "
                            + "; ".join(f"{', '.join(repr(n) for n in names)} ({reason})"
@@ -251,8 +217,6 @@ def select_members(record, *, sweep: str, storage_root: str, top: int | None,
                            "to ensemble" + (f" among {'; '.join(words)}" if words else "")
                            + (f" ({why})" if why else "")
                            + f"; choose 1..{len(candidates)}"])
-    sign = -1.0 if mode == "max" else 1.0
-    candidates.sort(key=lambda c: (sign * c[0], c[1].get("created", 0), c[1]["trial_id"]))
     members = []
     for rank, (value, t, best_epoch, best_value) in enumerate(candidates[:k], start=1):
         members.append(Member(

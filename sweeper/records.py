@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["SweepRecord", "scalar_metrics"]
+__all__ = ["SweepRecord", "finite", "scalar_metrics"]
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -40,6 +40,17 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(v, (int, float, str)):
             out[k] = v
     return out
+
+
+def finite(value: Any) -> float | None:
+    """A finite float from a record value ("nan" strings, bools and non-numbers -> None)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 class SweepRecord:
@@ -101,24 +112,12 @@ class SweepRecord:
                 by_epoch[int(row.get("epoch", len(by_epoch) + 1))] = row
         return [by_epoch[e] for e in sorted(by_epoch)]
 
-    def find_trial(self, ref: str, *, metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
-        """One trial's record by its id, its name (``trial_label``) or ``best`` (by the sweep's metric,
-        or ``metric``/``mode`` when given, over each trial's best epoch). LookupError says what exists."""
+    def find_trial(self, ref: str) -> dict[str, Any]:
+        """One trial's record by its id or its name (``trial_label``); LookupError says what exists.
+        (``best`` is :meth:`by_checkpoint`'s first: it depends on which weights are wanted.)"""
         trials = self.trials()
         if not trials:
             raise LookupError(f"sweep {self.experiment_dir.name!r} has no trials yet")
-        if ref == "best":
-            meta = self.meta()
-            metric = metric or meta.get("metric")
-            mode = mode or meta.get("mode", "max")
-            scored = [(t["best"][metric], t) for t in trials
-                      if isinstance((t.get("best") or {}).get(metric), (int, float))
-                      and math.isfinite(t["best"][metric])]
-            if not scored:
-                raise LookupError(f"no trial of sweep {self.experiment_dir.name!r} has reported "
-                                  f"{metric!r} yet")
-            pick = max if mode == "max" else min
-            return pick(scored, key=lambda pair: pair[0])[1]
         matches = [t for t in trials if ref in (t["trial_id"], t.get("name"))]
         if len(matches) == 1:
             return matches[0]
@@ -128,6 +127,42 @@ class SweepRecord:
         known = ", ".join(t["trial_id"] for t in trials[:8]) + (" ..." if len(trials) > 8 else "")
         raise LookupError(f"sweep {self.experiment_dir.name!r} has no trial {ref!r} (a trial id, a "
                           f"trial name or 'best'; ids: {known})")
+
+    def value_at(self, trial: Mapping[str, Any], epoch: int, metric: str) -> float | None:
+        """``metric`` of one trial at one epoch (its ``last`` copy, else its epoch rows); None if
+        absent or not finite."""
+        last = trial.get("last") or {}
+        if finite(last.get("epoch")) == epoch and finite(last.get(metric)) is not None:
+            return finite(last.get(metric))
+        for row in self.epochs(trial["trial_id"]):
+            if finite(row.get("epoch")) == epoch:
+                return finite(row.get(metric))
+        return None
+
+    def by_checkpoint(self, trials: list[dict[str, Any]] | None = None
+                      ) -> tuple[list[tuple[float, dict[str, Any]]], dict[str, list[str]]]:
+        """Trials with a checkpoint ranked best first by the sweep's metric *at their checkpoint
+        epoch* -- the weights a copy or an ensemble gets: a checkpoint is a trial's latest epoch, not
+        its best, and a trial that peaked and then diverged holds NaN weights. Ties go to the earlier
+        trial. Also {reason: [trial names]} for those left out (no checkpoint, diverged, no finite
+        value there). ``trials``: a subset of this sweep's (default: all)."""
+        meta = self.meta()
+        metric, mode = meta.get("metric", "val_accuracy"), meta.get("mode", "max")
+        scored: list[tuple[float, dict[str, Any]]] = []
+        excluded: dict[str, list[str]] = {}
+        for t in self.trials() if trials is None else trials:
+            label, epoch = t.get("name") or t["trial_id"], t.get("checkpoint_epoch")
+            if not t.get("checkpoint") or epoch is None:
+                excluded.setdefault("no checkpoint", []).append(label)
+            elif t.get("outcome") == "diverged":
+                excluded.setdefault("diverged", []).append(label)
+            elif (value := self.value_at(t, int(epoch), metric)) is None:
+                excluded.setdefault(f"no finite {metric} at its checkpoint epoch", []).append(label)
+            else:
+                scored.append((value, t))
+        sign = -1.0 if mode == "max" else 1.0
+        scored.sort(key=lambda c: (sign * c[0], c[1].get("created", 0), c[1]["trial_id"]))
+        return scored, excluded
 
     def decisions(self) -> dict[str, dict[str, Any]]:
         """The latest ASHA stop decision per trial."""

@@ -43,7 +43,6 @@ offline studies and tests.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import sys
@@ -657,6 +656,7 @@ def resolve_init_from(value: str, *, storage: str | None = None) -> tuple[str, s
     if not value.startswith(SWEEP_PREFIX):
         return value, value
     from sweeper.checkpoints import trial_checkpoint_location
+    from sweeper.records import finite
     from sweeper.store import open_record, redacted_root
 
     name, _, ref = value[len(SWEEP_PREFIX):].partition("/")
@@ -682,7 +682,7 @@ def resolve_init_from(value: str, *, storage: str | None = None) -> tuple[str, s
             trial, best, at = _best_trial(record, name)
         else:
             trial = record.find_trial(ref)
-            best, at = _number((trial.get("best") or {}).get(metric)), ""
+            best, at = finite((trial.get("best") or {}).get(metric)), ""
         location = trial_checkpoint_location(root, name, trial)
     except LookupError as exc:
         raise ConfigError([f"model.init_from={value!r}: {exc}"]) from None
@@ -690,49 +690,18 @@ def resolve_init_from(value: str, *, storage: str | None = None) -> tuple[str, s
     return location, f"trial {trial.get('name')} ({trial['trial_id']}{score}) of sweep {name!r}"
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _best_trial(record, name: str) -> tuple[dict, float, str]:
-    """``sweep:NAME/best``: the trial whose *checkpoint* scores best by the sweep's metric (the
-    checkpoint is a trial's latest epoch, not its best: a trial that peaked and then diverged holds
-    NaN weights), among trials with a checkpoint that did not diverge; as ``sweeper ensemble`` ranks.
-    A record without ``checkpoint_epoch`` (older sweeps) ranks by the trial's best epoch."""
-    from sweeper.ensemble import _value_at
-
-    meta = record.meta()
-    metric, mode = meta.get("metric", "val_accuracy"), meta.get("mode", "max")
-    trials = record.trials()
-    if not trials:
+    """``sweep:NAME/best``: the first of ``SweepRecord.by_checkpoint`` (the trial whose checkpoint --
+    the weights copied -- scores best, diverged trials left out), as ``sweeper ensemble`` ranks."""
+    if not record.trials():
         raise LookupError(f"sweep {name!r} has no trials yet")
-    scored, skipped = [], {}
-    for t in trials:
-        label, epoch = t.get("name") or t["trial_id"], t.get("checkpoint_epoch")
-        if not t.get("checkpoint"):
-            skipped.setdefault("no checkpoint", []).append(label)
-            continue
-        if t.get("outcome") == "diverged":
-            skipped.setdefault("diverged", []).append(label)
-            continue
-        if epoch is None:
-            v, at = _number((t.get("best") or {}).get(metric)), ""
-        else:
-            v, at = _value_at(record, t, int(epoch), metric), f" at its checkpoint epoch {int(epoch)}"
-        if v is None:
-            skipped.setdefault(f"no finite {metric} at its checkpoint", []).append(label)
-            continue
-        scored.append((v, t, at))
+    scored, skipped = record.by_checkpoint()
     if not scored:
         why = "; ".join(f"{reason}: {', '.join(names[:5])}" for reason, names in skipped.items())
         raise LookupError(f"sweep {name!r} has no trial to copy as 'best' ({why}); name a trial "
                           "instead, or launch the source sweep further")
-    sign = -1.0 if mode == "max" else 1.0
-    scored.sort(key=lambda c: (sign * c[0], c[1].get("created", 0), c[1]["trial_id"]))
-    value, trial, at = scored[0]
-    return trial, value, at
+    value, trial = scored[0]
+    return trial, value, f" at its checkpoint epoch {int(trial['checkpoint_epoch'])}"
 
 
 def resolve_sweep(sweep: "Sweep") -> tuple["Sweep", list[str]]:
@@ -765,21 +734,29 @@ def resolve_sweep(sweep: "Sweep") -> tuple["Sweep", list[str]]:
     return sweep.replace(space={**sweep.space, "model.init_from": new}), notes
 
 
+def _cell_configs(sweep: "Sweep"):
+    """The trial config of each grid cell (one sample of the other domains); a cell whose config is
+    invalid is skipped: the space's own validation reports it."""
+    from sweeper.config import TrialConfig
+    from sweeper.spaces import base_config, grid_cells, sample_config
+
+    sampled = sample_config(sweep)
+    for cell in grid_cells(sweep):
+        try:
+            yield TrialConfig.from_flat({**sampled, **base_config(sweep, cell)})
+        except ConfigError:
+            continue
+
+
 def source_problems(sweep: "Sweep") -> list[str]:
     """Before Ray starts: every pretrained/init_from source of the grid is readable here and fits
     its model (built on the CPU, loaded and frozen as a trial would). One problem per failure."""
-    from sweeper.config import TrialConfig
     from sweeper.models import build_model
-    from sweeper.spaces import _num_classes, base_config, grid_cells, sample_config
+    from sweeper.spaces import _num_classes
 
-    sampled = sample_config(sweep)
     problems: list[str] = []
     seen = set()
-    for cell in grid_cells(sweep):
-        try:
-            cfg = TrialConfig.from_flat({**sampled, **base_config(sweep, cell)})
-        except ConfigError:
-            continue  # reported by the space's own validation
+    for cfg in _cell_configs(sweep):
         m = cfg.model
         if m.pretrained is None and m.init_from is None and m.freeze == "none":
             continue
@@ -799,16 +776,8 @@ def source_files(sweep: "Sweep") -> list[tuple[str, str]]:
     """(setting, what a trial will read) for every source of the grid: a file path or storage URI,
     or the torch.hub cache file of a torchvision weights name. For the per-node check of a cluster:
     a path on the driver's disk is no use to a trial on another machine."""
-    from sweeper.config import TrialConfig
-    from sweeper.spaces import base_config, grid_cells, sample_config
-
-    sampled = sample_config(sweep)
     out: list[tuple[str, str]] = []
-    for cell in grid_cells(sweep):
-        try:
-            m = TrialConfig.from_flat({**sampled, **base_config(sweep, cell)}).model
-        except ConfigError:
-            continue
+    for m in (cfg.model for cfg in _cell_configs(sweep)):
         if m.init_from is not None and m.init_layers != "none":
             out.append(("model.init_from", m.init_from))
         if m.pretrained is not None and m.init_layers != "none":

@@ -308,10 +308,13 @@ def _fake_sweep(root: Path, name: str, checkpoint_dir: Path) -> list[dict]:
     record = SweepRecord(root / name)
     record.create({"name": name, "metric": "val_accuracy", "mode": "max"}, "")
     rel = checkpoint_dir.relative_to(root / name)
+    # As the driver writes them: the checkpoint's location and epoch together, the last epoch's metrics.
     trials = [{"trial_id": "aaa_00000", "name": "vgg11-he-plain-lr0.01", "created": 1,
-               "best": {"val_accuracy": 0.4}, "checkpoint": "t0/checkpoint_000001"},
+               "best": {"val_accuracy": 0.4}, "last": {"epoch": 2, "val_accuracy": 0.4},
+               "checkpoint": "t0/checkpoint_000001", "checkpoint_epoch": 2},
               {"trial_id": "aaa_00001", "name": "vgg11-he-plain-lr0.03", "created": 2,
-               "best": {"val_accuracy": 0.9}, "checkpoint": str(rel)}]
+               "best": {"val_accuracy": 0.9}, "last": {"epoch": 4, "val_accuracy": 0.9},
+               "checkpoint": str(rel), "checkpoint_epoch": 4}]
     for t in trials:
         record.write_trial(t["trial_id"], t)
     return trials
@@ -543,7 +546,7 @@ def test_sweep_best_ranks_checkpoints_and_never_picks_a_diverged_trial(tmp_path,
     record.write_trial("t_1", {**record.find_trial("t_1"), "last": {"epoch": 2, "val_accuracy": None}})
     text = _errors(lambda: resolve_init_from("sweep:src", storage=str(tmp_path / "store")))
     assert "model.init_from='sweep:src': sweep 'src' has no trial to copy as 'best' (diverged: " \
-           "peaked-then-nan, steady; no finite val_accuracy at its checkpoint: peaked-then-worse)" in text
+           "peaked-then-nan, steady; no finite val_accuracy at its checkpoint epoch: peaked-then-worse)" in text
 
 
 def test_standin_refuses_a_directory_a_file_as_folder_and_bad_epochs_before_training(tmp_path, capsys):
