@@ -12,7 +12,8 @@ from ray.tune.schedulers import TrialScheduler
 
 from sweeper.callback import trial_label
 from sweeper.records import SweepRecord
-from sweeper.schedulers import CellASHA, PrunedAwareOptunaSearch, milestones
+from sweeper.schedulers import (CellASHA, PrunedAwareOptunaSearch, launch_order, make_searcher,
+                                milestones, searcher_samples)
 from sweeper.spaces import Sweep
 from sweeper.tuner import _cell_keys, _check_storage
 
@@ -171,3 +172,34 @@ def test_storage_check_accepts_a_writable_dir_and_names_an_unwritable_one(tmp_pa
     blocker.write_text("x")
     problems = _check_storage(str(blocker / "sub"), multi_node=False)
     assert len(problems) == 1 and "is not writable" in problems[0]
+
+
+def test_grid_trials_start_in_seeded_rounds_not_in_grid_order():
+    """Asynchronous ASHA judges a trial against the peers that reached its rung before it, so the
+    start order must not be one corner of the factorial first (Ray's grid order puts every BN-free
+    vgg_depth cell before any BN cell). Every cell once per round, each round shuffled by the seed."""
+    space = {"model.arch": tune.grid_search(["vgg11", "vgg13", "vgg16", "vgg19"]),
+             "model.init": tune.grid_search(["normal", "xavier", "he"]),
+             "model.batch_norm": tune.grid_search([False, True]),
+             "optim.lr": tune.loguniform(1e-3, 1e-1)}
+    sweep = Sweep(name="order", space=space, num_samples=3, seed=0)
+    order = launch_order(sweep)
+    cells = [tuple(c[k] for k in ("model.arch", "model.init", "model.batch_norm")) for c in order]
+    assert len(cells) == 72 == searcher_samples(sweep)
+    rounds = [cells[i:i + 24] for i in range(0, 72, 24)]
+    assert all(len(set(r)) == 24 for r in rounds) and len({frozenset(r) for r in rounds}) == 1
+    assert len({tuple(r) for r in rounds}) == 3  # each round its own order
+    # the first half of the first round is not all BN-free, as Ray's grid order would have it
+    assert {c[2] for c in rounds[0][:12]} == {False, True}
+    assert launch_order(sweep) == order  # the seed fixes it
+    assert launch_order(sweep.replace(seed=1)) != order
+    assert all(set(c) == {"model.arch", "model.init", "model.batch_norm"} for c in order)
+    assert make_searcher(sweep)._points_to_evaluate == order
+    # no grid axes: Ray samples every trial; num_samples is the trial count
+    plain = Sweep(name="plain", space={"optim.lr": tune.loguniform(1e-3, 1e-1)}, num_samples=5)
+    assert launch_order(plain) == [] and searcher_samples(plain) == 5
+    # seeds are a grid axis too: replicates are spread like any cell
+    seeded = Sweep(name="seeded", space={"model.arch": tune.grid_search(["vgg11", "vgg13"])},
+                   seeds=3, seed=7)
+    assert sorted((c["model.arch"], c["seed"]) for c in launch_order(seeded)) == sorted(
+        (a, s) for a in ("vgg11", "vgg13") for s in (7, 8, 9))
