@@ -8,7 +8,13 @@ that outnumber the free cores make single runs several times slower and the rati
 
     python bench/diagnostics_overhead.py --arch vgg16 --width 0.125 --epochs 3 --repeats 3
 
-Writes bench/results/diagnostics_overhead.json.
+Also prints where the hook's time goes, timed inside the same runs: its step-0 measurement
+(``on_fit_start``: layer discovery, one probe, the theory chain) and its per-epoch probe
+(``on_epoch_end``), beside one training step -- the probe's forward and backward cost about one
+step, so that is its floor; and the per-epoch figure carries 1/epochs of the step-0 one.
+
+Writes bench/results/diagnostics_overhead.json: one entry per dataset and epoch length (other
+entries kept), e.g. ``digits_21_steps``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,29 @@ from sweeper.diagnostics import Diagnostics
 from sweeper.train import fit, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Timed(Diagnostics):
+    """Diagnostics that add up the seconds spent in their hook calls."""
+
+    def __init__(self, cfg, seconds: dict[str, list[float]]):
+        super().__init__(cfg)
+        self.seconds = seconds
+
+    def on_fit_start(self, ctx):
+        t0 = time.perf_counter()
+        try:
+            return super().on_fit_start(ctx)
+        finally:
+            self.seconds["fit_start"].append(time.perf_counter() - t0)
+
+    def on_epoch_end(self, ctx, metrics):
+        t0 = time.perf_counter()
+        try:
+            return super().on_epoch_end(ctx, metrics)
+        finally:
+            self.seconds["epoch_end"].append(time.perf_counter() - t0)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,31 +84,56 @@ def main() -> None:
     # only the plain variant was warmed up, +3.5% once both were).
     fit(cfg.replace(epochs=1), splits=splits)
     fit(cfg.replace(epochs=1), splits=splits, hooks=[Diagnostics(cfg.diagnostics)])
+    steps = -(-len(splits.train_y) // cfg.data.batch_size)
     times = {"plain": [], "diagnostics": []}
+    hook_seconds: dict[str, list[float]] = {"fit_start": [], "epoch_end": []}
+    step_seconds = []
     for rep in range(args.repeats):
         for mode in (list(times) if rep % 2 == 0 else list(times)[::-1]):  # neither always first
-            hooks = [Diagnostics(cfg.diagnostics)] if mode == "diagnostics" else []
+            hooks = [_Timed(cfg.diagnostics, hook_seconds)] if mode == "diagnostics" else []
             t0 = time.perf_counter()
             result = fit(cfg, hooks=hooks, splits=splits)
             total = time.perf_counter() - t0
             # Per-epoch time includes the hook's end-of-epoch probe: that is the cost we measure.
             times[mode].append(total / result.epochs)
+            if mode == "plain":
+                step_seconds += [h["epoch_seconds"] / steps for h in result.history]  # steps only
     plain, diag = statistics.median(times["plain"]), statistics.median(times["diagnostics"])
-    steps = -(-len(splits.train_y) // cfg.data.batch_size)
     print(f"{args.arch} width={args.width} bn={args.batch_norm} on {resolve_device(cfg.device)}, "
           f"{args.dataset}: {steps} steps/epoch, {args.epochs} epochs x {args.repeats} repeats, "
           f"probe of {cfg.diagnostics.probe_size}")
     print(f"median seconds/epoch (incl. evaluation): plain {plain:.3f}, with diagnostics {diag:.3f}")
     print(f"overhead: {100 * (diag / plain - 1):+.1f}%  (repeats: plain {times['plain']}, "
           f"diagnostics {times['diagnostics']})")
+    ms = {k: 1000 * statistics.median(v) for k, v in hook_seconds.items()}
+    ms["training_step"] = 1000 * statistics.median(step_seconds)
+    ms["hook_per_epoch"] = ms["epoch_end"] + ms["fit_start"] / args.epochs
+    print(f"hook, median ms: step 0 (on_fit_start) {ms['fit_start']:.1f}, per epoch (on_epoch_end) "
+          f"{ms['epoch_end']:.1f}, per epoch with step 0 spread over {args.epochs} epochs "
+          f"{ms['hook_per_epoch']:.1f}; one training step {ms['training_step']:.1f}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnostics_overhead.json").write_text(json.dumps({
+    path = out / "diagnostics_overhead.json"
+    try:
+        entries = json.loads(path.read_text())
+        if "config" in entries:  # the old layout: one run, no entries
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    name = args.dataset if args.dataset != "synthetic" else f"synthetic_{args.size}"
+    key = f"{name}_{steps}_steps" + ("" if args.device in ("auto", "cpu") else f"_{args.device}")
+    if (args.arch, args.width, args.batch_norm) != ("vgg16", 0.125, False):  # not the default model
+        key += f"_{args.arch}_w{args.width:g}" + ("_bn" if args.batch_norm else "")
+    entries[key] = {
         "config": cfg.to_flat(), "threads": args.threads, "repeats": args.repeats,
         "seconds_per_epoch": {"plain": plain, "diagnostics": diag}, "ratio": diag / plain,
-        "per_repeat": times, "device": str(resolve_device(cfg.device)),
+        "per_repeat": times, "hook_ms": ms, "device": str(resolve_device(cfg.device)),
         "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
-        "script_seconds": time.time() - started}, indent=1))
+        "script_seconds": time.time() - started}
+    command = "python bench/diagnostics_overhead.py" + (f" --dataset {args.dataset} --size {args.size}"
+                                                        if args.dataset == "synthetic" else "")
+    entries["commands"] = sorted({*entries.get("commands", []), command})
+    path.write_text(json.dumps(entries, indent=1))
 
 
 if __name__ == "__main__":

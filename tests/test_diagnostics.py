@@ -607,3 +607,56 @@ def test_the_checked_cause_is_decided_once_and_labels_every_later_stalled_epoch(
     resumed.load_state_dict(diag.state_dict())
     resumed.on_epoch_end(ctx, {"train_loss": math.log(10)})
     assert len(calls) == 1 and ctx.label == ("stalled", "lr_too_high")
+
+
+# ---- the probe's statistics, written for speed (issue #9), against their plain forms -------------
+
+from sweeper.diagnostics import _output_moments, _relu_counts, _relu_fractions, _second_moment, _std  # noqa: E402
+
+
+def _plain_moments(y):
+    """mean, var, E[y^2] and sensitivity the straightforward way, in float64 (var: float32's var())."""
+    d = y.double()
+    rms = float(d.pow(2).mean().sqrt())
+    sens = float(d.std(dim=0).mean()) / rms if rms > 0 else 0.0
+    return float(d.mean()), float(y.var()), float(d.pow(2).mean()), sens
+
+
+@pytest.mark.parametrize("scale", [1.0, 3e-3, 1e-12, 1e-25, 1e15, 1e19, 0.0])
+def test_fast_probe_statistics_match_their_plain_forms(scale):
+    # Magnitudes a probe meets: healthy, vanished (1e-25: squares below float32's range, var() = 0),
+    # huge (1e19: squares overflow float32), all zero; one unit ignores its input (sensitivity 0 there)
+    # and the units' means differ (the between-unit part of the variance).
+    torch.manual_seed(0)
+    y = torch.randn(16, 4, 5, 5) + torch.linspace(-2.0, 3.0, 4)[:, None, None]
+    y[:, 0] = 1.5
+    y = y * scale
+    mean, var, m2, sens = _output_moments(y)
+    p_mean, p_var, p_m2, p_sens = _plain_moments(y)
+    assert mean == pytest.approx(p_mean, rel=1e-5, abs=1e-6 * scale)
+    assert var == pytest.approx(p_var, rel=1e-5)
+    assert m2 == pytest.approx(p_m2, rel=1e-5)
+    assert _second_moment(y) == pytest.approx(p_m2, rel=1e-5)
+    assert sens == pytest.approx(p_sens, rel=1e-5, abs=1e-7)
+    assert _std(y) == pytest.approx(float(y.double().std()), rel=1e-5)
+    energy = position_energy(y)
+    assert energy.flatten().tolist() == pytest.approx(y.double().pow(2).mean(dim=(0, 1)).flatten().tolist(),
+                                                     rel=1e-5)
+    r = torch.relu(y - 0.5 * scale)
+    zero, dead = _relu_fractions(*_relu_counts(r))
+    assert zero == pytest.approx(float((r == 0).double().mean()), abs=1e-9)
+    assert dead == pytest.approx(float((r.amax(dim=(0, 2, 3)) == 0).double().mean()), abs=1e-9)
+
+
+def test_fast_probe_statistics_keep_the_plain_forms_on_nonfinite_and_single_examples():
+    y = torch.randn(8, 3, 4, 4)
+    y[2, 1, 0, 0] = math.nan
+    mean, var, m2, sens = _output_moments(y)
+    assert math.isnan(mean) and math.isnan(var) and m2 == math.inf and sens == 0.0
+    assert math.isnan(_std(y))
+    r = torch.relu(torch.randn(8, 3, 4, 4))
+    r[0, 0, 0, 0] = math.nan  # its unit also has positive values: alive, as (r > 0).any() says
+    zero, dead = _relu_fractions(*_relu_counts(r))
+    assert dead == 0.0 and zero == pytest.approx(float((r <= 0).double().mean() + 1 / r.numel()))
+    one = torch.randn(1, 3, 4, 4)  # one example: no spread across examples
+    assert _output_moments(one)[3] == 0.0 and _output_moments(one)[1] == pytest.approx(float(one.var()))
