@@ -22,7 +22,9 @@ inputs, set after the upload), and a parent metric whose latest value already ma
 Delivery runs off the sweep's event loop: the driver callback only appends to the spool and calls
 :meth:`Tracker.deliver_soon`, which wakes one background thread; Tune's controller never waits on the
 tracking server (a synchronous flush per result cost ~0.5 s each and set the pace of short trials).
-:meth:`Tracker.close` stops that thread before the last, synchronous delivery of a sweep.
+:meth:`Tracker.close` stops that thread before the last, synchronous delivery of a sweep. One delivery of
+a spool runs at a time across processes too (an ``flock`` beside it): ``sweeper sync`` may run while
+the driver's thread delivers.
 
 This module imports MLflow, never Ray.
 """
@@ -94,15 +96,17 @@ class Tracker:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
+        self._offset_seen: int | None = None  # the spool offset this process's last flush left
 
     def __getstate__(self):  # the client holds sockets, the thread and lock are this process's
         state = dict(self.__dict__)
         state.update(_client=None, _verified=set(), _existing=None, _next_try=0.0, _backoff=1.0,
-                     _lock=None, _wake=None, _closing=None, _thread=None)
+                     _lock=None, _wake=None, _closing=None, _thread=None, _offset_seen=None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_offset_seen", None)  # pickled before it existed
         self._lock, self._wake, self._closing = (_spool_lock(self.dir), threading.Event(),
                                                  threading.Event())
 
@@ -288,19 +292,27 @@ class Tracker:
 
     # ---- delivery -------------------------------------------------------------------------------
 
-    def flush(self, *, force: bool = False) -> bool:
+    def flush(self, *, force: bool = False, wait_s: float | None = None) -> bool:
         """Deliver what is pending, in order; False (and the error recorded) at the first failure.
 
         After a failure, calls within the back-off window return at once, so a dead server costs the
-        sweep's event loop nothing.
+        sweep's event loop nothing. ``wait_s``: how long to wait for another process's delivery of
+        this spool (``sweeper sync`` beside a running driver) to end (None: as long as it takes);
+        False when it has not ended.
         """
-        with self._lock:
+        with self._lock, _spool_flock(self.dir, wait_s) as held:
+            if not held:
+                return False
             return self._flush(force=force)
 
     def _flush(self, *, force: bool) -> bool:
         if not force and time.time() < self._next_try:
             return False
         state = self._state()
+        if state["offset"] != self._offset_seen:
+            # Another process (`sweeper sync`, a previous driver) delivered since this one last did:
+            # the runs it created are not in this process's list of the sweep's runs.
+            self._existing = None
         try:
             for end, op in self._undelivered(state):
                 self._apply(op, state)
@@ -311,17 +323,19 @@ class Tracker:
         except Exception as exc:  # the tracking server, the network, a full disk...
             state["last_error"] = f"{type(exc).__name__}: {_truncate(str(exc), 300)}"
             self._save_state(state)
+            self._offset_seen = state["offset"]
             self._next_try = time.time() + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
             return False
         self._backoff = 1.0
+        self._offset_seen = state["offset"]
         return True
 
     def flush_until(self, deadline_s: float) -> bool:
         """Keep trying for up to ``deadline_s`` seconds (end of a sweep: give a restart a chance)."""
         end = time.time() + deadline_s
         while True:
-            if self.flush(force=True):
+            if self.flush(force=True, wait_s=max(0.0, end - time.time())):
                 return True
             if time.time() >= end:
                 return False
@@ -547,6 +561,67 @@ def _spool_lock(record_dir: Path) -> threading.RLock:
     key = str(Path(record_dir).resolve())
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(key, threading.RLock())
+
+
+class _spool_flock:
+    """Across processes, one delivery of a spool at a time (a driver's delivery thread and ``sweeper
+    sync`` run beside it on a local record): the delivery state is read-modify-write. Entered
+    under the spool's in-process RLock, so a nested flush in one process finds the lock its
+    caller holds (a second ``flock`` on a new descriptor would wait for itself). Where the
+    storage cannot lock (no fcntl, or a file system without locks) the in-process lock alone
+    guards, as before. ``as held``: False when ``wait_s`` passed while another process
+    delivered."""
+
+    _held: dict[str, int] = {}  # record dir -> nesting depth in this process (under its RLock)
+
+    def __init__(self, record_dir: Path, wait_s: float | None = None):
+        self.key = str(Path(record_dir).resolve())
+        self.path = Path(record_dir) / ".mlflow_delivery.lock"
+        self.wait_s = wait_s
+        self.fd: int | None = None
+
+    def __enter__(self) -> bool:
+        depth = self._held.get(self.key, 0)
+        if depth == 0 and not self._lock():
+            return False
+        self._held[self.key] = depth + 1
+        return True
+
+    def _lock(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only record: nothing to deliver into its state either
+            return True
+        end = None if self.wait_s is None else time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if end is not None else 0))
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    os.close(self.fd)
+                    self.fd = None
+                    return False
+                time.sleep(0.1)
+            except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                os.close(self.fd)
+                self.fd = None
+                return True
+
+    def __exit__(self, *exc):
+        depth = self._held.get(self.key, 0)
+        if depth <= 1:
+            self._held.pop(self.key, None)
+            if self.fd is not None:
+                os.close(self.fd)  # closing releases the lock
+                self.fd = None
+        else:
+            self._held[self.key] = depth - 1
 
 
 def _last_byte(path: Path) -> bytes:

@@ -297,3 +297,33 @@ def test_parent_metrics_at_step_0_and_replays_add_no_point(tmp_path):
     assert t2.flush()
     assert client.get_run(parent).data.metrics["trials_stalled"] == 4.0
     assert len(client.get_metric_history(parent, "trials_stalled")) == 2
+
+
+def test_one_delivery_of_a_spool_at_a_time_across_processes(tmp_path):
+    """A driver's delivery thread and `sweeper sync` beside it share one flock: a flush waits for
+    another process's (here, bounded by wait_s), and a nested flush in one process does not wait
+    for itself."""
+    import fcntl
+    import os
+
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.dir.mkdir(parents=True, exist_ok=True)
+    other = os.open(t.dir / ".mlflow_delivery.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another process delivering (a second open file counts)
+    try:
+        t0 = time.time()
+        assert t.flush(wait_s=0.5) is False
+        assert 0.4 < time.time() - t0 < 10 and t.pending() == 1
+    finally:
+        os.close(other)
+    nested = []
+    real_apply = Tracker._apply
+
+    def apply(self, op, state):
+        nested.append(_tracker(tmp_path).flush(wait_s=5))  # same spool, same process, inside
+        return real_apply(self, op, state)
+
+    t._apply = apply.__get__(t)
+    assert t.flush(wait_s=5) is True and t.pending() == 0
+    assert nested == [True]
