@@ -11,7 +11,7 @@ Every cell of the 4 x 3 x 2 grid runs, because a stalled cell is the finding; th
 tuned within each cell so that "stalled" means stalled at its best learning rate.
 
 Cluster run:  sweeper launch search_spaces/vgg_depth.py --address auto
-Quick run on a laptop CPU (digits, width 1/8, ~10 min on 2 cores):
+Quick run on a laptop CPU (digits, width 1/8, ~3 min on 2 cores):
               sweeper launch search_spaces/vgg_depth.py --local dataset=digits width=1/8 max_epochs=6
 One trial in the foreground, no Ray:
               sweeper debug search_spaces/vgg_depth.py dataset=digits width=1/8 model.arch=vgg16
