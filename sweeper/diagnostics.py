@@ -1047,7 +1047,7 @@ def _sensitivity(out: torch.Tensor) -> float:
     magnitude (a vanished signal stays representable in float32), and the per-unit std is taken on
     the centred output (``Tensor.std(dim=0)`` costs ~15x as much on a CPU: a strided Welford pass).
     """
-    scale = float(out.abs().amax()) if out.numel() else 0.0
+    scale = _abs_max(out)
     if scale == 0.0 or not math.isfinite(scale) or out.shape[0] < 2:
         return 0.0
     x = out.float() / scale

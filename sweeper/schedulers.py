@@ -50,7 +50,7 @@ from sweeper.records import SweepRecord
 from sweeper.spaces import grid_cells
 
 __all__ = ["CellASHA", "PrunedAwareOptunaSearch", "launch_order", "make_scheduler", "make_searcher",
-           "milestones", "searcher_samples"]
+           "milestones"]
 
 RUNGS_FILE = "rungs.json"
 # The metric that breaks a tie at the cutoff: the loss of the same split (lower is better).
@@ -285,17 +285,11 @@ def launch_order(sweep) -> list[dict[str, Any]]:
     return order
 
 
-def searcher_samples(sweep) -> int:
-    """``TuneConfig.num_samples`` for :func:`make_searcher`'s searcher: with a launch order, every
-    trial is one preset point (Ray counts each as one sample), else ``num_samples`` of the grid."""
-    order = launch_order(sweep) if sweep.search == "random" else []
-    return len(order) or sweep.num_samples
-
-
 def make_searcher(sweep):
     if sweep.search == "random":
         # Each preset point fixes a trial's grid values (its cell); Ray samples the other domains
-        # (the learning rate...) from the seeded generator as before.
+        # (the learning rate...) from the seeded generator as before. Ray counts each point as one
+        # sample, so TuneConfig.num_samples is the trial count (spaces.trial_count), not num_samples.
         return BasicVariantGenerator(points_to_evaluate=launch_order(sweep) or None,
                                      random_state=sweep.seed)
     return PrunedAwareOptunaSearch(

@@ -32,7 +32,7 @@ from sweeper.driver import activate
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
 from sweeper.records import SweepRecord
-from sweeper.schedulers import make_scheduler, make_searcher, searcher_samples
+from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 # storage_root and DEFAULT_STORAGE live in sweeper.store (Ray-free readers need them); kept here by name.
 from sweeper.store import DEFAULT_STORAGE, Mirror, index_remember, join_uri, open_record, redacted_root, \
@@ -564,7 +564,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                 metric=sweep.metric, mode=sweep.mode,
                 scheduler=scheduler,
                 search_alg=make_searcher(sweep),
-                num_samples=searcher_samples(sweep),
+                num_samples=planned,  # trial_count: one sample per launch_order point
                 max_concurrent_trials=sweep.max_concurrent,
                 # A finished trial's worker process trains the next one: no fresh interpreter,
                 # torch import and dataset load per trial (short trials were paying seconds each).

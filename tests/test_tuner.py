@@ -12,9 +12,8 @@ from ray.tune.schedulers import TrialScheduler
 
 from sweeper.callback import trial_label
 from sweeper.records import SweepRecord
-from sweeper.schedulers import (CellASHA, PrunedAwareOptunaSearch, launch_order, make_searcher,
-                                milestones, searcher_samples)
-from sweeper.spaces import Sweep
+from sweeper.schedulers import CellASHA, PrunedAwareOptunaSearch, launch_order, make_searcher, milestones
+from sweeper.spaces import Sweep, trial_count
 from sweeper.tuner import _cell_keys, _check_storage
 
 
@@ -185,7 +184,7 @@ def test_grid_trials_start_in_seeded_rounds_not_in_grid_order():
     sweep = Sweep(name="order", space=space, num_samples=3, seed=0)
     order = launch_order(sweep)
     cells = [tuple(c[k] for k in ("model.arch", "model.init", "model.batch_norm")) for c in order]
-    assert len(cells) == 72 == searcher_samples(sweep)
+    assert len(cells) == 72 == trial_count(sweep)  # the launch's TuneConfig.num_samples
     rounds = [cells[i:i + 24] for i in range(0, 72, 24)]
     assert all(len(set(r)) == 24 for r in rounds) and len({frozenset(r) for r in rounds}) == 1
     assert len({tuple(r) for r in rounds}) == 3  # each round its own order
@@ -197,7 +196,7 @@ def test_grid_trials_start_in_seeded_rounds_not_in_grid_order():
     assert make_searcher(sweep)._points_to_evaluate == order
     # no grid axes: Ray samples every trial; num_samples is the trial count
     plain = Sweep(name="plain", space={"optim.lr": tune.loguniform(1e-3, 1e-1)}, num_samples=5)
-    assert launch_order(plain) == [] and searcher_samples(plain) == 5
+    assert launch_order(plain) == [] and trial_count(plain) == 5
     # seeds are a grid axis too: replicates are spread like any cell
     seeded = Sweep(name="seeded", space={"model.arch": tune.grid_search(["vgg11", "vgg13"])},
                    seeds=3, seed=7)
