@@ -74,6 +74,26 @@ class SweepCallback(Callback):
         self.epochs = 0
         self.best: tuple[float, str] | None = None
         self.states: dict[str, str] = {}
+        self._forget_record()
+
+    def _forget_record(self) -> None:
+        # This driver is the record's only writer (sweeper.lease): each trial's record is read from
+        # disk once and then kept, and decisions.jsonl is read from where the last read stopped.
+        # Reading them again at every event was on the path from one trial's end to the next
+        # trial's start.
+        self._trials: dict[str, dict[str, Any]] = {}
+        self._decisions: dict[str, dict[str, Any]] = {}
+        self._decisions_offset = 0
+
+    def __getstate__(self):  # Tune pickles the callback: the caches are this process's
+        state = dict(self.__dict__)
+        for key in ("_trials", "_decisions", "_decisions_offset"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._forget_record()
 
     def setup(self, **info):
         self.started, self.last_print = time.time(), 0.0  # a resumed sweep's clock starts now
@@ -82,6 +102,7 @@ class SweepCallback(Callback):
         self.tracker = setting("tracker", self.tracker)
         self.quiet = setting("quiet", self.quiet)
         self.record_dir = setting("record_dir", self.record_dir)
+        self._forget_record()
 
     @property
     def _record(self) -> SweepRecord:
@@ -95,15 +116,26 @@ class SweepCallback(Callback):
         self.best = tuple(state["best"]) if state["best"] else None
         self.states = dict(state["states"])
 
+    def _write(self, trial_id: str, rec: dict[str, Any]) -> None:
+        self._record.write_trial(trial_id, rec)
+        self._trials[trial_id] = rec
+
+    def _decision(self, trial_id: str) -> dict[str, Any] | None:
+        new, self._decisions_offset = self._record.decisions_from(self._decisions_offset)
+        self._decisions.update(new)
+        return self._decisions.get(trial_id)
+
     def _base(self, trial) -> dict[str, Any]:
-        existing = self._record.trial(trial.trial_id) or {}
+        existing = self._trials.get(trial.trial_id)
+        if existing is None:
+            existing = self._record.trial(trial.trial_id) or {}
         return {**existing, "trial_id": trial.trial_id, "name": trial_label(trial.config),
                 "config": dict(trial.config), "created": existing.get("created", time.time()),
                 "num_failures": trial.num_failures}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.states[trial.trial_id] = "running"
-        self._record.write_trial(trial.trial_id, {**self._base(trial), "status": "running"})
+        self._write(trial.trial_id, {**self._base(trial), "status": "running"})
         self._open_run(trial)
 
     def _open_run(self, trial) -> None:
@@ -137,7 +169,7 @@ class SweepCallback(Callback):
             # storage URI (sweeper.checkpoints.load_trial_state joins it to the storage root).
             rec["checkpoint"] = f"{os.path.basename(str(trial.path).rstrip('/'))}/{checkpoint}"
             rec["checkpoint_epoch"] = int(result.get("epoch", 0))
-        self._record.write_trial(trial.trial_id, rec)
+        self._write(trial.trial_id, rec)
         self._progress(trials)
 
     def _fill_gap(self, trial, carried: str, *, before: int) -> None:
@@ -167,7 +199,7 @@ class SweepCallback(Callback):
     def _finish(self, trial, *, error: str | None) -> None:
         rec = self._base(trial)
         last = trial.last_result or {}
-        decision = self._record.decisions().get(trial.trial_id)
+        decision = self._decision(trial.trial_id)
         epochs = self._record.epochs(trial.trial_id) or ([scalar_metrics(last)] if last else [])
         diag = TrialConfig.from_flat(dict(trial.config)).diagnostics
         result = classify(epochs, decision=decision, error=error, metric=self.sweep.metric,
@@ -184,7 +216,7 @@ class SweepCallback(Callback):
         evidence = next((e["cf_evidence"] for e in reversed(epochs) if e.get("cf_evidence")), None)
         if evidence:
             rec["cause_evidence"] = evidence
-        self._record.write_trial(trial.trial_id, rec)
+        self._write(trial.trial_id, rec)
         self.states[trial.trial_id] = outcome
         self._open_run(trial)
         tags = {"sweeper.outcome": outcome, "sweeper.stop_reason": reason,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -339,7 +340,10 @@ _SECTIONS: dict[str, type] = {
 # ---- helpers ----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
+    # Cached: resolving the annotations was a third of the driver's per-trial callback time.
+    # Callers only read the dict.
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
 

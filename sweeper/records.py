@@ -166,14 +166,25 @@ class SweepRecord:
 
     def decisions(self) -> dict[str, dict[str, Any]]:
         """The latest ASHA stop decision per trial."""
+        return self.decisions_from(0)[0]
+
+    def decisions_from(self, offset: int) -> tuple[dict[str, dict[str, Any]], int]:
+        """The decisions appended at or after byte ``offset``, and the offset after the last whole
+        line: the driver reads each decision once, not the whole file at every trial's end."""
         path = self.dir / "decisions.jsonl"
         out: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
+        if not path.is_file():
+            return out, offset
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # still being written: read it next time
+                offset += len(line)
                 if line.strip():
                     d = json.loads(line)
                     out[d["trial_id"]] = d
-        return out
+        return out, offset
 
 
 def _write_json(path: Path, data: Any) -> None:
