@@ -22,6 +22,11 @@ inputs, set after the upload), and a parent metric whose latest value already ma
 Delivery runs off the sweep's event loop: the driver callback only appends to the spool and calls
 :meth:`Tracker.deliver_soon`, which wakes one background thread; Tune's controller never waits on the
 tracking server (a synchronous flush per result cost ~0.5 s each and set the pace of short trials).
+The thread gathers for half a second after a wake-up, and a flush sends a trial's pending metrics
+and tags, with its new run's params, as one ``log_batch`` (:func:`_plan`): on the SQL store each call
+costs a few transactions whatever it carries, and the driver shares its cores with the trials.
+The delivery state is saved once per chunk of operations; a chunk cut short is sent again whole,
+which every operation allows.
 :meth:`Tracker.close` stops that thread before the last, synchronous delivery of a sweep. One delivery of
 a spool runs at a time across processes too (an ``flock`` beside it): ``sweeper sync`` may run while
 the driver's thread delivers.
@@ -51,9 +56,13 @@ __all__ = ["SENTINELS", "Tracker", "default_tracking_uri", "redact"]
 SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
 _MAX_PARAM_VALUE, _MAX_TAG_VALUE, _MAX_KEY = 6000, 8000, 250
+_MAX_REQUEST_BYTES = 900_000  # under the MLflow server's 1 MB cap on a log_batch body
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _INIT = "init/"
 _PROFILE_TAG = "sweeper.profile"  # digest of the profile inputs whose figure the run holds
+_BATCHED = {"metrics", "tags"}  # a trial's run of these is one log_batch (see _plan)
+_CHUNK = 500  # operations delivered between two saves of the delivery state
+_GATHER_S = 0.5  # the delivery thread waits this long after a wake-up, so that ops arrive together
 
 
 def redact(value: Any) -> Any:
@@ -133,6 +142,10 @@ class Tracker:
         while not self._closing.is_set():
             # Woken by new work, or every few seconds to retry after a failure (flush backs off).
             self._wake.wait(5.0)
+            # Then a moment for what comes with it (a trial's tags and end follow its last result),
+            # so that one flush sends them together, and Tune's controller, on the same cores and
+            # the same GIL, is interrupted twice a second at most, not at every event.
+            self._closing.wait(_GATHER_S)
             self._wake.clear()
             if self._closing.is_set():
                 return
@@ -314,10 +327,13 @@ class Tracker:
             # the runs it created are not in this process's list of the sweep's runs.
             self._existing = None
         try:
-            for end, op in self._undelivered(state):
-                self._apply(op, state)
-                state["offset"] = end
-                state["delivered"] += 1
+            for chunk in _chunks(self._undelivered(state), _CHUNK):
+                for group in _plan([op for _, op in chunk]):
+                    self._apply_group(group, state)
+                # The state is saved once a chunk: a chunk cut short by a failure is delivered
+                # again from its start, which every operation allows (see the module docstring).
+                state["offset"] = chunk[-1][0]
+                state["delivered"] += len(chunk)
                 state["last_error"] = None
                 self._save_state(state)
         except Exception as exc:  # the tracking server, the network, a full disk...
@@ -411,8 +427,51 @@ class Tracker:
             raise RuntimeError(f"no MLflow run for {trial_id or 'the sweep'} yet (spool out of order)")
         return run_id
 
-    def _apply(self, op: dict[str, Any], state: dict[str, Any]) -> None:
+    def _apply_group(self, group: list[dict[str, Any]], state: dict[str, Any]) -> None:
+        """One operation, or a trial's run of metrics/tags operations (see :func:`_plan`) sent as
+        one ``log_batch`` with the params its run still lacks: on the SQL store every call is a
+        few transactions and a read of the run, whatever it carries."""
+        if len(group) == 1 and group[0]["op"] not in _BATCHED:
+            self._apply(group[0], state)
+        else:
+            self._log_batched(group, state)
+
+    def _log_batched(self, ops: list[dict[str, Any]], state: dict[str, Any]) -> None:
         from mlflow.entities import Metric, RunTag
+
+        trial_id = ops[0]["trial_id"]
+        run_id = self._run_for(state, trial_id)
+        if trial_id is not None:
+            self._verify_steps(state, trial_id, run_id)
+        done = state["steps"].get(trial_id, -1) if trial_id is not None else -1
+        metrics, tags, last_step = [], {}, done
+        for op in ops:
+            if op["op"] == "metrics":
+                step = int(op["step"])
+                if step <= last_step:
+                    continue  # this step is already in the run: a replay
+                sentinel = SENTINELS.get(step, "epoch")
+                # A step's sentinel goes after its other metrics, and steps in order, so a request
+                # cut short never delivers a sentinel without the rest of its step.
+                items = sorted(op["metrics"].items(), key=lambda kv: kv[0] == sentinel)
+                metrics += [Metric(_truncate(k, _MAX_KEY), float(v), op["timestamp"], step)
+                            for k, v in items]
+                last_step = max(last_step, step)
+            else:  # tags: a later value of a key wins, as separate calls would leave it
+                tags.update({_truncate(k, _MAX_KEY): _truncate(str(redact(v)), _MAX_TAG_VALUE)
+                             for k, v in op["tags"].items() if v is not None})
+        params = []
+        unconfigured = state.setdefault("unconfigured", {})
+        if trial_id in unconfigured:
+            params = self._params(unconfigured[trial_id])
+        for p, t, m in _requests(params, [RunTag(k, v) for k, v in tags.items()], metrics):
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+        unconfigured.pop(trial_id, None)
+        if trial_id is not None and last_step > done:
+            state["steps"][trial_id] = last_step
+
+    def _apply(self, op: dict[str, Any], state: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
 
         kind = op["op"]
         if kind == "parent":
@@ -428,46 +487,43 @@ class Tracker:
             state["parent"] = run_id
         elif kind == "child":
             trial_id = op["trial_id"]
-            run_id = state["runs"].get(trial_id) or self._existing_trial_run(state, trial_id)
+            unconfigured = state.setdefault("unconfigured", {})
+            run_id = state["runs"].get(trial_id)
+            if run_id is None:
+                run_id = self._existing_trial_run(state, trial_id)
+                if run_id is not None:
+                    # Made by a driver that died before its state said so: whether its params and
+                    # config.json made it is unknown, and logging them again changes nothing.
+                    unconfigured[trial_id] = op["config"]
             if run_id is None:
                 tags = {"mlflow.parentRunId": self._run_for(state, None),
                         "sweeper.sweep_uid": self.sweep_uid, "sweeper.trial_id": trial_id,
                         "sweeper.role": "trial", "sweeper.outcome": "running"}
                 run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
                                                 tags=tags).info.run_id
-                # Found again by a retry of this op in this process (the params may fail to log).
                 self._existing[trial_id] = run_id
                 # A run made just now has no step yet: nothing to read back.
                 state["steps"][trial_id] = -1
                 self._verified.add(trial_id)
-                self._log_params(run_id, op["config"])
-                self.client.log_dict(run_id, {k: redact(v) for k, v in op["config"].items()},
-                                     "config.json")
+                unconfigured[trial_id] = op["config"]
+                state["runs"][trial_id] = run_id
+                # Saved at once, not with the chunk: another process (`sweeper sync`) killed before
+                # its chunk's end would otherwise leave runs that no state names, and a process
+                # whose list of the sweep's runs predates them would create them a second time.
+                self._save_state(state)
+            # With the state, so a failure from here on cannot leave the run without its params.
             state["runs"][trial_id] = run_id
             self._verify_steps(state, trial_id, run_id)
+            if trial_id in unconfigured:
+                self.client.log_dict(run_id, {k: redact(v) for k, v in op["config"].items()},
+                                     "config.json")
+                if not op.get("params_later"):  # else the trial's next log_batch carries them
+                    self._log_params(run_id, op["config"])
+                    unconfigured.pop(trial_id)
         elif kind == "params":
             run_id = self._run_for(state, op["trial_id"])
             existing = self.client.get_run(run_id).data.params
             self._log_params(run_id, {k: v for k, v in op["params"].items() if k not in existing})
-        elif kind == "metrics":
-            trial_id, step = op["trial_id"], int(op["step"])
-            run_id = self._run_for(state, trial_id)
-            self._verify_steps(state, trial_id, run_id)
-            if step <= state["steps"].get(trial_id, -1):
-                return  # this step is already in the run: a replay
-            sentinel = SENTINELS.get(step, "epoch")
-            items = sorted(op["metrics"].items(), key=lambda kv: kv[0] == sentinel)
-            metrics = [Metric(_truncate(k, _MAX_KEY), float(v), op["timestamp"], step)
-                       for k, v in items]
-            for chunk in _chunks(metrics, _MAX_METRICS):
-                self.client.log_batch(run_id, metrics=chunk)
-            state["steps"][trial_id] = step
-        elif kind == "tags":
-            run_id = self._run_for(state, op["trial_id"])
-            tags = [RunTag(_truncate(k, _MAX_KEY), _truncate(str(redact(v)), _MAX_TAG_VALUE))
-                    for k, v in op["tags"].items() if v is not None]
-            for chunk in _chunks(tags, _MAX_TAGS):
-                self.client.log_batch(run_id, tags=chunk)
         elif kind == "terminate":
             self.client.set_terminated(self._run_for(state, op["trial_id"]), status=op["status"])
         elif kind == "artifacts":
@@ -542,12 +598,15 @@ class Tracker:
         state["steps"][trial_id] = max(steps, default=-1)
         self._verified.add(trial_id)
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+    @staticmethod
+    def _params(params: Mapping[str, Any]) -> list:
         from mlflow.entities import Param
 
-        items = [Param(_truncate(str(k), _MAX_KEY), _truncate(str(redact(v)), _MAX_PARAM_VALUE))
-                 for k, v in params.items()]
-        for chunk in _chunks(items, _MAX_PARAMS):
+        return [Param(_truncate(str(k), _MAX_KEY), _truncate(str(redact(v)), _MAX_PARAM_VALUE))
+                for k, v in params.items()]
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        for chunk in _chunks(self._params(params), _MAX_PARAMS):
             self.client.log_batch(run_id, params=chunk)
 
 
@@ -622,6 +681,67 @@ class _spool_flock:
                 self.fd = None
         else:
             self._held[self.key] = depth - 1
+
+
+def _requests(params: list, tags: list, metrics: list) -> Iterable[tuple[list, list, list]]:
+    """Split one log_batch into requests within MLflow's limits: 1000 entities, of which at most
+    100 params and 100 tags, and a body under 1 MB (the REST server's cap; 100 long params and 100
+    long tags together exceed it). Metrics keep their order: a step's sentinel is never sent before
+    the rest of its step."""
+    kinds = [(params, _MAX_PARAMS), (tags, _MAX_TAGS), (metrics, _MAX_METRICS)]
+    while any(items for items, _ in kinds):
+        request: list[list] = [[], [], []]
+        size = entities = 0
+        for i, (items, cap) in enumerate(kinds):
+            while items and len(request[i]) < cap and entities < _MAX_METRICS:
+                cost = _size(items[0])
+                if request != [[], [], []] and size + cost > _MAX_REQUEST_BYTES:
+                    break
+                request[i].append(items.pop(0))
+                size, entities = size + cost, entities + 1
+            if size >= _MAX_REQUEST_BYTES:
+                break
+        yield request[0], request[1], request[2]
+
+
+def _size(entity: Any) -> int:
+    """A generous estimate of an entity's share of a JSON request body."""
+    value = getattr(entity, "value", "")
+    return 64 + len(entity.key) + (len(value) if isinstance(value, str) else 24)
+
+
+def _plan(ops: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Pending operations as the groups delivery sends, in the order of each group's first op.
+
+    A trial's metrics and tags operations that follow one another *in that trial's own sequence*
+    (other trials' operations may come between) form one group, sent as one ``log_batch``; any
+    other operation of the trial ends the group. A new run's params ride on that group when it
+    follows the run's creation directly (``params_later``). Operations of one trial keep their
+    order; those of different trials touch different runs, and the parent run is created before
+    any child (its op comes first). A 200-trial sweep of one-epoch trials sent six calls per trial
+    this way four.
+    """
+    groups: list[list[dict[str, Any]]] = []
+    open_group: dict[str | None, list[dict[str, Any]]] = {}  # trial -> the group its next op joins
+    new_run: dict[str | None, dict[str, Any]] = {}  # trial -> its child op, if the last of its ops
+    for op in ops:
+        trial = op.get("trial_id")
+        if op["op"] in _BATCHED:
+            group = open_group.get(trial)
+            if group is None:
+                group = open_group[trial] = []
+                groups.append(group)
+                child = new_run.pop(trial, None)
+                if child is not None:
+                    child["params_later"] = True
+            group.append(op)
+        else:
+            open_group.pop(trial, None)
+            new_run.pop(trial, None)
+            groups.append([op])
+            if op["op"] == "child":
+                new_run[trial] = op
+    return groups
 
 
 def _last_byte(path: Path) -> bytes:

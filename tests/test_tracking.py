@@ -327,3 +327,114 @@ def test_one_delivery_of_a_spool_at_a_time_across_processes(tmp_path):
     t._apply = apply.__get__(t)
     assert t.flush(wait_s=5) is True and t.pending() == 0
     assert nested == [True]
+
+
+# ---- delivery sends a trial's pending operations together ----------------------------------------
+
+def _count_calls(client, monkeypatch):
+    calls = []
+    for name in ("create_run", "log_batch", "set_terminated", "log_dict"):
+        real = getattr(client, name)
+        monkeypatch.setattr(client, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+def test_a_trials_pending_metrics_tags_and_params_go_in_one_request(tmp_path, monkeypatch):
+    """Two trials whose operations interleave in the spool: each trial's run of metrics and tags,
+    with its new run's params, is one log_batch; each trial's own order holds (the later tag value
+    wins, the step sentinel arrives with its step)."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    assert t.flush()
+    calls = _count_calls(t.client, monkeypatch)
+    for tid in ("a", "b"):
+        t.start_trial(tid, run_name=tid, config={"optim.lr": 0.1, "trial": tid})
+    for tid in ("a", "b"):
+        t.log_result(tid, _result(1, train_loss=1.0, **{"init/initial_loss": 2.3}))
+        t.set_tags(tid, {"sweeper.outcome": "running"})
+    for tid in ("b", "a"):
+        t.log_result(tid, _result(2, train_loss=0.5))
+        t.set_tags(tid, {"sweeper.outcome": "completed", "unset": None})
+        t.finish(tid, "FINISHED")
+    assert t.flush() and t.pending() == 0
+    assert sorted(calls) == sorted(["create_run", "log_dict", "log_batch", "set_terminated"] * 2)
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    for tid in ("a", "b"):
+        run = client.get_run(t.run_ids()[tid])
+        assert run.data.params == {"optim.lr": "0.1", "trial": tid}
+        assert run.data.tags["sweeper.outcome"] == "completed" and "unset" not in run.data.tags
+        assert run.info.status == "FINISHED"
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] \
+            == [(1, 1.0), (2, 0.5)]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "initial_loss")] == [0]
+    assert json.loads(t.state_path.read_text())["steps"] == {"a": 2, "b": 2}
+
+
+def test_a_batch_cut_short_is_delivered_again_whole_and_once(tmp_path):
+    """The server fails the request that carries a new run's params, metrics and tags: the retry
+    (a new process, as after a crash) still gives the run its params and every point exactly once."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={"a": 1, "b": "x"})
+    t.log_result("t1", _result(1, train_loss=1.0))
+    t.set_tags("t1", {"sweeper.outcome": "completed"})
+    real = t.client.log_batch
+    t.client.log_batch = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("server went away"))
+    assert t.flush() is False and "server went away" in t.last_error()
+    assert t.pending() == 4  # nothing past the parent counts as delivered
+    t.client.log_batch = real
+    t2 = _tracker(tmp_path)
+    assert t2.flush() and t2.pending() == 0
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("exp")
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params == {"a": "1", "b": "x"}
+    assert run.data.tags["sweeper.outcome"] == "completed"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.json"]
+
+
+def test_a_run_found_again_by_tag_gets_its_params(tmp_path):
+    """A driver died after creating a trial's run, before its params were logged or its state
+    saved: the next delivery finds the run by tag and logs the params it may lack."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    assert t.flush()
+    exp_id = t._experiment_id(t._state())
+    orphan = t.client.create_run(exp_id, run_name="r", tags={
+        "mlflow.parentRunId": t.parent_run_id(), "sweeper.sweep_uid": "uid-1",
+        "sweeper.trial_id": "t1", "sweeper.role": "trial"}).info.run_id
+    t2 = _tracker(tmp_path)
+    t2.start_trial("t1", run_name="r", config={"a": 1})
+    t2.set_tags("t1", {"sweeper.outcome": "completed"})
+    assert t2.flush() and t2.run_ids()["t1"] == orphan
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_run(orphan).data.params == {"a": "1"}
+    assert client.get_run(orphan).data.tags["sweeper.outcome"] == "completed"
+
+
+def test_long_params_and_tags_with_many_metrics_split_under_the_servers_request_cap():
+    """100 params of 6,000 characters and 100 tags of 8,000 would be 1.4 MB in one log_batch (the
+    MLflow server refuses bodies over 1 MB, on every retry): they split, each entity sent once,
+    within the count limits, metrics in order."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from sweeper.tracking import _requests
+
+    params = [Param(f"p{i}", "x" * 6000) for i in range(100)]
+    tags = [RunTag(f"t{i}", "y" * 8000) for i in range(100)]
+    metrics = [Metric(f"m{i}", float(i), 0, 1) for i in range(1500)]
+    requests = list(_requests(list(params), list(tags), list(metrics)))
+    assert len(requests) > 2
+    for p, t, m in requests:
+        assert len(p) <= 100 and len(t) <= 100 and len(p) + len(t) + len(m) <= 1000
+        body = sum(len(e.key) + len(e.value) for e in p + t) + sum(len(e.key) + 24 for e in m)
+        assert body < 1_000_000
+    assert [e.key for r in requests for e in r[0]] == [e.key for e in params]
+    assert [e.key for r in requests for e in r[1]] == [e.key for e in tags]
+    assert [e.key for r in requests for e in r[2]] == [e.key for e in metrics]
