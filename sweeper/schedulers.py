@@ -49,8 +49,8 @@ from sweeper.driver import setting
 from sweeper.records import SweepRecord
 from sweeper.spaces import grid_cells
 
-__all__ = ["CellASHA", "PrunedAwareOptunaSearch", "launch_order", "make_scheduler", "make_searcher",
-           "milestones"]
+__all__ = ["CellASHA", "FinishingFIFO", "PrunedAwareOptunaSearch", "finished", "launch_order",
+           "make_scheduler", "make_searcher", "milestones"]
 
 RUNGS_FILE = "rungs.json"
 # The metric that breaks a tie at the cutoff: the loss of the same split (lower is better).
@@ -122,15 +122,15 @@ class CellASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self.time_attr not in result or self.metric not in result:
-            return TrialScheduler.CONTINUE
+            return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
         epoch = int(result[self.time_attr])
         if epoch >= self.max_t:  # reaching the budget is finishing, not pruning
             self._record(trial, epoch, result[self.metric])
             return TrialScheduler.STOP
         decision = self.judge(trial.trial_id, self.cell_of(getattr(trial, "config", {}) or {}),
                               epoch, result[self.metric], result.get(TIEBREAK.get(self.metric, "")))
-        if decision is None:
-            return TrialScheduler.CONTINUE
+        if decision is None:  # not pruned; a trial that finished by itself ends at this report
+            return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
         SweepRecord(self._record_dir).append_decision(decision)
         return TrialScheduler.STOP
 
@@ -220,9 +220,32 @@ def _finite(value: float) -> float:
     return max(min(value, 1e300), -1e300)
 
 
+def finished(result: Mapping[str, Any]) -> bool:
+    """The report says its trial has finished: its last epoch, or the epoch its fit stopped on
+    (diverged, stalled). ``outcome`` is ``running`` in every other report of a sweeper trial.
+
+    Both schedulers answer STOP to such a report, after judging it as any other. Tune's function
+    trainable holds each report until the driver asks for the next one, so a CONTINUE would keep the
+    finished trial's worker waiting for another round trip through the driver just to learn that
+    the function has returned (measured: ~35 ms of an idle worker per trial, 200 one-epoch trials
+    on 2 cores). Nothing in a trial runs after its last report. (A Tune ``Stopper`` would do the
+    same but hide that report from the scheduler, and with it ASHA's decision at a rung.)
+    """
+    outcome = result.get("outcome")
+    return isinstance(outcome, str) and outcome != "running"
+
+
+class FinishingFIFO(FIFOScheduler):
+    """Ray's FIFO scheduler (no trial is stopped early), ending each trial on its finished report
+    (:func:`finished`) instead of one round trip later."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
+
+
 def make_scheduler(sweep, record_dir: str, cell_keys: Sequence[str]):
     if sweep.scheduler == "fifo":
-        return FIFOScheduler()
+        return FinishingFIFO()
     # The trial's own epoch, not Tune's iteration count: the two part when a restore resumes a trial
     # from a newer checkpoint than Tune's state names (see sweeper.checkpoints).
     return CellASHA(record_dir=record_dir, metric=sweep.metric, mode=sweep.mode,

@@ -12,7 +12,8 @@ from ray.tune.schedulers import TrialScheduler
 
 from sweeper.callback import trial_label
 from sweeper.records import SweepRecord
-from sweeper.schedulers import CellASHA, PrunedAwareOptunaSearch, launch_order, make_searcher, milestones
+from sweeper.schedulers import (CellASHA, FinishingFIFO, PrunedAwareOptunaSearch, launch_order,
+                                make_scheduler, make_searcher, milestones)
 from sweeper.spaces import Sweep, trial_count
 from sweeper.tuner import _cell_keys, _check_storage
 
@@ -202,3 +203,46 @@ def test_grid_trials_start_in_seeded_rounds_not_in_grid_order():
                    seeds=3, seed=7)
     assert sorted((c["model.arch"], c["seed"]) for c in launch_order(seeded)) == sorted(
         (a, s) for a in ("vgg11", "vgg13") for s in (7, 8, 9))
+
+
+def test_a_trial_ends_on_the_report_that_says_it_finished(tmp_path):
+    """Both schedulers answer STOP to a report whose outcome is not ``running`` (Tune would
+    otherwise wait one more round trip for the function to return), after judging it as any other:
+    a finished trial that ASHA would prune at its rung is still recorded as pruned."""
+    def feed(sched, trial_id, epoch, value, outcome):
+        trial = SimpleNamespace(trial_id=trial_id, config={})
+        return sched.on_trial_result(None, trial, {"epoch": epoch, "val_accuracy": value,
+                                                   "outcome": outcome})
+
+    fifo = pickle.loads(pickle.dumps(FinishingFIFO()))
+    assert feed(fifo, "a", 1, 0.5, "running") == TrialScheduler.CONTINUE
+    for outcome in ("completed", "stalled", "diverged"):
+        assert feed(fifo, "a", 3, 0.5, outcome) == TrialScheduler.STOP
+    assert fifo.on_trial_result(None, SimpleNamespace(trial_id="x", config={}), {"epoch": 1}) \
+        == TrialScheduler.CONTINUE  # no outcome (not a sweeper report): as Ray's FIFO
+
+    asha = _asha(tmp_path)
+    assert feed(asha, "t0", 1, 0.9, "running") == TrialScheduler.CONTINUE
+    assert feed(asha, "t1", 1, 0.95, "running") == TrialScheduler.CONTINUE
+    assert feed(asha, "t2", 2, 0.99, "diverged") == TrialScheduler.STOP  # above the cut: no decision
+    assert "t2" not in SweepRecord(tmp_path).decisions()
+    assert feed(asha, "t3", 1, 0.1, "stalled") == TrialScheduler.STOP  # at a rung, below the cut
+    assert SweepRecord(tmp_path).decisions()["t3"]["rung"] == 1
+    assert make_scheduler(SimpleNamespace(scheduler="fifo"), str(tmp_path), ()).__class__ \
+        is FinishingFIFO
+
+
+def test_decisions_are_read_from_where_the_last_read_stopped(tmp_path):
+    record = SweepRecord(tmp_path)
+    record.append_decision({"trial_id": "t1", "rung": 1})
+    first, offset = record.decisions_from(0)
+    assert list(first) == ["t1"] and offset == (record.dir / "decisions.jsonl").stat().st_size
+    record.append_decision({"trial_id": "t2", "rung": 1})
+    with open(record.dir / "decisions.jsonl", "a") as f:
+        f.write('{"trial_id": "t3", "ru')  # still being written: waits for its end
+    new, offset2 = record.decisions_from(offset)
+    assert list(new) == ["t2"]
+    with open(record.dir / "decisions.jsonl", "a") as f:
+        f.write('ng": 2}\n')
+    assert list(record.decisions_from(offset2)[0]) == ["t3"]
+    assert list(record.decisions()) == ["t1", "t2", "t3"]
