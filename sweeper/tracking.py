@@ -243,11 +243,11 @@ class Tracker:
 
     def start_sweep(self, *, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any],
                     texts: Mapping[str, str]) -> None:
-        self._enqueue({"op": "parent", "run_name": run_name, "tags": dict(tags),
+        self._enqueue({"op": "parent", "run_name": run_name, "time": _now_ms(), "tags": dict(tags),
                        "params": dict(params), "texts": dict(texts)})
 
     def start_trial(self, trial_id: str, *, run_name: str, config: Mapping[str, Any]) -> None:
-        self._enqueue({"op": "child", "trial_id": trial_id, "run_name": run_name,
+        self._enqueue({"op": "child", "trial_id": trial_id, "run_name": run_name, "time": _now_ms(),
                        "config": dict(config)})
 
     def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
@@ -272,7 +272,7 @@ class Tracker:
         self._enqueue({"op": "tags", "trial_id": trial_id, "tags": dict(tags)})
 
     def finish(self, trial_id: str | None, status: str) -> None:
-        self._enqueue({"op": "terminate", "trial_id": trial_id, "status": status})
+        self._enqueue({"op": "terminate", "trial_id": trial_id, "status": status, "time": _now_ms()})
 
     def log_artifacts(self, trial_id: str | None, local_dir: str | Path, artifact_path: str) -> None:
         self._enqueue({"op": "artifacts", "trial_id": trial_id, "local_dir": str(local_dir),
@@ -480,6 +480,7 @@ class Tracker:
                 tags = {"sweeper.sweep_uid": self.sweep_uid, "sweeper.role": "sweep",
                         **{k: str(redact(v)) for k, v in op["tags"].items()}}
                 run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
+                                                start_time=op.get("time"),
                                                 tags=_tag_values(tags)).info.run_id
                 self._log_params(run_id, op["params"])
                 for name, text in op["texts"].items():
@@ -500,6 +501,7 @@ class Tracker:
                         "sweeper.sweep_uid": self.sweep_uid, "sweeper.trial_id": trial_id,
                         "sweeper.role": "trial", "sweeper.outcome": "running"}
                 run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
+                                                start_time=op.get("time"),
                                                 tags=tags).info.run_id
                 self._existing[trial_id] = run_id
                 # A run made just now has no step yet: nothing to read back.
@@ -525,7 +527,10 @@ class Tracker:
             existing = self.client.get_run(run_id).data.params
             self._log_params(run_id, {k: v for k, v in op["params"].items() if k not in existing})
         elif kind == "terminate":
-            self.client.set_terminated(self._run_for(state, op["trial_id"]), status=op["status"])
+            # The spooled time, not the delivery's: a run's duration is the trial's even when it
+            # reaches MLflow late (an outage, `sweeper sync`), and a replay changes nothing.
+            self.client.set_terminated(self._run_for(state, op["trial_id"]), status=op["status"],
+                                       end_time=op.get("time"))
         elif kind == "artifacts":
             local = Path(op["local_dir"])
             if local.is_dir():
@@ -742,6 +747,10 @@ def _plan(ops: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
             if op["op"] == "child":
                 new_run[trial] = op
     return groups
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _last_byte(path: Path) -> bytes:

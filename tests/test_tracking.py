@@ -438,3 +438,23 @@ def test_long_params_and_tags_with_many_metrics_split_under_the_servers_request_
     assert [e.key for r in requests for e in r[0]] == [e.key for e in params]
     assert [e.key for r in requests for e in r[1]] == [e.key for e in tags]
     assert [e.key for r in requests for e in r[2]] == [e.key for e in metrics]
+
+
+def test_runs_keep_the_trials_own_start_and_end_times_when_delivered_late(tmp_path):
+    """A run reaching MLflow after an outage (or through `sweeper sync`) shows when its trial ran,
+    not when it was delivered; a replay of its end changes nothing."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    before = int(time.time() * 1000)
+    t.start_trial("t1", run_name="r", config={})
+    t.finish("t1", "FINISHED")
+    ended = int(time.time() * 1000)
+    time.sleep(1.2)  # the server was away
+    assert t.flush()
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    info = client.get_run(t.run_ids()["t1"]).info
+    assert before <= info.start_time <= info.end_time <= ended
+    _lag_behind(t)
+    t2 = _tracker(tmp_path)
+    assert t2.flush() and t2.pending() == 0
+    assert client.get_run(t.run_ids()["t1"]).info.end_time == info.end_time
