@@ -475,13 +475,23 @@ class Tracker:
 
         kind = op["op"]
         if kind == "parent":
-            run_id = state["parent"] or self._find_run(state, "sweeper.role", "sweep")
+            run_id = state["parent"]
+            if run_id is None and (run_id := self._find_run(state, "sweeper.role", "sweep")):
+                # Not in this state: a driver died between creating it and logging its params
+                # and texts, or the state is new. Fill in what is missing; a param already there
+                # keeps its value (MLflow refuses a changed one, and the sweep's are bound to it).
+                existing = self.client.get_run(run_id).data.params
+                self._log_params(run_id, {k: v for k, v in op["params"].items()
+                                          if _truncate(str(k), _MAX_KEY) not in existing})
+                for name, text in op["texts"].items():
+                    self.client.log_text(run_id, redact(text), name)
             if run_id is None:
                 tags = {"sweeper.sweep_uid": self.sweep_uid, "sweeper.role": "sweep",
                         **{k: str(redact(v)) for k, v in op["tags"].items()}}
                 run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
                                                 start_time=op.get("time"),
                                                 tags=_tag_values(tags)).info.run_id
+                self._started_at_delivery(state, run_id, op)
                 self._log_params(run_id, op["params"])
                 for name, text in op["texts"].items():
                     self.client.log_text(run_id, redact(text), name)
@@ -504,6 +514,7 @@ class Tracker:
                                                 start_time=op.get("time"),
                                                 tags=tags).info.run_id
                 self._existing[trial_id] = run_id
+                self._started_at_delivery(state, run_id, op)
                 # A run made just now has no step yet: nothing to read back.
                 state["steps"][trial_id] = -1
                 self._verified.add(trial_id)
@@ -529,8 +540,10 @@ class Tracker:
         elif kind == "terminate":
             # The spooled time, not the delivery's: a run's duration is the trial's even when it
             # reaches MLflow late (an outage, `sweeper sync`), and a replay changes nothing.
-            self.client.set_terminated(self._run_for(state, op["trial_id"]), status=op["status"],
-                                       end_time=op.get("time"))
+            run_id = self._run_for(state, op["trial_id"])
+            late = run_id in state.get("started_at_delivery", ())
+            self.client.set_terminated(run_id, status=op["status"],
+                                       end_time=None if late else op.get("time"))
         elif kind == "artifacts":
             local = Path(op["local_dir"])
             if local.is_dir():
@@ -548,6 +561,13 @@ class Tracker:
                 self.client.log_batch(run_id, metrics=chunk)
         else:
             raise ValueError(f"unknown spool operation {kind!r}")
+
+    @staticmethod
+    def _started_at_delivery(state: dict[str, Any], run_id: str, op: Mapping[str, Any]) -> None:
+        """A spool line written before ops carried their time (an upgrade mid-sweep) starts its run
+        at delivery; that run then ends at delivery too, never before it started."""
+        if op.get("time") is None:
+            state.setdefault("started_at_delivery", []).append(run_id)
 
     def figure_path(self, trial_id: str) -> Path:
         """Where delivery renders a trial's profile: ``<record>/figures/<trial_id>.png``."""
@@ -712,7 +732,9 @@ def _requests(params: list, tags: list, metrics: list) -> Iterable[tuple[list, l
 def _size(entity: Any) -> int:
     """A generous estimate of an entity's share of a JSON request body."""
     value = getattr(entity, "value", "")
-    return 64 + len(entity.key) + (len(value) if isinstance(value, str) else 24)
+    # As JSON writes them: a non-ASCII character is six bytes (\uXXXX), not one.
+    text = json.dumps(entity.key) + (json.dumps(value) if isinstance(value, str) else "0" * 24)
+    return 64 + len(text)
 
 
 def _plan(ops: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

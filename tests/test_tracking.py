@@ -458,3 +458,38 @@ def test_runs_keep_the_trials_own_start_and_end_times_when_delivered_late(tmp_pa
     t2 = _tracker(tmp_path)
     assert t2.flush() and t2.pending() == 0
     assert client.get_run(t.run_ids()["t1"]).info.end_time == info.end_time
+
+
+def test_a_spool_line_from_before_times_were_spooled_never_ends_its_run_before_its_start(tmp_path):
+    """An upgrade mid-sweep: the trial's start was spooled by the old code (no time: the run starts
+    at delivery), its end by the new code: the run ends at delivery too, not before its start."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={})
+    lines = t.spool_path.read_text().splitlines()
+    old = json.loads(lines[-1])
+    del old["time"]
+    t.spool_path.write_text("\n".join(lines[:-1] + [json.dumps(old)]) + "\n")
+    t.finish("t1", "FINISHED")
+    time.sleep(0.3)  # delivered late
+    assert t.flush()
+    info = MlflowClient(default_tracking_uri(tmp_path)).get_run(t.run_ids()["t1"]).info
+    assert info.end_time >= info.start_time
+
+
+def test_a_parent_run_found_again_by_tag_gets_the_params_and_texts_it_lacks(tmp_path):
+    """A driver died between creating the sweep's run and logging its params and texts: the next
+    delivery fills in what is missing and leaves a param already there as it is."""
+    from mlflow.entities import Param
+
+    t = _tracker(tmp_path)
+    exp_id = t._experiment_id(t._state())
+    orphan = t.client.create_run(exp_id, run_name="s", tags={
+        "sweeper.sweep_uid": "uid-1", "sweeper.role": "sweep"}).info.run_id
+    t.client.log_batch(orphan, params=[Param("metric", "val_loss")])
+    t.start_sweep(run_name="s", tags={}, params={"metric": "val_accuracy", "max_epochs": 3},
+                  texts={"sweep_file.py": "SWEEP = ..."})
+    assert t.flush() and t.parent_run_id() == orphan
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_run(orphan).data.params == {"metric": "val_loss", "max_epochs": "3"}
+    assert [a.path for a in client.list_artifacts(orphan)] == ["sweep_file.py"]
