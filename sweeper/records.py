@@ -20,9 +20,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-__all__ = ["SweepRecord", "finite", "scalar_metrics"]
+__all__ = ["SweepRecord", "complete_lines", "finite", "scalar_metrics"]
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,20 +171,26 @@ class SweepRecord:
     def decisions_from(self, offset: int) -> tuple[dict[str, dict[str, Any]], int]:
         """The decisions appended at or after byte ``offset``, and the offset after the last whole
         line: the driver reads each decision once, not the whole file at every trial's end."""
-        path = self.dir / "decisions.jsonl"
         out: dict[str, dict[str, Any]] = {}
-        if not path.is_file():
-            return out, offset
-        with open(path, "rb") as f:
-            f.seek(offset)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # still being written: read it next time
-                offset += len(line)
-                if line.strip():
-                    d = json.loads(line)
-                    out[d["trial_id"]] = d
+        for offset, line in complete_lines(self.dir / "decisions.jsonl", offset):
+            if line.strip():
+                d = json.loads(line)
+                out[d["trial_id"]] = d
         return out, offset
+
+
+def complete_lines(path: Path, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(offset after it, line) for each whole line of an append-only file from byte ``offset``.
+    A line without its newline is still being written: the read stops before it."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            offset += len(line)
+            yield offset, line
 
 
 def _write_json(path: Path, data: Any) -> None:

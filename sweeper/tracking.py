@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sweeper.records import scalar_metrics
+from sweeper.records import complete_lines, scalar_metrics
 
 __all__ = ["SENTINELS", "Tracker", "default_tracking_uri", "redact"]
 
@@ -205,21 +205,13 @@ class Tracker:
         Reading from a byte offset keeps each flush proportional to what is new, not to the
         sweep's whole history. A line without its newline is still being written: it waits.
         """
-        if not self.spool_path.is_file():
-            return []
         out = []
-        with open(self.spool_path, "rb") as f:
-            f.seek(state["offset"])
-            position = state["offset"]
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                position += len(line)
-                if line.strip():
-                    try:
-                        out.append((position, json.loads(line)))
-                    except json.JSONDecodeError:  # the torn end of a killed writer's line
-                        continue
+        for end, line in complete_lines(self.spool_path, state["offset"]):
+            if line.strip():
+                try:
+                    out.append((end, json.loads(line)))
+                except json.JSONDecodeError:  # the torn end of a killed writer's line
+                    continue
         return out
 
     def pending(self) -> int:
