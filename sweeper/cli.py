@@ -318,11 +318,12 @@ def ensemble(
     """Soft-voting ensemble of a sweep's best trials on the test split, logged under its MLflow run."""
     from sweeper.ensemble import run_ensemble
     from sweeper.local import existing_record, resolve_storage
-    from sweeper.tracking import default_tracking_uri
+    from sweeper.tracking import check_tracking_uri, default_tracking_uri
     from sweeper.tuner import record_root, storage_root
 
     where_storage = resolve_storage(name, storage)
     record = existing_record(name, storage)
+    check_tracking_uri(tracking_uri)
     uri = (tracking_uri or record.meta().get("tracking_uri")
            or default_tracking_uri(record_root(where_storage)))
     if not run_ensemble(record, storage_root=storage_root(where_storage), tracking_uri=uri, top=top,

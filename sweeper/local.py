@@ -313,9 +313,10 @@ def _varying_keys(configs: list[dict]) -> list[str]:
 
 
 def _tracker_for(record, storage: str | None, tracking_uri: str | None):
-    from sweeper.tracking import Tracker, default_tracking_uri
+    from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri
     from sweeper.tuner import record_root
 
+    check_tracking_uri(tracking_uri)
     meta = record.meta()
     uri = tracking_uri or meta.get("tracking_uri") or default_tracking_uri(record_root(storage))
     return Tracker(record.dir, uri, experiment=meta.get("name", record.experiment_dir.name),

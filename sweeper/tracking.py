@@ -51,7 +51,7 @@ from typing import Any, Iterable, Mapping
 
 from sweeper.records import complete_lines, scalar_metrics
 
-__all__ = ["SENTINELS", "Tracker", "default_tracking_uri", "redact"]
+__all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "redact"]
 
 SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
@@ -75,6 +75,34 @@ def redact(value: Any) -> Any:
 def default_tracking_uri(storage_root: str | Path) -> str:
     """The embedded store: SQLite beside the sweeps (no server needed on one machine)."""
     return f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
+
+
+# Schemes MLflow 3 has a tracking store for (a path without a scheme is a file store); the SQL ones
+# may name a driver ("postgresql+psycopg2"). Installed plugins add theirs (entry points).
+_URI_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str | None, *, option: str = "--tracking-uri") -> None:
+    """A tracking URI whose scheme MLflow has no store for is refused up front (ConfigError, exit 2):
+    otherwise a sweep ran its trials and then retried delivery for minutes, and the bad URI stayed
+    in its record."""
+    from urllib.parse import urlsplit
+
+    from sweeper.config import ConfigError
+
+    if not uri:
+        return
+    scheme = urlsplit(uri).scheme.lower()
+    if len(scheme) <= 1 or scheme.split("+", 1)[0] in _URI_SCHEMES:  # "" or a Windows drive: a path
+        return
+    from importlib.metadata import entry_points
+
+    if scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+        return
+    raise ConfigError([f"{option} {redact(uri)!r}: MLflow has no tracking store for the scheme "
+                       f"{scheme!r}; use a path, or a file:, sqlite:, postgresql:, mysql:, mssql:, "
+                       "http: or https: URI (or a scheme an installed MLflow plugin adds)"])
 
 
 def _truncate(text: str, limit: int) -> str:

@@ -37,7 +37,7 @@ from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 # storage_root and DEFAULT_STORAGE live in sweeper.store (Ray-free readers need them); kept here by name.
 from sweeper.store import DEFAULT_STORAGE, Mirror, index_remember, join_uri, open_record, redacted_root, \
     storage_root
-from sweeper.tracking import Tracker, default_tracking_uri, redact
+from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
 
@@ -418,6 +418,8 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     from sweeper.trial import train_trial
     from sweeper.transfer import resolve_sweep
 
+    check_tracking_uri(tracking_uri)
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), option="MLFLOW_TRACKING_URI")
     # model.init_from='sweep:NAME/REF' -> that trial's checkpoint location, in the trials' configs
     # (and so in their params): resolved once, here, so that every node reads the same checkpoint.
     sweep, resolved = resolve_sweep(sweep)

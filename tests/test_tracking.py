@@ -493,3 +493,25 @@ def test_a_parent_run_found_again_by_tag_gets_the_params_and_texts_it_lacks(tmp_
     client = MlflowClient(default_tracking_uri(tmp_path))
     assert client.get_run(orphan).data.params == {"metric": "val_loss", "max_epochs": "3"}
     assert [a.path for a in client.list_artifacts(orphan)] == ["sweep_file.py"]
+
+
+@pytest.mark.parametrize("uri", [None, "", "mlruns", "/tmp/x/mlruns", "file:///tmp/mlruns",
+                                 "sqlite:////tmp/x/mlflow.db", "postgresql+psycopg2://u:p@db/mlflow",
+                                 "mysql://db/mlflow", "http://127.0.0.1:5000", "HTTPS://host",
+                                 "databricks", r"C:\runs\mlruns"])
+def test_tracking_uris_mlflow_has_a_store_for_pass(uri):
+    from sweeper.tracking import check_tracking_uri
+
+    check_tracking_uri(uri)
+
+
+def test_a_tracking_uri_without_a_store_names_the_scheme_without_its_password():
+    from sweeper.config import ConfigError
+    from sweeper.tracking import check_tracking_uri
+
+    with pytest.raises(ConfigError) as err:
+        check_tracking_uri("s3://key:secret@bucket/mlflow", option="--tracking-uri")
+    assert err.value.problems == [
+        "--tracking-uri 's3://***@bucket/mlflow': MLflow has no tracking store for the scheme "
+        "'s3'; use a path, or a file:, sqlite:, postgresql:, mysql:, mssql:, http: or https: URI "
+        "(or a scheme an installed MLflow plugin adds)"]

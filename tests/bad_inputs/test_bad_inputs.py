@@ -126,6 +126,8 @@ CASES = [
     ("init_from_missing_checkpoint", "launch {S}/good.py --local model.init_from=/nonexistent-sweeper/checkpoint_000001", "model.init_from='/nonexistent-sweeper/checkpoint_000001': no such file or checkpoint"),
     ("init_from_bad_reference", "validate {S}/good.py --set model.init_from=sweep:/best", "space: model.init_from='sweep:/best' is not a sweep reference 'sweep:NAME/REF'"),
     ("init_from_unknown_sweep", "launch {S}/good.py --local model.init_from=sweep:no_such_sweep/best", "model.init_from='sweep:no_such_sweep/best': no sweep named 'no_such_sweep' under"),
+    ("tracking_uri_bad_scheme", "launch {S}/good.py --local --tracking-uri ftp://user:pw@host/mlflow", "--tracking-uri 'ftp://***@host/mlflow': MLflow has no tracking store for the scheme 'ftp'; use a path, or a file:, sqlite:, postgresql:, mysql:, mssql:, http: or https: URI"),
+    ("tracking_uri_env_bad_scheme", "MLFLOW_TRACKING_URI=htp://host:5000 launch {S}/good.py --local", "MLFLOW_TRACKING_URI 'htp://host:5000': MLflow has no tracking store for the scheme 'htp'"),
     ("init_from_in_choice", "launch {S}/init_from_choice.py --local", "space['model.init_from']=choice([None, 'sweep:vgg_a/best']): a sweep reference (sweep:NAME/REF) must be a fixed value or a tune.grid_search value"),
 ]
 
