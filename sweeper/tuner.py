@@ -418,8 +418,10 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     from sweeper.trial import train_trial
     from sweeper.transfer import resolve_sweep
 
-    check_tracking_uri(tracking_uri)
-    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), option="MLFLOW_TRACKING_URI")
+    if tracking_uri:  # MLFLOW_TRACKING_URI is used only without it (see _run)
+        check_tracking_uri(tracking_uri)
+    else:
+        check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), option="MLFLOW_TRACKING_URI")
     # model.init_from='sweep:NAME/REF' -> that trial's checkpoint location, in the trials' configs
     # (and so in their params): resolved once, here, so that every node reads the same checkpoint.
     sweep, resolved = resolve_sweep(sweep)
