@@ -14,6 +14,7 @@ Exit status (also in ``sweeper --help`` and the README):
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -254,6 +255,8 @@ def sync(
     """Deliver tracking data the MLflow server missed while it was down."""
     from sweeper.local import sync_tracking
 
+    if not (math.isfinite(wait) and wait >= 0):  # NaN would retry a down server for ever
+        raise ConfigError([f"--wait {wait}: seconds to keep retrying must be a number >= 0"])
     if not sync_tracking(name, storage, tracking_uri=tracking_uri, wait_s=wait):
         raise typer.Exit(EXIT_UNDELIVERED)
 
