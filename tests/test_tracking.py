@@ -333,7 +333,7 @@ def test_one_delivery_of_a_spool_at_a_time_across_processes(tmp_path):
 
 def _count_calls(client, monkeypatch):
     calls = []
-    for name in ("create_run", "log_batch", "set_terminated", "log_dict"):
+    for name in ("create_run", "log_batch", "set_terminated", "log_dict", "get_run"):
         real = getattr(client, name)
         monkeypatch.setattr(client, name,
                             lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
@@ -358,13 +358,15 @@ def test_a_trials_pending_metrics_tags_and_params_go_in_one_request(tmp_path, mo
         t.set_tags(tid, {"sweeper.outcome": "completed", "unset": None})
         t.finish(tid, "FINISHED")
     assert t.flush() and t.pending() == 0
-    assert sorted(calls) == sorted(["create_run", "log_dict", "log_batch", "set_terminated"] * 2)
+    # config.json goes to each new run's artifact store directly (no log_dict, no read back).
+    assert sorted(calls) == sorted(["create_run", "log_batch", "set_terminated"] * 2)
     client = MlflowClient(default_tracking_uri(tmp_path))
     for tid in ("a", "b"):
         run = client.get_run(t.run_ids()[tid])
         assert run.data.params == {"optim.lr": "0.1", "trial": tid}
         assert run.data.tags["sweeper.outcome"] == "completed" and "unset" not in run.data.tags
         assert run.info.status == "FINISHED"
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.json"]
         assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] \
             == [(1, 1.0), (2, 0.5)]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2]
@@ -416,6 +418,42 @@ def test_a_run_found_again_by_tag_gets_its_params(tmp_path):
     client = MlflowClient(default_tracking_uri(tmp_path))
     assert client.get_run(orphan).data.params == {"a": "1"}
     assert client.get_run(orphan).data.tags["sweeper.outcome"] == "completed"
+
+
+def test_config_json_of_a_new_run_skips_reading_the_run_back_and_reads_as_log_dicts(tmp_path,
+                                                                                    monkeypatch):
+    """A run this process created gets config.json straight from its artifact store (no get_run:
+    a fifth of a trial's delivery); a run found again by tag goes through log_dict. Both files
+    read exactly as MlflowClient.log_dict writes them."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: F401 - the fast path's import: fails loudly if MLflow moves it
+
+    config = {"model.arch": "vgg11", "optim.lr": 0.01, "data.dir": "s3://k:secret@b/d", "n": None}
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    assert t.flush()
+    calls = _count_calls(t.client, monkeypatch)  # log_dict reads the run back to find its store
+    t.start_trial("t1", run_name="r", config=config)
+    t.log_result("t1", _result(1, train_loss=1.0))
+    assert t.flush() and sorted(calls) == ["create_run", "log_batch"]
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    fresh = t.run_ids()["t1"]
+    # The same dict through MlflowClient.log_dict, into a run of its own, as the reference.
+    reference = client.create_run(t._experiment_id(t._state())).info.run_id
+    client.log_dict(reference, {k: redact(v) for k, v in config.items()}, "config.json")
+    expected = client.download_artifacts(reference, "config.json", str(tmp_path / "ref"))
+    got = client.download_artifacts(fresh, "config.json", str(tmp_path / "got"))
+    assert open(got).read() == open(expected).read()
+    assert "secret" not in open(got).read()
+
+    # A run made by a driver that died before saving its state: found by tag, through log_dict.
+    orphan = client.create_run(t._experiment_id(t._state()), run_name="r2", tags={
+        "mlflow.parentRunId": t.parent_run_id(), "sweeper.sweep_uid": "uid-1",
+        "sweeper.trial_id": "t2", "sweeper.role": "trial"}).info.run_id
+    t2 = _tracker(tmp_path)
+    t2.start_trial("t2", run_name="r2", config=config)
+    assert t2.flush() and t2.run_ids()["t2"] == orphan
+    again = client.download_artifacts(orphan, "config.json", str(tmp_path / "again"))
+    assert open(again).read() == open(expected).read()
 
 
 def test_long_params_and_tags_with_many_metrics_split_under_the_servers_request_cap():
