@@ -68,16 +68,14 @@ def bare(cfg, splits, threads: int, *, benchmark: bool | None = None,
 
     ``--explain`` adds two variants of it, to locate where fit's extra time goes: ``benchmark``
     (cudnn.benchmark on, as fit sets it on CUDA; the plain loop leaves torch's default, off) and
-    ``stats`` (fit's per-step loss/top-1/top-5 sums on the device, ``sweeper.train._batch_stats``).
+    ``stats`` (fit's per-step loss/top-1/top-5 sums on the device, ``sweeper.train._Totals``).
     """
     import torch
     from torch import nn
 
-    from sweeper.train import _batch_stats
-
     from sweeper.data import DeviceData
     from sweeper.models import build_model, split_outputs
-    from sweeper.train import resolve_device
+    from sweeper.train import _Totals, resolve_device
 
     torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
@@ -107,6 +105,7 @@ def bare(cfg, splits, threads: int, *, benchmark: bool | None = None,
         model.train()
         t0 = time.perf_counter()
         loss_sum = None
+        totals = _Totals()
         for x, y in data.train_batches(gen):
             with autocast():
                 logits = split_outputs(model(x))[0]
@@ -115,8 +114,8 @@ def bare(cfg, splits, threads: int, *, benchmark: bool | None = None,
             loss.backward()
             opt.step()
             if stats:
-                batch = _batch_stats(logits.detach(), y, loss.detach())
-                loss_sum = batch if loss_sum is None else loss_sum.add_(batch)
+                totals.add(logits.detach(), y, loss.detach())
+                loss_sum = totals.loss
             else:
                 loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         loss_sum.sum().item()  # one read per epoch (and the CUDA sync)

@@ -185,6 +185,36 @@ def test_training_and_evaluation_steps_never_read_a_tensor_on_the_host(monkeypat
     assert len(spy.moves) < steps, spy.moves
 
 
+@pytest.mark.parametrize("classes", [10, 3])  # 3: fewer classes than top-5, top-k is all of them
+def test_epoch_sums_count_top1_top5_and_the_loss_as_a_per_example_reference_does(classes):
+    """The device sums a pass keeps (examples, loss x batch, per-rank hits) give the accuracy and
+    top-5 error an example-by-example count gives, over uneven batches and a tie-heavy batch."""
+    gen = torch.Generator().manual_seed(0)
+    criterion = torch.nn.CrossEntropyLoss()
+    totals = train_module._Totals()
+    ref_loss, ref_top1, ref_topk, n = 0.0, 0, 0, 0
+    k = min(5, classes)
+    batches = [torch.randn(b, classes, generator=gen) for b in (32, 32, 7)]
+    batches.append(torch.zeros(5, classes))  # every class tied
+    for logits in batches:
+        y = torch.randint(0, classes, (logits.shape[0],), generator=gen)
+        loss = criterion(logits, y)
+        totals.add(logits, y, loss)
+        ranked = logits.topk(k, dim=1).indices.tolist()
+        ref_top1 += sum(int(r[0] == t) for r, t in zip(ranked, y.tolist()))
+        ref_topk += sum(int(t in r) for r, t in zip(ranked, y.tolist()))
+        ref_loss += float(loss) * logits.shape[0]
+        n += logits.shape[0]
+    summary = train_module._summarise(totals)
+    assert summary["examples"] == n == 76
+    assert summary["accuracy"] == ref_top1 / n and summary["top1_error"] == 1 - ref_top1 / n
+    assert summary["top5_error"] == 1 - ref_topk / n
+    assert summary["loss"] == pytest.approx(ref_loss / n, rel=1e-6)
+    if classes == 3:
+        assert summary["top5_error"] == 0.0
+    assert train_module._summarise(None)["examples"] == 0
+
+
 def test_decay_norm_bias_false_puts_norm_and_bias_parameters_in_a_group_without_decay():
     cfg = _tiny(**{"model.arch": "vgg11", "optim.weight_decay": 5e-4})
     model = build_model(cfg.model, num_classes=10)
