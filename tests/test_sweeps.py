@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -137,7 +138,11 @@ def test_mlflow_has_one_parent_and_one_child_per_trial_with_layer_metrics(quick_
     assert {k: int(parent.data.metrics[f"trials_{k}"]) for k in tagged} == dict(tagged)
     assert "report/report.html" in parent.data.tags["mlflow.note.content"]
     some = by_trial[record.trials()[0]["trial_id"]]
-    assert "profile.png" in {a.path for a in client.list_artifacts(some.info.run_id)}
+    assert {"profile.png", "config.json"} <= {a.path for a in client.list_artifacts(some.info.run_id)}
+    # config.json goes through the server's artifact proxy (mlflow-artifacts:/), not a local path.
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = json.loads(Path(client.download_artifacts(some.info.run_id, "config.json", tmp)).read_text())
+    assert saved == record.trials()[0]["config"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/heatmap.png"} <= artifacts
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
