@@ -25,15 +25,17 @@ from pathlib import Path
 from sweeper.loading import load_sweep
 from sweeper.tuner import launch
 
+from _cli import at_least, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-samples", type=int, default=1)
-    ap.add_argument("--max-epochs", type=int, default=15)
-    ap.add_argument("--num-cpus", type=int, default=None)
-    ap.add_argument("--grace-period", type=int, default=1,
+    ap.add_argument("--num-samples", type=at_least(1), default=1)
+    ap.add_argument("--max-epochs", type=at_least(1), default=15)
+    ap.add_argument("--num-cpus", type=at_least(1), default=None)
+    ap.add_argument("--grace-period", type=at_least(0), default=1,
                     help="ASHA's first rung (0: the study's own, 3 for vgg_depth)")
     ap.add_argument("--prune-within", choices=["cell", "sweep"], default="sweep",
                     help="ASHA's peers: the trial's grid cell (the study's default) or the sweep")
@@ -71,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -40,6 +40,8 @@ from torchvision.transforms import v2
 from sweeper.config import TrialConfig
 from sweeper.data import DeviceData, load_splits
 
+from _cli import at_least, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,11 +76,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=10, help="timed epochs per variant per rep")
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    ap.add_argument("--batch-size", type=at_least(1), default=64)
+    ap.add_argument("--epochs", type=at_least(1), default=10, help="timed epochs per variant per rep")
+    ap.add_argument("--reps", type=at_least(1), default=7)
+    ap.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 2])
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch threads in the main process")
     args = ap.parse_args()
     started = time.time()
     torch.set_num_threads(args.threads)
@@ -155,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

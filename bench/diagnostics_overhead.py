@@ -33,6 +33,8 @@ from sweeper.data import load_splits
 from sweeper.diagnostics import Diagnostics
 from sweeper.train import fit, resolve_device
 
+from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,14 +63,14 @@ class _Timed(Diagnostics):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="vgg16")
-    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--width", type=positive, default=0.125)
     ap.add_argument("--batch-norm", action="store_true")
     ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--size", type=int, default=2048, help="examples, for --dataset synthetic")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=at_least(1), default=2048, help="examples, for --dataset synthetic")
+    ap.add_argument("--epochs", type=at_least(1), default=3)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch threads")
     args = ap.parse_args()
     started = time.time()
     torch.set_num_threads(args.threads)
@@ -137,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

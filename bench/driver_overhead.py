@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 # The issue's workload is 200 trials of ~0.5 s: smallcnn at width 1/4 on digits is ~0.45 s here.
 DEFAULT_WIDTH = 0.25
@@ -44,11 +46,11 @@ SWEEP = Sweep(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=200)
-    ap.add_argument("--num-cpus", type=int, default=2)
-    ap.add_argument("--limit", type=int, default=None,
+    ap.add_argument("--trials", type=at_least(1), default=200)
+    ap.add_argument("--num-cpus", type=at_least(1), default=2)
+    ap.add_argument("--limit", type=at_least(1), default=None,
                     help="training images per trial (default: all of digits' ~1300: ~0.4 s a trial)")
-    ap.add_argument("--width", type=float, default=DEFAULT_WIDTH,
+    ap.add_argument("--width", type=positive, default=DEFAULT_WIDTH,
                     help="smallcnn width: 0.25 (default) is a ~0.45 s trial on this 2-core machine, "
                          "the issue's ~0.5 s; 0.125 a ~0.23 s one")
     args = ap.parse_args()
@@ -134,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

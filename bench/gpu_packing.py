@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
@@ -86,14 +88,19 @@ def run_packed(k: int, flat: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="vgg11")
-    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--width", type=positive, default=1.0)
     ap.add_argument("--batch-norm", action="store_true", default=True)
-    ap.add_argument("--size", type=int, default=20000, help="synthetic examples per trial")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--size", type=at_least(1), default=20000, help="synthetic examples per trial")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--epochs", type=at_least(1), default=3)
     ap.add_argument("--device", default="cuda", help="cpu only to try the script")
-    ap.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--counts", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args()
+    import torch  # the trials are child processes; the parent only checks and names the device
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device on this machine (this benchmark "
+                 "measures trials packed on one GPU; --device cpu only tries the script)")
     flat = {"model.arch": args.arch, "model.width": args.width, "model.batch_norm": args.batch_norm,
             "data.name": "synthetic", "data.synthetic_size": args.size,
             "data.batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
@@ -111,11 +118,10 @@ def main() -> None:
               flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    import torch
     (out / "gpu_packing.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
          "config": flat, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from sweeper.records import SweepRecord
 
+from _cli import at_least, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name")
     ap.add_argument("--storage", default="sweeps")
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--workers", type=at_least(1), default=os.cpu_count())
     args = ap.parse_args()
     record = SweepRecord(Path(args.storage) / args.name)
     trials = record.trials()
@@ -49,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,17 +20,19 @@ from sweeper.config import TrialConfig
 from sweeper.data import load_splits
 from sweeper.train import fit, resolve_device
 
+from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="+", default=["vgg11", "vgg16", "vgg19", "resnet18", "smallcnn"])
-    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--width", type=positive, default=0.125)
     ap.add_argument("--dataset", default="synthetic")
-    ap.add_argument("--size", type=int, default=4096, help="synthetic examples")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--size", type=at_least(1), default=4096, help="synthetic examples")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--epochs", type=at_least(1), default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--bn", choices=["on", "off", "both"], default="on", help="BatchNorm in the models")
@@ -64,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SPACE = '''
@@ -219,14 +221,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="vgg11")
-    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--width", type=positive, default=0.125)
     ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--size", type=int, default=2048, help="examples, for --dataset synthetic")
-    ap.add_argument("--epochs", type=int, default=10, help="per run (>= 3: epoch 1 and the last "
+    ap.add_argument("--batch-size", type=at_least(1), default=64)
+    ap.add_argument("--size", type=at_least(1), default=2048, help="examples, for --dataset synthetic")
+    ap.add_argument("--epochs", type=at_least(3), default=10, help="per run (>= 3: epoch 1 and the last "
                     "are left out of the epoch spacing)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--reps", type=at_least(1), default=3)
+    ap.add_argument("--threads", type=at_least(1), default=1,
                     help="torch threads for bare and fit; a 1-CPU Ray trial gets OMP_NUM_THREADS=1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-ray", action="store_true", help="only (a) and (b)")
@@ -322,4 +324,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

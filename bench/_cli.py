@@ -1,0 +1,52 @@
+"""What the bench scripts share at their command line: counts and sizes checked by argparse (exit 2
+with the option named), and a mistake in what they are asked to build -- an unknown architecture, a
+dataset not on this machine, a sweep that cannot run -- shown as one line with exit 2, not a
+traceback. Imports neither Ray nor MLflow (the GPU machine has neither)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Callable
+
+__all__ = ["at_least", "positive", "run"]
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its message
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a script's ``main``; sweeper's own refusal of a setting ends it with its message, exit 2."""
+    from sweeper.config import ConfigError
+    from sweeper.data.sources import DatasetUnavailable
+
+    try:
+        main()
+    except (ConfigError, DatasetUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
