@@ -148,6 +148,7 @@ class Tracker:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("_offset_seen", None)  # pickled before it existed
+        self.__dict__.setdefault("_artifact_uris", {})  # likewise
         self._lock, self._wake, self._closing = (_spool_lock(self.dir), threading.Event(),
                                                  threading.Event())
 
@@ -537,7 +538,6 @@ class Tracker:
                 info = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
                                               start_time=op.get("time"), tags=tags).info
                 run_id = info.run_id
-                self._artifact_uris[run_id] = info.artifact_uri
                 self._existing[trial_id] = run_id
                 self._started_at_delivery(state, run_id, op)
                 # A run made just now has no step yet: nothing to read back.
@@ -549,6 +549,8 @@ class Tracker:
                 # its chunk's end would otherwise leave runs that no state names, and a process
                 # whose list of the sweep's runs predates them would create them a second time.
                 self._save_state(state)
+                # Only now: nothing between create_run and the save above may fail.
+                self._artifact_uris[run_id] = info.artifact_uri
             # With the state, so a failure from here on cannot leave the run without its params.
             state["runs"][trial_id] = run_id
             self._verify_steps(state, trial_id, run_id)

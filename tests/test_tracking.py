@@ -456,6 +456,27 @@ def test_config_json_of_a_new_run_skips_reading_the_run_back_and_reads_as_log_di
     assert open(again).read() == open(expected).read()
 
 
+def test_a_tracker_pickled_before_the_artifact_uri_cache_existed_still_makes_one_run(tmp_path):
+    """Tune pickles the callback and its tracker: one pickled by the previous version has no
+    ``_artifact_uris``. It must deliver as before -- one run per trial, with config.json -- and not
+    fail after create_run (each retry would have made another run)."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    assert t.flush()
+    state = t.__getstate__()
+    del state["_artifact_uris"]
+    old = Tracker.__new__(Tracker)
+    old.__setstate__(state)
+    old.start_trial("t1", run_name="r", config={"a": 1})
+    assert old.flush() and old.flush()
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("exp")
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(runs) == 1
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id)] == ["config.json"]
+
+
 def test_long_params_and_tags_with_many_metrics_split_under_the_servers_request_cap():
     """100 params of 6,000 characters and 100 tags of 8,000 would be 1.4 MB in one log_batch (the
     MLflow server refuses bodies over 1 MB, on every retry): they split, each entity sent once,
