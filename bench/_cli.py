@@ -10,7 +10,7 @@ import math
 import sys
 from typing import Callable
 
-__all__ = ["at_least", "positive", "run"]
+__all__ = ["at_least", "device", "jsonable", "machine", "positive", "run"]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -37,6 +37,49 @@ def positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse type: 'auto', 'cpu' or a CUDA device this machine has (checked before any work)."""
+    import torch
+
+    if text in ("auto", "cpu"):
+        return text
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: these benchmarks run on auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device on this machine")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                         "device(s)")
+    return text
+
+
+def machine() -> dict:
+    """Where a figure was measured, for the JSON beside it: CPUs, load average after the run, torch."""
+    import os
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg(), "platform": platform.platform(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def jsonable(value):
+    """NaN and infinities as null: strict JSON has no spelling for them (a CPU run has no GPU peak)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
     return value
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+from _cli import at_least, device, jsonable, machine, positive, run  # noqa: E402 - bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,18 +93,18 @@ def main() -> None:
     ap.add_argument("--size", type=at_least(1), default=20000, help="synthetic examples per trial")
     ap.add_argument("--batch-size", type=at_least(1), default=128)
     ap.add_argument("--epochs", type=at_least(1), default=3)
-    ap.add_argument("--device", default="cuda", help="cpu only to try the script")
+    ap.add_argument("--device", type=device, default="cuda",
+                    help="cuda (default; refused on a machine without one), cpu only to try the script")
     ap.add_argument("--counts", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args()
     import torch  # the trials are child processes; the parent only checks and names the device
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch sees no CUDA device on this machine (this benchmark "
-                 "measures trials packed on one GPU; --device cpu only tries the script)")
+    from sweeper.config import TrialConfig
     flat = {"model.arch": args.arch, "model.width": args.width, "model.batch_norm": args.batch_norm,
             "data.name": "synthetic", "data.synthetic_size": args.size,
             "data.batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
             "diagnostics.enabled": False, "optim.lr": 0.01}
+    TrialConfig.from_flat(flat)  # a bad setting is refused here, not in each trial's process
     rows = []
     print(f"{'trials':>6} {'agg img/s':>10} {'x one':>6} {'GPU util %':>10} {'peak MiB/trial':>14}")
     for k in args.counts:
@@ -118,9 +118,9 @@ def main() -> None:
               flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_packing.json").write_text(json.dumps(
+    (out / "gpu_packing.json").write_text(json.dumps(jsonable(
         {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-         "config": flat, "rows": rows}, indent=1))
+         "config": flat, "rows": rows, "machine": machine()}), indent=1))
 
 
 if __name__ == "__main__":

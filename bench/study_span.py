@@ -45,6 +45,8 @@ def main() -> None:
            "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}}
     print(f"{args.name}: {len(trials)} trials, {epochs} epochs; span {span:.0f} s vs ideal {ideal:.0f} s "
           f"({train:.0f} training seconds / {args.workers} workers): {span / ideal:.2f}x")
+    print("goal: <= 1.3x (issue #9, the README quick study)")
+    row["goal"] = {"ratio_at_most": 1.3}
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_span.json").write_text(json.dumps(row, indent=1))

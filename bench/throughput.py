@@ -16,11 +16,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from sweeper.config import TrialConfig
 from sweeper.data import load_splits
 from sweeper.train import fit, resolve_device
 
-from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+from _cli import at_least, device, jsonable, machine, positive, run  # noqa: E402 - bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,11 +35,15 @@ def main() -> None:
     ap.add_argument("--size", type=at_least(1), default=4096, help="synthetic examples")
     ap.add_argument("--batch-size", type=at_least(1), default=128)
     ap.add_argument("--epochs", type=at_least(1), default=2)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", type=device, default="auto")
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--bn", choices=["on", "off", "both"], default="on", help="BatchNorm in the models")
     ap.add_argument("--compile", action="store_true", help="torch.compile each model (the trial option)")
+    ap.add_argument("--threads", type=at_least(1), default=1,
+                    help="torch threads (default 1, what a 1-CPU trial gets: on a shared machine more "
+                         "threads than free cores made single CPU runs many times slower)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     print(f"{'arch':<10} {'img/s (last epoch)':>18} {'peak MiB':>9}")
     rows = []
@@ -62,7 +68,8 @@ def main() -> None:
                      "device": str(resolve_device(cfg.device)), "config": cfg.to_flat()})
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("throughput_compiled.json" if args.compile else "throughput.json")).write_text(json.dumps(rows, indent=1))
+    (out / ("throughput_compiled.json" if args.compile else "throughput.json")).write_text(json.dumps(
+        jsonable({"rows": rows, "threads": args.threads, "machine": machine()}), indent=1))
 
 
 if __name__ == "__main__":

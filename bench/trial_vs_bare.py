@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _cli import at_least, positive, run  # noqa: E402 - bench/ is the script's directory
+from _cli import at_least, device, positive, run  # noqa: E402 - bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--reps", type=at_least(1), default=3)
     ap.add_argument("--threads", type=at_least(1), default=1,
                     help="torch threads for bare and fit; a 1-CPU Ray trial gets OMP_NUM_THREADS=1")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", type=device, default="auto")
     ap.add_argument("--no-ray", action="store_true", help="only (a) and (b)")
     ap.add_argument("--explain", action="store_true",
                     help="also the bare loop with cudnn.benchmark on, and with fit's per-step sums")

@@ -22,6 +22,9 @@ def _run(script, *args):
     ("asha_vs_fifo.py", ["--grace-period", "x"], "argument --grace-period: 'x' is not an integer"),
     ("diagnostics_overhead.py", ["--arch", "vgg99"], "error: model.arch='vgg99' is not one of"),
     ("data_path.py", ["--dataset", "imagenet"], "error: data.name='imagenet' is not one of"),
+    ("throughput.py", ["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+    # Refused in the parent, before any trial process starts.
+    ("gpu_packing.py", ["--arch", "vgg99", "--device", "cpu"], "error: model.arch='vgg99' is not one of"),
 ])
 def test_a_bad_argument_is_one_line_and_exit_2(script, args, says):
     out = _run(script, *args)
@@ -29,11 +32,15 @@ def test_a_bad_argument_is_one_line_and_exit_2(script, args, says):
     assert says in out.stderr and "Traceback" not in out.stderr
 
 
-def test_gpu_packing_on_a_machine_without_cuda_says_so_before_starting_trials():
+def test_cuda_on_a_machine_without_it_is_refused_before_any_work():
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    out = _run("gpu_packing.py", "--counts", "1")
-    assert out.returncode == 2 and "torch sees no CUDA device" in out.stderr
-    assert "Traceback" not in out.stderr
+    for script, args in (("gpu_packing.py", ["--counts", "1"]),  # its default is cuda
+                         ("diagnostics_overhead.py", ["--device", "cuda"]),
+                         ("trial_vs_bare.py", ["--device", "cuda", "--no-ray"])):
+        out = _run(script, *args)
+        assert out.returncode == 2, (script, out.stderr)
+        assert "argument --device: 'cuda': torch sees no CUDA device" in out.stderr
+        assert "Traceback" not in out.stderr
