@@ -122,7 +122,7 @@ class CellASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self.time_attr not in result or self.metric not in result:
-            return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
+            return _stop_if_finished(result)
         epoch = int(result[self.time_attr])
         if epoch >= self.max_t:  # reaching the budget is finishing, not pruning
             self._record(trial, epoch, result[self.metric])
@@ -130,7 +130,7 @@ class CellASHA(FIFOScheduler):
         decision = self.judge(trial.trial_id, self.cell_of(getattr(trial, "config", {}) or {}),
                               epoch, result[self.metric], result.get(TIEBREAK.get(self.metric, "")))
         if decision is None:  # not pruned; a trial that finished by itself ends at this report
-            return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
+            return _stop_if_finished(result)
         SweepRecord(self._record_dir).append_decision(decision)
         return TrialScheduler.STOP
 
@@ -235,12 +235,17 @@ def finished(result: Mapping[str, Any]) -> bool:
     return isinstance(outcome, str) and outcome != "running"
 
 
+def _stop_if_finished(result: Mapping[str, Any]) -> str:
+    """What both schedulers answer a report they do not stop for a reason of their own."""
+    return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
+
+
 class FinishingFIFO(FIFOScheduler):
     """Ray's FIFO scheduler (no trial is stopped early), ending each trial on its finished report
     (:func:`finished`) instead of one round trip later."""
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return TrialScheduler.STOP if finished(result) else TrialScheduler.CONTINUE
+        return _stop_if_finished(result)
 
 
 def make_scheduler(sweep, record_dir: str, cell_keys: Sequence[str]):

@@ -483,8 +483,8 @@ class Tracker:
                             for k, v in items]
                 last_step = max(last_step, step)
             else:  # tags: a later value of a key wins, as separate calls would leave it
-                tags.update({_truncate(k, _MAX_KEY): _truncate(str(redact(v)), _MAX_TAG_VALUE)
-                             for k, v in op["tags"].items() if v is not None})
+                tags.update(_tag_values({k: redact(v) for k, v in op["tags"].items()
+                                         if v is not None}))
         params = []
         unconfigured = state.setdefault("unconfigured", {})
         if trial_id in unconfigured:
