@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from torchvision.transforms import v2
 from sweeper.config import TrialConfig
 from sweeper.data import DeviceData, load_splits
 
-from _cli import at_least, run  # noqa: E402 - bench/ is the script's directory
+from _cli import at_least, machine, run  # noqa: E402 - bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,8 +146,7 @@ def main() -> None:
            "batch_size": d.batch_size, "epochs_per_rep": args.epochs, "reps": args.reps,
            "threads": args.threads, "images_per_second": ips, "ratios": ratios, "goal_ratio": 5.0,
            "per_rep": per_rep, "output_check": check,
-           "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),
-                       "platform": platform.platform(), "torch": torch.__version__},
+           "machine": machine(),
            "script_seconds": time.time() - started}
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

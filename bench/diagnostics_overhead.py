@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from sweeper.data import load_splits
 from sweeper.diagnostics import Diagnostics
 from sweeper.train import fit, resolve_device
 
-from _cli import at_least, device, positive, run  # noqa: E402 - bench/ is the script's directory
+from _cli import at_least, device, machine, positive, run  # noqa: E402 - bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +131,7 @@ def main() -> None:
         "config": cfg.to_flat(), "threads": args.threads, "repeats": args.repeats,
         "seconds_per_epoch": {"plain": plain, "diagnostics": diag}, "ratio": diag / plain,
         "per_repeat": times, "hook_ms": ms, "device": str(resolve_device(cfg.device)),
-        "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        "machine": machine(),
         "script_seconds": time.time() - started}
     command = "python bench/diagnostics_overhead.py" + (f" --dataset {args.dataset} --size {args.size}"
                                                         if args.dataset == "synthetic" else "")

@@ -38,13 +38,12 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _cli import at_least, device, positive, run  # noqa: E402 - bench/ is the script's directory
+from _cli import at_least, device, machine, positive, run  # noqa: E402 - bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -314,8 +313,7 @@ def main() -> None:
     row = {"config": cfg.to_flat(), "threads": args.threads, "epochs": args.epochs,
            "reps": args.reps, "train_images": len(splits.train_y), "median": summary,
            "ratios": ratios, "goal_epoch_ratio": 1.05, "per_rep": per_rep,
-           "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),
-                       "platform": platform.platform(), "torch": torch.__version__,
+           "machine": {**machine(),
                        "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu"))},
            "script_seconds": time.time() - started}
     out = ROOT / "bench" / "results"
