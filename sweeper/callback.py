@@ -23,7 +23,7 @@ from sweeper.records import SweepRecord, scalar_metrics
 from sweeper.spaces import Sweep
 from sweeper.tracking import Tracker
 
-__all__ = ["SweepCallback", "trial_label"]
+__all__ = ["STOPPED_REASON", "SweepCallback", "mark_stopped", "trial_label"]
 
 
 
@@ -84,10 +84,12 @@ class SweepCallback(Callback):
         self._trials: dict[str, dict[str, Any]] = {}
         self._decisions: dict[str, dict[str, Any]] = {}
         self._decisions_offset = 0
+        self._recorded: dict[str, int] = {}  # trial -> the last epoch its record holds
+        self._code_tags: dict[str, Any] | None = None  # the launch's git SHA, for each child run
 
     def __getstate__(self):  # Tune pickles the callback: the caches are this process's
         state = dict(self.__dict__)
-        for key in ("_trials", "_decisions", "_decisions_offset"):
+        for key in ("_trials", "_decisions", "_decisions_offset", "_recorded", "_code_tags"):
             state.pop(key, None)
         return state
 
@@ -135,34 +137,58 @@ class SweepCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.states[trial.trial_id] = "running"
-        self._write(trial.trial_id, {**self._base(trial), "status": "running"})
+        rec = {**self._base(trial), "status": "running"}
+        was_stopped = rec.pop("outcome", None) == "stopped"  # by an interrupted launch: it runs again
+        if was_stopped:
+            rec.pop("reason", None)
+        self._write(trial.trial_id, rec)
         self._open_run(trial)
+        if was_stopped:
+            self.tracker.set_tags(trial.trial_id, {"sweeper.outcome": "running"})
 
     def _open_run(self, trial) -> None:
         if trial.trial_id not in self.opened:  # found again by tag after a retry or restore
+            if self._code_tags is None:
+                # The code each result came from, on the trial's own run (the sweep file's text
+                # and the command are on the parent; the seed and config in params and config.json).
+                try:
+                    meta = self._record.meta()
+                except (OSError, ValueError):  # no sweep.json (a bare record): no code tags
+                    meta = {}
+                self._code_tags = {"sweeper.git_sha": meta.get("git_sha"),
+                                   "sweeper.git_dirty": meta.get("git_dirty")}
             self.tracker.start_trial(trial.trial_id, run_name=trial_label(trial.config),
-                                     config=trial.config)
+                                     config=trial.config, tags=self._code_tags)
             self.opened.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         carried = result.pop("resumed_history", None)
         if carried:
             self._fill_gap(trial, carried, before=int(result.get("epoch", 0)))
-        self._record.append_epoch(trial.trial_id, result)
         self._open_run(trial)
-        self.tracker.log_result(trial.trial_id, result)
-        self.tracker.deliver_soon()  # never wait on the tracking server in Tune's event loop
+        epoch = int(result.get("epoch", 0))
+        metrics = scalar_metrics(result)
+        if 0 < epoch <= self._last_recorded(trial.trial_id):
+            # This epoch ran again: a driver died after recording it, before Ray saved the state
+            # this sweep resumed from. Its first copy stands, in the record as in MLflow (which
+            # never logs a step twice), so that every reader gives the same number.
+            metrics = next((row for row in self._record.epochs(trial.trial_id)
+                            if int(row.get("epoch", 0)) == epoch), metrics)
+        else:
+            self._record.append_epoch(trial.trial_id, result)
+            self._recorded[trial.trial_id] = epoch
+            self.tracker.log_result(trial.trial_id, result)
+            self.tracker.deliver_soon()  # never wait on the tracking server in Tune's event loop
         self.epochs += 1
-        value = result.get(self.sweep.metric)
+        value = metrics.get(self.sweep.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             better = (self.best is None or (value > self.best[0] if self.sweep.mode == "max"
                                             else value < self.best[0]))
             if better:
                 self.best = (float(value), trial_label(trial.config))
         rec = self._base(trial)
-        rec.update(status="running", epochs=int(result.get("epoch", 0)),
-                   last=scalar_metrics(result))
-        rec["best"] = _best(rec.get("best"), scalar_metrics(result), self.sweep)
+        rec.update(status="running", epochs=epoch, last=dict(metrics))
+        rec["best"] = _best(rec.get("best"), metrics, self.sweep)
         checkpoint = result.get("checkpoint_dir_name")  # set by Ray when this report saved one
         if checkpoint:
             # Relative to the experiment dir, so that the record reads the same on any machine and
@@ -171,6 +197,14 @@ class SweepCallback(Callback):
             rec["checkpoint_epoch"] = int(result.get("epoch", 0))
         self._write(trial.trial_id, rec)
         self._progress(trials)
+
+    def _last_recorded(self, trial_id: str) -> int:
+        """The last epoch the record holds for a trial: read once per trial and driver, then kept
+        (a new trial has no file: one stat)."""
+        if trial_id not in self._recorded:
+            rows = self._record.epochs(trial_id)
+            self._recorded[trial_id] = max((int(row.get("epoch", 0)) for row in rows), default=0)
+        return self._recorded[trial_id]
 
     def _fill_gap(self, trial, carried: str, *, before: int) -> None:
         """Epochs the resumed checkpoint holds that the record lacks (a killed driver's last unpushed
@@ -182,6 +216,7 @@ class SweepCallback(Callback):
             epoch = int(row.get("epoch", 0))
             if epoch not in have and 0 < epoch < before:
                 self._record.append_epoch(trial.trial_id, row)
+                self._recorded[trial.trial_id] = max(self._recorded.get(trial.trial_id, 0), epoch)
                 self.tracker.log_result(trial.trial_id, row)
                 if not self.quiet:
                     console.print(f"  {trial_label(trial.config)}: epoch {epoch} recorded from its "
@@ -212,7 +247,9 @@ class SweepCallback(Callback):
                    chance_epochs=result.chance_epochs,
                    epochs=int(last.get("epoch", rec.get("epochs", 0))), finished=time.time())
         if last:
-            rec["last"] = scalar_metrics(last)
+            # The recorded copy of the last epoch (its first, if it ran again after a resume).
+            same = epochs and int(epochs[-1].get("epoch", -1)) == int(last.get("epoch", -2))
+            rec["last"] = dict(epochs[-1]) if same else scalar_metrics(last)
         evidence = next((e["cf_evidence"] for e in reversed(epochs) if e.get("cf_evidence")), None)
         if evidence:
             rec["cause_evidence"] = evidence
@@ -245,7 +282,8 @@ class SweepCallback(Callback):
                      "late_start": "green"}.get(outcome, "")
             console.print(f"  {trial_label(trial.config):<32} {outcome:<12} after "
                           f"{rec['epochs']:>3} epochs  {self.sweep.metric}="
-                          f"{fmt(last.get(self.sweep.metric))}  {reason or ''}", style=style)
+                          f"{fmt((rec.get('last') or {}).get(self.sweep.metric))}  {reason or ''}",
+                          style=style)
 
     def _progress(self, trials, force: bool = False) -> None:
         now = time.time()
@@ -266,6 +304,27 @@ class SweepCallback(Callback):
         console.print(f"[{_duration(elapsed)}] trials: {done}/{self.planned} done, {running} running, "
                       f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
 
+
+
+STOPPED_REASON = "stopped before its budget (the sweep was interrupted); it resumes with the sweep"
+
+
+def mark_stopped(record: SweepRecord, tracker: Tracker) -> list[str]:
+    """Label ``stopped`` every trial an interrupted launch left unfinished; their ids.
+
+    Called when Tune's run has returned: a trial the record still shows running was cut off by the
+    interruption (``sweeper stop``, Ctrl-C), never ended by Tune, so no callback labelled it. The
+    record, MLflow's ``sweeper.outcome`` tag, ``status``, ``export`` and the report then all say
+    ``stopped``; when the sweep resumes, the trial runs again and its outcome is decided then.
+    """
+    stopped = []
+    for t in record.trials():
+        if t.get("status") == "running" and not t.get("outcome"):
+            record.write_trial(t["trial_id"], {**t, "status": "stopped", "outcome": "stopped",
+                                               "reason": STOPPED_REASON})
+            tracker.set_tags(t["trial_id"], {"sweeper.outcome": "stopped"})
+            stopped.append(t["trial_id"])
+    return stopped
 
 
 def diagnosis(name: str, result: Outcome, rec: Mapping[str, Any]) -> str:

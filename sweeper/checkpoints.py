@@ -20,6 +20,12 @@ runs ahead of the driver and persists checkpoints whose results the driver never
 record or MLflow metric has those epochs, and they are trained again), and Ray's restored numbering
 lags, so they would outlive the trial as orphans -- a full model and optimizer state each.
 
+Ray's state also lists the older checkpoints it keeps (``num_to_keep``), and deletes the oldest when
+the resumed trial registers its next one. A kill can leave one of those already deleted; Ray's delete
+then raises inside its result handling (a traceback and a ~40 kB result dump on the console, and
+that checkpoint's bookkeeping skipped). Where a trial will run again, such a checkpoint's directory is
+made again as an empty placeholder (the marker below), for Ray to delete in its turn.
+
 A checkpoint that is gone with nothing newer to stand in for it (deleted by hand, a lifecycle rule on
 the bucket) would fail the trial on every relaunch. Its directory is made again holding only a marker
 file (Ray checks that the path exists), and the trainable, finding no trial state in it, starts the
@@ -55,6 +61,7 @@ class Repair:
     moved_from: str | None = None  # `restored` was gone: this newer checkpoint was moved there
     discarded: tuple[str, ...] = ()  # newer checkpoints Ray's state does not know (removed)
     restarted: bool = False  # `restored` was gone with nothing newer: the trial starts from scratch
+    placeholders: tuple[str, ...] = ()  # older kept ones already deleted: made again, empty, for Ray
 
     @property
     def rerun(self) -> tuple[str, ...]:
@@ -67,11 +74,25 @@ def _names(fs: pafs.FileSystem, path: str) -> list[str]:
     return [info.base_name for info in infos]
 
 
+@dataclass(frozen=True)
+class _Named:
+    """What Ray's saved state says of one trial's checkpoints."""
+
+    latest: str  # the one a restore resumes from
+    older: tuple[str, ...]  # the others its checkpoint manager keeps (and deletes in turn)
+    runs_again: bool  # not TERMINATED: a restore runs it on, registering new checkpoints
+
+
 def restorable_checkpoints(experiment_uri: str) -> dict[str, str] | None:
     """trial_id -> the checkpoint dir a restore would resume the trial from, per the newest state.
 
     Trials without a checkpoint are left out; None when there is no readable experiment state.
     """
+    named = _named_checkpoints(experiment_uri)
+    return None if named is None else {tid: n.latest for tid, n in named.items()}
+
+
+def _named_checkpoints(experiment_uri: str) -> dict[str, _Named] | None:
     fs, path = pafs.FileSystem.from_uri(experiment_uri)
     try:
         states = fnmatch.filter(_names(fs, path), _STATE_GLOB)
@@ -80,20 +101,22 @@ def restorable_checkpoints(experiment_uri: str) -> dict[str, str] | None:
         # Ray restores from the greatest file name (its session timestamp): so do we.
         with fs.open_input_stream(f"{path}/{max(states)}") as f:
             state = json.loads(f.read())
-        named: dict[str, str] = {}
+        named: dict[str, _Named] = {}
         for trial_json, runtime_json in state["trial_data"]:
-            trial_id = json.loads(trial_json)["trial_id"]
-            name = _restore_checkpoint_name(runtime_json)
-            if name is not None:
-                named[trial_id] = name
+            trial = json.loads(trial_json)
+            names = _checkpoint_names(runtime_json)
+            if names is not None:
+                named[trial["trial_id"]] = _Named(names[0], names[1],
+                                                  trial.get("status") != "TERMINATED")
         return named
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.debug("experiment state of %s unreadable: %s", experiment_uri, exc)
         return None
 
 
-def _restore_checkpoint_name(runtime_json: str) -> str | None:
-    """The checkpoint a restored trial resumes from: its checkpoint manager's latest (Ray 2.60).
+def _checkpoint_names(runtime_json: str) -> tuple[str, tuple[str, ...]] | None:
+    """The checkpoint a restored trial resumes from -- its checkpoint manager's latest (Ray 2.60)
+    -- and the older ones the manager keeps.
 
     Ray stores the manager pickled inside the runtime JSON, so it is decoded with Ray's own loader
     (an internal one: ``Trial.restore_run_metadata`` does the same). Undecodable → None, and the
@@ -104,13 +127,21 @@ def _restore_checkpoint_name(runtime_json: str) -> str | None:
     try:
         manager = _TrainingRunMetadata.from_json_state(runtime_json).checkpoint_manager
         latest = manager.latest_checkpoint_result
+        kept = list(manager.best_checkpoint_results)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "cannot tell"
         log.debug("trial runtime state undecodable: %s", exc)
         return None
     if latest is None or latest.checkpoint is None:
         return None
-    name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-    return name if _CHECKPOINT_RE.match(name) else None
+    name = _dir_name(latest.checkpoint.path)
+    if not _CHECKPOINT_RE.match(name):
+        return None
+    older = [_dir_name(r.checkpoint.path) for r in kept if r is not latest and r.checkpoint is not None]
+    return name, tuple(n for n in older if _CHECKPOINT_RE.match(n) and n != name)
+
+
+def _dir_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
@@ -118,7 +149,7 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
 
     Trial directories are named ``<label>-<trial_id>`` (``tuner.trial_label``).
     """
-    named = restorable_checkpoints(experiment_uri)
+    named = _named_checkpoints(experiment_uri)
     if not named:
         return []
     fs, path = pafs.FileSystem.from_uri(experiment_uri)
@@ -126,37 +157,50 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or "-" not in info.base_name:
             continue
-        want = named.get(info.base_name.rsplit("-", 1)[1])
-        if want is None:
+        trial = named.get(info.base_name.rsplit("-", 1)[1])
+        if trial is None:
             continue
+        want = trial.latest
         present = {int(m.group(1)): name for name in _names(fs, info.path)
                    if (m := _CHECKPOINT_RE.match(name))}
+        placeholders = ()
+        if trial.runs_again:
+            placeholders = tuple(n for n in trial.older if int(_CHECKPOINT_RE.match(n).group(1))
+                                 not in present)
+            for name in placeholders:
+                _write_marker(fs, f"{info.path}/{name}", _PLACEHOLDER_TEXT)
         index = int(_CHECKPOINT_RE.match(want).group(1))
         # Ray's state knows none of the newer ones: the first may stand in for a missing one.
         discarded = tuple(present[i] for i in sorted(present) if i > index)
         moved_from = None
         if index not in present:
             if not discarded:  # nothing to resume from: the trial starts again
-                _write_marker(fs, f"{info.path}/{want}")
-                repairs.append(Repair(trial_dir=info.base_name, restored=want, restarted=True))
+                _write_marker(fs, f"{info.path}/{want}", _RESTART_TEXT)
+                repairs.append(Repair(trial_dir=info.base_name, restored=want, restarted=True,
+                                      placeholders=placeholders))
                 continue
             moved_from = discarded[0]
             _move_dir(fs, f"{info.path}/{moved_from}", f"{info.path}/{want}")
         for name in discarded:
             if name != moved_from:
                 fs.delete_dir(f"{info.path}/{name}")
-        if discarded:
+        if discarded or placeholders:
             repairs.append(Repair(trial_dir=info.base_name, restored=want, moved_from=moved_from,
-                                  discarded=discarded))
+                                  discarded=discarded, placeholders=placeholders))
     return repairs
 
 
-def _write_marker(fs: pafs.FileSystem, directory: str) -> None:
+_RESTART_TEXT = b"this checkpoint was missing from storage; the trial restarted from scratch\n"
+_PLACEHOLDER_TEXT = (b"an older checkpoint Ray's saved state still listed was already deleted; this "
+                     b"empty stand-in is what Ray deletes when the trial saves its next one\n")
+
+
+def _write_marker(fs: pafs.FileSystem, directory: str, text: bytes) -> None:
     from sweeper.trial import MISSING_CHECKPOINT_MARKER
 
     fs.create_dir(directory, recursive=True)
     with fs.open_output_stream(f"{directory}/{MISSING_CHECKPOINT_MARKER}") as f:
-        f.write(b"this checkpoint was missing from storage; the trial restarted from scratch\n")
+        f.write(text)
 
 
 def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:

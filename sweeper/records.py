@@ -8,8 +8,8 @@ Layout of ``<root>/<sweep name>/sweeper/`` (beside Ray's experiment state when s
     stop_request.json      `sweeper stop` asks the driver to save its state and exit
     decisions.jsonl        every ASHA stop: trial, rung, cutoff, peers, the trial's value
     trials/<id>.json       one trial: config, status, outcome, stop reason, best/last metrics
-    trials/<id>.jsonl      one line per reported epoch (a restored sweep may replay an epoch: the
-                           reader keeps the last line per epoch)
+    trials/<id>.jsonl      one line per reported epoch (a restored sweep may run an epoch again:
+                           the driver keeps its first copy, as MLflow does; see ``epochs``)
 
 ``sweeper status`` and ``sweeper export`` read only these files.
 """
@@ -102,6 +102,13 @@ class SweepRecord:
         return sorted(records, key=lambda r: (r.get("created", 0), r["trial_id"]))
 
     def epochs(self, trial_id: str) -> list[dict[str, Any]]:
+        """One trial's epoch rows in epoch order. An epoch recorded twice keeps its first copy.
+
+        A second copy comes from an epoch run again after a resume (a driver died after recording
+        it but before Ray saved its state: those epochs train again from the older checkpoint).
+        MLflow holds the first copy, and never logs a step twice, so the record reads as MLflow does.
+        The driver no longer writes second copies (SweepCallback); records written before may hold
+        them."""
         path = self.trials_dir / f"{trial_id}.jsonl"
         if not path.is_file():
             return []
@@ -109,7 +116,7 @@ class SweepRecord:
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                by_epoch[int(row.get("epoch", len(by_epoch) + 1))] = row
+                by_epoch.setdefault(int(row.get("epoch", len(by_epoch) + 1)), row)
         return [by_epoch[e] for e in sorted(by_epoch)]
 
     def find_trial(self, ref: str) -> dict[str, Any]:

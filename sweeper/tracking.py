@@ -271,9 +271,14 @@ class Tracker:
         self._enqueue({"op": "parent", "run_name": run_name, "time": _now_ms(), "tags": dict(tags),
                        "params": dict(params), "texts": dict(texts)})
 
-    def start_trial(self, trial_id: str, *, run_name: str, config: Mapping[str, Any]) -> None:
-        self._enqueue({"op": "child", "trial_id": trial_id, "run_name": run_name, "time": _now_ms(),
-                       "config": dict(config)})
+    def start_trial(self, trial_id: str, *, run_name: str, config: Mapping[str, Any],
+                    tags: Mapping[str, Any] | None = None) -> None:
+        """The trial's child run: created with ``tags`` (e.g. the code's git SHA) the first time."""
+        op = {"op": "child", "trial_id": trial_id, "run_name": run_name, "time": _now_ms(),
+              "config": dict(config)}
+        if tags:
+            op["tags"] = {k: v for k, v in tags.items() if v is not None}
+        self._enqueue(op)
 
     def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """One Tune result = one MLflow step (the epoch); its init/ part is step 0."""
@@ -532,7 +537,8 @@ class Tracker:
                     # config.json made it is unknown, and logging them again changes nothing.
                     unconfigured[trial_id] = op["config"]
             if run_id is None:
-                tags = {"mlflow.parentRunId": self._run_for(state, None),
+                tags = {**_tag_values({k: redact(v) for k, v in op.get("tags", {}).items()}),
+                        "mlflow.parentRunId": self._run_for(state, None),
                         "sweeper.sweep_uid": self.sweep_uid, "sweeper.trial_id": trial_id,
                         "sweeper.role": "trial", "sweeper.outcome": "running"}
                 info = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],

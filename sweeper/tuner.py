@@ -26,11 +26,12 @@ from typing import Any, Mapping
 import ray
 from ray import tune
 
-from sweeper.callback import SweepCallback, trial_label
+from sweeper.callback import SweepCallback, mark_stopped, trial_label
 from sweeper.checkpoints import repair_restorable_checkpoints
 from sweeper.driver import activate
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console, fmt
+from sweeper.outcomes import OUTCOMES
 from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
@@ -589,6 +590,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
     finally:
         activate()
         tracker.close()  # the last delivery below is synchronous
+    mark_stopped(record, tracker)  # what an interruption cut off (nothing, after a whole run)
     if local:
         ray.shutdown()  # the report and the last tracking delivery need no cluster
     result = _summarise(sweep, record, exp_dir, restored=restored)
@@ -621,7 +623,10 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
                                 "per-layer profile.")})
     # Summary metrics on the parent, so the sweep's run shows its result in the runs table: the same
     # counts as the sweeper.outcome tags of its children.
-    summary = {f"trials_{k}": float(n) for k, n in result.outcomes.items()}
+    # Every outcome, zeros included: a count that fell to zero since the last launch (a stopped
+    # trial that has finished since) must not keep its old value as the latest one.
+    summary = {f"trials_{k}": 0.0 for k in (*OUTCOMES, "running")}
+    summary.update({f"trials_{k}": float(n) for k, n in result.outcomes.items()})
     summary.update(trials=float(result.trials), epochs_run=float(result.epochs))
     if result.best:
         summary[f"best_{sweep.metric}"] = float(result.best["best"][sweep.metric])

@@ -152,3 +152,55 @@ def test_a_runtime_state_without_a_checkpoint_manager_is_left_to_ray(tmp_path):
     assert restorable_checkpoints(str(tmp_path)) == {}
     assert repair_restorable_checkpoints(str(tmp_path)) == []
     assert _left(d) == ["checkpoint_000002"]
+
+
+def _state_keeping_two(exp, trial_id, names, status="RUNNING"):
+    """A state whose checkpoint manager keeps two checkpoints (num_to_keep=2), the last the latest."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    meta = _TrainingRunMetadata()
+    meta.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    d = exp / f"vgg11-he-lr0.01-{trial_id}"
+    for name in names:
+        meta.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=Checkpoint(str(d / name)), metrics={"epoch": 1}))
+    return [json.dumps({"trial_id": trial_id, "stub": False, "status": status}), meta.get_json_state()]
+
+
+def test_an_older_kept_checkpoint_already_deleted_is_made_again_for_ray_to_delete(tmp_path):
+    """Killed after Ray deleted checkpoint 2 (on registering 4) but before its state said so: the
+    state keeps [2, 3]. Resumed, the trial registers a new checkpoint and Ray deletes 2 -- which
+    raised FileNotFoundError inside Ray's result handling (a traceback on the console)."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    from sweeper.trial import MISSING_CHECKPOINT_MARKER
+
+    running = _trial(tmp_path, "aaaa_00000", [3])
+    finished = _trial(tmp_path, "aaaa_00001", [3])
+    data = [_state_keeping_two(tmp_path, "aaaa_00000", ["checkpoint_000002", "checkpoint_000003"]),
+            _state_keeping_two(tmp_path, "aaaa_00001", ["checkpoint_000002", "checkpoint_000003"],
+                               status="TERMINATED")]
+    (tmp_path / "experiment_state-2026-11-24_10-00-00.json").write_text(
+        json.dumps({"trial_data": data, "runner_data": {}}))
+    assert restorable_checkpoints(str(tmp_path)) == {"aaaa_00000": "checkpoint_000003",
+                                                     "aaaa_00001": "checkpoint_000003"}
+    assert repair_restorable_checkpoints(str(tmp_path)) == [
+        Repair(trial_dir=running.name, restored="checkpoint_000003",
+               placeholders=("checkpoint_000002",))]
+    assert _left(running) == ["checkpoint_000002", "checkpoint_000003"]
+    assert [p.name for p in (running / "checkpoint_000002").iterdir()] == [MISSING_CHECKPOINT_MARKER]
+    assert _left(finished) == ["checkpoint_000003"]  # never runs again: Ray deletes nothing of it
+    assert repair_restorable_checkpoints(str(tmp_path)) == []  # once
+
+    # Ray's own manager, restored from that state, now deletes the stand-in without an error.
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    manager = _TrainingRunMetadata.from_json_state(data[0][1]).checkpoint_manager
+    (running / "checkpoint_000004").mkdir()
+    manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(running / "checkpoint_000004")),
+                                                metrics={"epoch": 5}))
+    assert _left(running) == ["checkpoint_000003", "checkpoint_000004"]

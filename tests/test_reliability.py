@@ -347,6 +347,23 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
     assert read_lease(record.dir) is None  # released: the next launch needs no take-over
     status = run_sweeper("status", "stoppable", "--storage", str(storage))
     assert "stoppable': not running" in status.stdout, status.stdout
+    # What the stop cut off is `stopped` in the record, `status`, the export and MLflow alike.
+    cut = {t["trial_id"] for t in record.trials() if t.get("status") != "finished"}
+    assert cut and all(record.trial(tid)["outcome"] == "stopped" for tid in cut), record.trials()
+    assert f"{len(cut)} stopped" in status.stdout, status.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("stoppable").experiment_id
+
+    def runs() -> tuple[dict[str, dict[str, str]], object]:
+        found = client.search_runs([experiment])
+        children = {r.data.tags["sweeper.trial_id"]: r.data.tags for r in found
+                    if r.data.tags.get("sweeper.role") == "trial"}
+        (parent,) = [r for r in found if r.data.tags.get("sweeper.role") == "sweep"]
+        return children, parent
+
+    children, parent = runs()
+    assert {tid for tid, tags in children.items() if tags["sweeper.outcome"] == "stopped"} == cut
+    assert parent.data.metrics["trials_stopped"] == len(cut)
     resumed = run_sweeper("resume", "stoppable", "--local", "--num-cpus", "2", "--storage",
                           str(storage), "--tracking-uri", uri, "--quiet")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -355,6 +372,12 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
     assert all(t["status"] == "finished" and t["epochs"] == 12
                and t["outcome"] not in ("failed", "stopped", "pruned") for t in record.trials()), \
         [(t["outcome"], t["epochs"], t["reason"]) for t in record.trials()]
+    children, parent = runs()
+    assert {tid: tags["sweeper.outcome"] for tid, tags in children.items()} == {
+        t["trial_id"]: t["outcome"] for t in record.trials()}
+    # The parent's counts are the latest ones: none stopped, none running any more.
+    assert parent.data.metrics["trials_stopped"] == 0 and parent.data.metrics["trials_running"] == 0
+    assert sum(v for k, v in parent.data.metrics.items() if k.startswith("trials_")) == 2
 
 
 def test_epochs_a_killed_driver_never_recorded_are_filled_from_the_resumed_checkpoint(tmp_path):
@@ -381,4 +404,92 @@ def test_epochs_a_killed_driver_never_recorded_are_filled_from_the_resumed_check
     assert [row["epoch"] for row in record.epochs("t1")] == [1, 2, 3, 4]
     assert record.epochs("t1")[2]["train_loss"] == pytest.approx(1.7)  # from the checkpoint
     assert all("resumed_history" not in row for row in record.epochs("t1"))
+    tracker.close()
+
+
+def _spooled(tracker) -> list[dict]:
+    return [json.loads(line) for line in tracker.spool_path.read_text().splitlines() if line.strip()]
+
+
+def test_an_epoch_run_again_after_a_resume_keeps_its_first_copy_everywhere(tmp_path):
+    """A driver killed after recording epoch 2 but before Ray saved its state: the resumed trial
+    trains epoch 2 again. MLflow never logs a step twice, so it holds the first copy; the record,
+    the trial's last/best and the export must give that copy too, not the re-run's."""
+    from types import SimpleNamespace
+
+    from sweeper.callback import SweepCallback
+    from sweeper.export import trial_rows
+    from sweeper.spaces import Sweep
+    from sweeper.tracking import Tracker
+
+    record = _fake_sweep(tmp_path, "rerun")
+    sweep = Sweep(name="rerun", space={"model.arch": "smallcnn"}, max_epochs=3)
+    tracker = Tracker(record.dir, f"sqlite:///{tmp_path / 'ml.db'}", "rerun", "uid")
+    trial = SimpleNamespace(trial_id="t1", config={"model.arch": "smallcnn", "optim.lr": 0.1},
+                            num_failures=0, status="RUNNING", last_result={}, path="t1-dir")
+    for epoch in (1, 2):  # what the dead driver recorded (and delivered)
+        record.append_epoch("t1", {"epoch": epoch, "val_accuracy": 0.5 + epoch / 10,
+                                   "epoch_seconds": 1.0})
+    cb = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=True, planned=1)
+    spooled = len(_spooled(tracker)) if tracker.spool_path.exists() else 0
+    cb.on_trial_result(0, [trial], trial, {"epoch": 2, "val_accuracy": 0.9, "epoch_seconds": 7.0})
+    rows = record.epochs("t1")
+    assert [(r["epoch"], r["epoch_seconds"]) for r in rows] == [(1, 1.0), (2, 1.0)]
+    assert len((record.trials_dir / "t1.jsonl").read_text().splitlines()) == 2  # nothing appended
+    rec = record.trial("t1")
+    assert rec["last"]["epoch_seconds"] == 1.0 and rec["best"]["val_accuracy"] == pytest.approx(0.7)
+    new_ops = _spooled(tracker)[spooled:] if tracker.spool_path.exists() else []
+    assert not [op for op in new_ops if op["op"] == "metrics"]  # MLflow is not sent the copy
+    # The next epoch is new: recorded and tracked as usual.
+    cb.on_trial_result(0, [trial], trial, {"epoch": 3, "val_accuracy": 0.8, "epoch_seconds": 1.5})
+    assert [r["epoch"] for r in record.epochs("t1")] == [1, 2, 3]
+    assert [op["step"] for op in _spooled(tracker) if op["op"] == "metrics"] == [3]
+    trial.last_result = {"epoch": 3, "val_accuracy": 0.8, "epoch_seconds": 1.5, "outcome": "completed"}
+    cb.on_trial_complete(0, [trial], trial)
+    (row,) = trial_rows(record)
+    assert row["best_val_accuracy"] == pytest.approx(0.8) and row["final_val_accuracy"] == pytest.approx(0.8)
+    tracker.close()
+
+
+def test_a_record_written_with_a_repeated_epoch_reads_its_first_copy(tmp_path):
+    record = _fake_sweep(tmp_path, "old")
+    for epoch, seconds in ((1, 1.0), (2, 2.0), (2, 9.0), (3, 3.0)):
+        record.append_epoch("t1", {"epoch": epoch, "epoch_seconds": seconds})
+    assert [(r["epoch"], r["epoch_seconds"]) for r in record.epochs("t1")] == [(1, 1.0), (2, 2.0),
+                                                                              (3, 3.0)]
+
+
+def test_an_interrupted_launch_labels_its_unfinished_trials_stopped_until_they_run_again(tmp_path):
+    from types import SimpleNamespace
+
+    from sweeper.callback import STOPPED_REASON, SweepCallback, mark_stopped
+    from sweeper.export import trial_rows
+    from sweeper.spaces import Sweep
+    from sweeper.tracking import Tracker
+
+    record = _fake_sweep(tmp_path, "cut")
+    record.write_trial("t2", {"trial_id": "t2", "name": "b", "config": {"optim.lr": 0.2},
+                              "status": "finished", "outcome": "completed", "epochs": 3})
+    tracker = Tracker(record.dir, f"sqlite:///{tmp_path / 'ml.db'}", "cut", "uid")
+    assert mark_stopped(record, tracker) == ["t1"]
+    assert record.trial("t1")["status"] == "stopped" and record.trial("t1")["outcome"] == "stopped"
+    assert record.trial("t2")["outcome"] == "completed"  # a finished trial keeps its outcome
+    tags = [op for op in _spooled(tracker) if op["op"] == "tags"]
+    assert tags == [{"op": "tags", "trial_id": "t1", "tags": {"sweeper.outcome": "stopped"}}]
+    rows = {r["trial_id"]: r for r in trial_rows(record)}
+    assert rows["t1"]["outcome"] == "stopped" and rows["t1"]["reason"] == STOPPED_REASON
+    status = run_sweeper("status", "cut", "--storage", str(tmp_path))
+    assert status.returncode == 0 and "1 stopped" in status.stdout, status.stdout
+    assert mark_stopped(record, tracker) == []  # once
+
+    # The resumed launch starts it again: running, its outcome undecided, MLflow told so.
+    sweep = Sweep(name="cut", space={"model.arch": "smallcnn"}, max_epochs=3)
+    cb = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=True, planned=2)
+    trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 0.1}, num_failures=0,
+                            status="RUNNING")
+    cb.on_trial_start(0, [trial], trial)
+    rec = record.trial("t1")
+    assert rec["status"] == "running" and "outcome" not in rec and "reason" not in rec
+    assert [op["tags"] for op in _spooled(tracker) if op["op"] == "tags"][-1] == {
+        "sweeper.outcome": "running"}
     tracker.close()

@@ -118,6 +118,9 @@ def test_mlflow_has_one_parent_and_one_child_per_trial_with_layer_metrics(quick_
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert parent.data.tags["sweeper.git_sha"]
+    # Each result carries the code it came from (its seed and config are its params).
+    assert {(c.data.tags.get("sweeper.git_sha"), c.data.tags.get("sweeper.git_dirty")) for c in children} \
+        == {(parent.data.tags["sweeper.git_sha"], parent.data.tags["sweeper.git_dirty"])}
     by_trial = {c.data.tags["sweeper.trial_id"]: c for c in children}
     assert set(by_trial) == {t["trial_id"] for t in record.trials()}
     for t in record.trials()[:12]:

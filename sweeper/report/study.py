@@ -146,7 +146,8 @@ def model_name(config: Mapping[str, Any]) -> str:
 
 
 def _epochs(record: SweepRecord, trial_id: str) -> list[dict[str, Any]]:
-    """The trial's epochs; a line the driver is still appending (torn JSON) is skipped, not fatal."""
+    """The trial's epochs (first copy of each, as ``SweepRecord.epochs``); a line the driver is still
+    appending (torn JSON) is skipped, not fatal."""
     try:
         return record.epochs(trial_id)
     except ValueError:
@@ -158,7 +159,7 @@ def _epochs(record: SweepRecord, trial_id: str) -> list[dict[str, Any]]:
                 continue
             if isinstance(row, dict):
                 epoch = num(row.get("epoch"))
-                rows[int(epoch) if math.isfinite(epoch) else len(rows) + 1] = row
+                rows.setdefault(int(epoch) if math.isfinite(epoch) else len(rows) + 1, row)
         return [rows[e] for e in sorted(rows)]
 
 
