@@ -318,8 +318,10 @@ def make_searcher(sweep):
         # Each preset point fixes a trial's grid values (its cell); Ray samples the other domains
         # (the learning rate...) from the seeded generator as before. Ray counts each point as one
         # sample, so TuneConfig.num_samples is the trial count (spaces.trial_count), not num_samples.
+        # The concurrency cap goes here: Tune ignores TuneConfig.max_concurrent_trials (with only a
+        # warning) when the search algorithm is a BasicVariantGenerator rather than a Searcher.
         return BasicVariantGenerator(points_to_evaluate=launch_order(sweep) or None,
-                                     random_state=sweep.seed)
+                                     random_state=sweep.seed, max_concurrent=sweep.max_concurrent or 0)
     return PrunedAwareOptunaSearch(
         metric=sweep.metric, mode=sweep.mode,
         sampler=optuna.samplers.TPESampler(

@@ -570,7 +570,9 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                 scheduler=scheduler,
                 search_alg=make_searcher(sweep),
                 num_samples=planned,  # trial_count: one sample per launch_order point
-                max_concurrent_trials=sweep.max_concurrent,
+                # Optuna's searcher is capped by Tune (a ConcurrencyLimiter); random/grid search by
+                # its BasicVariantGenerator (make_searcher), which Tune would not cap.
+                max_concurrent_trials=sweep.max_concurrent if sweep.search != "random" else None,
                 # A finished trial's worker process trains the next one: no fresh interpreter,
                 # torch import and dataset load per trial (short trials were paying seconds each).
                 reuse_actors=True,
@@ -590,7 +592,10 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
     finally:
         activate()
         tracker.close()  # the last delivery below is synchronous
-    mark_stopped(record, tracker)  # what an interruption cut off (nothing, after a whole run)
+        try:  # what an interruption cut off (nothing, after a whole run); even if fit raised
+            mark_stopped(record, tracker)
+        except OSError as exc:  # never hide why fit ended
+            error_console.print(f"warning: could not label the unfinished trials stopped: {exc}")
     if local:
         ray.shutdown()  # the report and the last tracking delivery need no cluster
     result = _summarise(sweep, record, exp_dir, restored=restored)

@@ -419,3 +419,29 @@ def test_mlflow_ui_shows_the_trials_nested_under_the_sweep(quick_study, mlflow_s
     children = [r.info.run_name for r in runs if r.data.tags.get("sweeper.role") == "trial"]
     assert not any(name in dom for name in children)  # folded under the parent until expanded
     assert (tmp_path / "runs.png").stat().st_size > 10_000
+
+
+CAPPED = """
+from ray import tune
+from sweeper.spaces import Sweep
+SWEEP = Sweep(
+    name="capped",
+    space={"model.arch": "smallcnn", "data.name": "digits", "data.limit": 256,
+           "diagnostics.enabled": False, "optim.lr": tune.grid_search([0.05, 0.02, 0.01])},
+    scheduler="fifo", max_epochs=1, seed=0, max_concurrent=1,
+)
+"""
+
+
+def test_max_concurrent_caps_a_random_grid_sweep(tmp_path):
+    """Tune ignores TuneConfig.max_concurrent_trials (it only warns) when the search algorithm is a
+    BasicVariantGenerator: the cap must reach the generator, or a user's GPU-memory cap is void."""
+    space = tmp_path / "capped.py"
+    space.write_text(CAPPED)
+    out = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
+                      str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path / 'ml.db'}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "will be ignored" not in out.stdout + out.stderr
+    lives = sorted((t["created"], t["finished"]) for t in SweepRecord(tmp_path / "store" / "capped").trials())
+    assert len(lives) == 3
+    assert all(end <= start for (_, end), (start, _) in zip(lives, lives[1:])), lives  # one at a time
