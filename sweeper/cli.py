@@ -276,6 +276,10 @@ def report(
     from sweeper.local import existing_record
     from sweeper.report import build_report
 
+    if out is not None:
+        blocked = next((p for p in (out, *out.parents) if p.exists()), None)
+        if blocked is not None and not blocked.is_dir():
+            raise ConfigError([f"--out {out}: {blocked} is a file, not a directory"])
     record, mirror = existing_record(name, storage, with_mirror=True)
     result = build_report(record, record.dir / "report" if mirror or out is None else out)
     html = result.html
@@ -299,7 +303,8 @@ def ui(
     """Start the MLflow UI on the sweeps' embedded store and print its URL."""
     from sweeper.local import run_ui
 
-    run_ui(name, storage, host=host, port=port)
+    if run_ui(name, storage, host=host, port=port):
+        raise typer.Exit(1)  # the server failed (why is above): never a clean 0
 
 
 @app.command()

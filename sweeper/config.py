@@ -455,7 +455,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return bool(value)
         raise ValueError(f"{key}={value!r} is not a boolean (true/false)")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        # Non-finite first: int() of inf/nan raises without naming the key.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)) or value != int(value):
             raise ValueError(f"{key}={value!r} is not an integer")
         return int(value)
     if typ is float:

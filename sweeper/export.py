@@ -165,19 +165,32 @@ def epoch_rows(record: SweepRecord) -> list[dict[str, Any]]:
 
 
 def export(record: SweepRecord, out: Path, *, fmt: str = "parquet", epochs: bool = False) -> list[Path]:
-    """Write the trials table (and the epochs table) to ``out`` (a file stem); return the paths."""
+    """Write the trials table (and the epochs table) to ``out`` (a file stem: ``out.csv``, or
+    ``out.trials.csv`` and ``out.epochs.csv``; an existing folder gets ``<sweep>.csv`` in it);
+    return the paths."""
     import pyarrow as pa
 
     if fmt not in FORMATS:
         from sweeper.config import ConfigError
 
         raise ConfigError([f"--format={fmt!r} is not one of {list(FORMATS)}"])
+    if out.is_dir():  # a folder: the files go in it, named after the sweep
+        out = out / record.experiment_dir.name
+    blocked = next((p for p in out.parents if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        from sweeper.config import ConfigError
+
+        raise ConfigError([f"--out {out}: {blocked} is a file, not a directory"])
+    # The stem as given (run.v2 stays run.v2: with_suffix would make it run.csv), without the
+    # format's own extension if the user wrote it (run.csv -> run.csv, not run.csv.csv).
+    stem = out.name[:-len(f".{fmt}")] if out.name.endswith(f".{fmt}") and out.name != f".{fmt}" \
+        else out.name
     tables = {"trials": trial_rows(record)}
     if epochs:
         tables["epochs"] = epoch_rows(record)
     written = []
     for name, rows in tables.items():
-        path = out.with_name(f"{out.name}.{name}.{fmt}") if epochs else out.with_suffix(f".{fmt}")
+        path = out.with_name(f"{stem}.{name}.{fmt}" if epochs else f"{stem}.{fmt}")
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(_uniform(rows))
         _write(table, path, fmt)

@@ -35,8 +35,18 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
               epochs: int | None = None, device: str | None = None,
               checkpoint_dir: Path | None = None, resume: Path | None = None,
               diagnostics: bool = True):
-    from sweeper.train import fit, resolve_device
+    from sweeper.train import CHECKPOINT_FILE, fit, resolve_device
 
+    problems = []
+    if resume is not None and not (resume / CHECKPOINT_FILE).is_file():
+        problems.append(f"--resume {resume}: no trial checkpoint there (a directory holding "
+                        f"{CHECKPOINT_FILE}, as --checkpoint-dir or a sweep's checkpoint_NNNNNN writes)")
+    blocked = next((p for p in (checkpoint_dir, *checkpoint_dir.parents) if p.exists()), None) \
+        if checkpoint_dir is not None else None
+    if blocked is not None and not blocked.is_dir():
+        problems.append(f"--checkpoint-dir {checkpoint_dir}: {blocked} is a file, not a directory")
+    if problems:
+        raise ConfigError(problems)
     cfg = debug_config(file, overrides, sample=sample, epochs=epochs, device=device)
     if not diagnostics:
         cfg = cfg.replace(**{"diagnostics.enabled": False})
@@ -229,7 +239,12 @@ def saved_sweep(name: str, storage: str | None):
 
     record = existing_record(name, storage)
     meta = record.meta()
-    text = (record.dir / "sweep_file.py").read_text()
+    saved = record.dir / "sweep_file.py"
+    if not saved.is_file():
+        raise ConfigError([f"{saved} is missing: the sweep record no longer holds the file it was "
+                           f"launched with; relaunch that file (`sweeper launch FILE --name {name}`, "
+                           "same overrides) to resume it"])
+    text = saved.read_text()
     items = [f"{k}={v}" for k, v in meta.get("overrides", {}).items()]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.py"
@@ -345,7 +360,26 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
     return ok
 
 
-def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> None:
+def _check_bindable(host: str, port: int) -> None:
+    """The server's bind, tried first: a bad host or a busy port is the user's to fix (exit 2), where
+    MLflow's server would print its own traceback and exit."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError([f"--host {host!r}: not an address of this machine ({exc})"]) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = "the port is in use" if exc.errno == 98 else exc.strerror or str(exc)
+            raise ConfigError([f"--host {host} --port {port}: cannot listen there ({why}); pick "
+                               "another --port"]) from None
+
+
+def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> int:
     """`mlflow ui` on the embedded store, in the foreground; Ctrl-C or SIGTERM stops all of it.
 
     * The URL opens in MLflow's model-training mode: MLflow 3.17's UI takes the mode from the URL's
@@ -368,7 +402,11 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> No
     from sweeper.tracking import default_tracking_uri
     from sweeper.tuner import record_root
 
-    root = Path(record_root(storage))
+    if not 1 <= port <= 65535:
+        raise ConfigError([f"--port {port}: a TCP port is 1-65535"])
+    _check_bindable(host, port)
+    # A named sweep is found where `status` finds it: --storage, ./sweeps, or where it was launched.
+    root = Path(record_root(resolve_storage(name, storage) if name else storage))
     uri = default_tracking_uri(root)
     if not (root / "mlflow.db").is_file():
         raise ConfigError([f"no MLflow store at {root / 'mlflow.db'}: launch a sweep first "
@@ -431,3 +469,5 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> No
                 signal_group(signal.SIGKILL)
                 started[0].wait()
         signal_group(signal.SIGKILL)  # workers the server left behind, if any
+    # Ended on its own, not by a stop: the server failed (its own message is above it).
+    return 0 if stop_at or not started else started[0].returncode

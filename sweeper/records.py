@@ -89,17 +89,17 @@ class SweepRecord:
         return (self.dir / "sweep.json").is_file()
 
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.dir / "sweep.json").read_text())
+        return _read_object(self.dir / "sweep.json")
 
     def trial(self, trial_id: str) -> dict[str, Any] | None:
         path = self.trials_dir / f"{trial_id}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return _read_object(path) if path.is_file() else None
 
     def trials(self) -> list[dict[str, Any]]:
         if not self.trials_dir.is_dir():
             return []
-        records = [json.loads(p.read_text()) for p in sorted(self.trials_dir.glob("*.json"))]
-        return sorted(records, key=lambda r: (r.get("created", 0), r["trial_id"]))
+        records = [_read_object(p) for p in sorted(self.trials_dir.glob("*.json"))]
+        return sorted(records, key=lambda r: (r.get("created", 0), r.get("trial_id", "")))
 
     def epochs(self, trial_id: str) -> list[dict[str, Any]]:
         """One trial's epoch rows in epoch order. An epoch recorded twice keeps its first copy.
@@ -198,6 +198,22 @@ def complete_lines(path: Path, offset: int = 0) -> Iterator[tuple[int, bytes]]:
                 return
             offset += len(line)
             yield offset, line
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    """A record file's JSON object; a damaged one is a ConfigError naming it (these files are written
+    whole, by rename, so a torn or foreign one was edited or copied in by hand)."""
+    from sweeper.config import ConfigError
+
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError([f"{path}: the sweep record's file is damaged (not JSON: {exc}); restore it "
+                           "from a copy, or remove it"]) from None
+    if not isinstance(value, dict):
+        raise ConfigError([f"{path}: the sweep record's file is damaged (a JSON "
+                           f"{type(value).__name__}, not an object); restore it from a copy"])
+    return value
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -114,6 +114,15 @@ class Sweep:
             p.append(f"space must be a dict of 'section.name' -> value or tune domain, "
                      f"not {type(self.space).__name__}")
             return p
+        if not isinstance(self.question, str):
+            p.append(f"question={self.question!r} must be text: the question the sweep asks")
+        if self.storage is not None and (not isinstance(self.storage, str) or not self.storage.strip()):
+            p.append(f"storage={self.storage!r} must be a directory or an s3://, gs:// URI "
+                     "(None: ./sweeps)")
+        elif self.storage is not None:
+            from sweeper.store import storage_problems
+
+            p.extend(storage_problems(self.storage))
         if self.mode not in ("max", "min"):
             p.append(f"mode={self.mode!r} is not one of ['max', 'min']")
         p.extend(_metric_problems(self.metric, self.mode))

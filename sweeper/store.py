@@ -33,11 +33,12 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from sweeper.config import ConfigError
 from sweeper.lease import STOP_FILE  # the request `sweeper stop` leaves beside the lease
 from sweeper.records import SweepRecord
 
 __all__ = ["DEFAULT_STORAGE", "Mirror", "index_lookup", "index_remember", "is_uri", "join_uri", "open_record",
-           "storage_root"]
+           "storage_problems", "storage_root"]
 
 PUSH_S = 3.0  # how stale another machine's view of a running sweep may be (plus the heartbeat's 2 s)
 LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
@@ -46,13 +47,37 @@ LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
 DEFAULT_STORAGE = "sweeps"  # where sweeps live unless --storage says otherwise (relative to the cwd)
 
 
+# The URI schemes pyarrow's FileSystem.from_uri opens that a sweep can live on (lower case only, as
+# pyarrow reads them); any other reached the user as a pyarrow traceback.
+_SCHEMES = ("s3", "gs", "gcs", "file")
+
+
 def storage_root(storage: str | None) -> str:
     """An absolute local path or a URI (s3://, gs://, ...). Here, not in sweeper.tuner, so that readers
-    of sweeps (``model.init_from='sweep:NAME/...'`` in ``sweeper debug``) need no Ray."""
+    of sweeps (``model.init_from='sweep:NAME/...'`` in ``sweeper debug``) need no Ray.
+
+    A URI this tool cannot open is a ConfigError naming it (exit 2), for every command."""
     storage = storage or DEFAULT_STORAGE
     if "://" in storage:
+        problems = storage_problems(storage)
+        if problems:
+            raise ConfigError(problems)
         return storage
     return str(Path(storage).expanduser().resolve())
+
+
+def storage_problems(storage: str) -> list[str]:
+    """Why a storage URI cannot be opened, before anything tries (a plain path: none)."""
+    if "://" not in storage:
+        return []
+    parts, scheme = urlsplit(storage), storage.split("://", 1)[0]  # urlsplit lower-cases it
+    shown = f"{scheme}://{parts.netloc}{parts.path}"  # without the query (keys, endpoints)
+    if scheme not in _SCHEMES:
+        return [f"storage {shown!r}: {scheme or '(none)'}:// is not a storage sweeper can use: "
+                "give a directory, or an s3://BUCKET/PATH or gs://BUCKET/PATH URI"]
+    if scheme != "file" and not parts.netloc:
+        return [f"storage {shown!r} names no bucket: {scheme}://BUCKET/PATH"]
+    return []
 
 
 def is_uri(root: str) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from sweeper.config import TrialConfig
+from sweeper.config import ConfigError, TrialConfig
 from sweeper.data import DeviceData, Splits, load_splits
 from sweeper.models import build_model, split_outputs
 from sweeper.transfer import apply_transfer, input_normalization
@@ -104,8 +104,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} was asked for, but torch sees no CUDA device "
-                           "(use device=auto or device=cpu)")
+        # A setting the user can change: `sweeper debug` says so in one line (exit 2).
+        raise ConfigError([f"device={name!r} was asked for, but torch sees no CUDA device "
+                           "(use device=auto or device=cpu)"])
     return device
 
 

@@ -129,6 +129,12 @@ def _resource_problems(sweep: Sweep, capacity: list[dict[str, float]], *,
     """Trials that no node could ever place (they would wait PENDING forever)."""
     problems, seen = [], set()
     for cfg in _configs_to_check(sweep):
+        if cfg.device.startswith("cuda") and not gpu_available:
+            problem = (f"device={cfg.device!r}: trials of {cfg.model.arch} must run on a GPU, but "
+                       "this Ray cluster has none: use device='auto' (the GPU where there is one)")
+            if problem not in problems:
+                problems.append(problem)
+            continue
         need = trial_resources(sweep, cfg)
         if not gpu_available:
             need["gpu"] = 0.0
@@ -419,6 +425,9 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     from sweeper.trial import train_trial
     from sweeper.transfer import resolve_sweep
 
+    if local and address:
+        raise ConfigError([f"--local starts a fresh Ray on this machine and --address {address} "
+                           "connects to a cluster: pass one of them"])
     if tracking_uri:  # MLFLOW_TRACKING_URI is used only without it (see _run)
         check_tracking_uri(tracking_uri)
     else:

@@ -625,3 +625,12 @@ def test_decoded_bytes_is_the_nodes_decoded_copy_and_none_before_it(tmp_path, mo
     images = sum(t.numel() for t in (splits.train_x, splits.val_x, splits.test_x))
     assert images <= decoded_bytes(cfg) < 1.2 * images + 100_000
     assert decoded_bytes(dataclasses.replace(cfg, synthetic_size=301)) is None  # another dataset
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    """One class folder: every loss is 0 and every accuracy 1, a result that means nothing."""
+    for i in range(4):
+        _png(tmp_path / "train" / "cat" / f"{i}.png", (255, 0, 0))
+    with pytest.raises(DatasetUnavailable, match=r"train/ has 1 class folder\(s\) \['cat'\]; a "
+                                                  "classifier needs at least 2"):
+        load_splits(DataConfig(name="imagefolder", dir=str(tmp_path), resolution=16), seed=0)

@@ -253,3 +253,35 @@ def test_status_shows_the_recorded_outcome_and_pruned_at_chance(built, capsys):
     for outcome, n in counts.items():
         assert f"{n} {outcome}" in head
     assert out.count("pruned (at chance)") == sum(1 for r in rows if r["outcome"] == "pruned" and r["at_chance"])
+
+
+def test_export_paths_keep_the_stem_and_go_into_a_folder(tmp_path):
+    from sweeper.config import ConfigError
+
+    record = SweepRecord(tmp_path / "paths")
+    record.create({"name": "paths"}, "")
+    record.write_trial("t1", {"trial_id": "t1", "status": "finished", "outcome": "completed", "epochs": 1})
+    out = tmp_path / "out"
+    assert export(record, out / "run.v2", fmt="csv") == [out / "run.v2.csv"]  # not run.csv
+    assert export(record, out / "run.v3", fmt="csv", epochs=True) == [
+        out / "run.v3.trials.csv", out / "run.v3.epochs.csv"]
+    assert export(record, out / "named.csv", fmt="csv") == [out / "named.csv"]  # not named.csv.csv
+    assert export(record, out, fmt="json") == [out / "paths.json"]  # a folder: <sweep>.json in it
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="afile is a file, not a directory"):
+        export(record, tmp_path / "afile" / "x", fmt="csv")
+
+
+@pytest.mark.parametrize("text,why", [("{\"trial_id\": ", "not JSON"), ("[1, 2]", "a JSON list")])
+def test_a_damaged_record_file_is_named_not_a_traceback(tmp_path, text, why):
+    from sweeper.config import ConfigError
+
+    record = SweepRecord(tmp_path / "hurt")
+    record.create({"name": "hurt"}, "")
+    (record.trials_dir).mkdir(parents=True, exist_ok=True)
+    (record.trials_dir / "t1.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"t1.json: the sweep record's file is damaged \\({why}"):
+        trial_rows(record)
+    (record.dir / "sweep.json").write_text(text)
+    with pytest.raises(ConfigError, match="sweep.json: the sweep record's file is damaged"):
+        record.meta()

@@ -286,6 +286,10 @@ def _imagefolder(cfg: DataConfig, directory: Path, resolution: int) -> Decoded:
     except FileNotFoundError as exc:  # torchvision: no class folder, or a class without images
         raise _unavailable("imagefolder", directory, _IMAGEFOLDER_EXPECTED, cause=str(exc),
                            downloadable=False) from None
+    if len(train.classes) < 2:  # one class: every loss is 0, every accuracy 1 -- nothing to learn
+        raise DatasetUnavailable(f"imagefolder {directory}: {train_root.name}/ has "
+                                 f"{len(train.classes)} class folder(s) {train.classes}; a classifier "
+                                 "needs at least 2 (one folder per class)")
     train_x, train_y = _decode_images(train, "imagefolder", directory, resolution)
     if test is None:
         return Decoded(train_x, train_y, None, None, list(train.classes))

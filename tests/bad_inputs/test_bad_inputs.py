@@ -131,7 +131,24 @@ CASES = [
     ("sync_wait_nan", "sync some_sweep --wait nan", "--wait nan: seconds to keep retrying must be a number >= 0"),
     ("sync_wait_negative", "sync some_sweep --wait -1", "--wait -1.0: seconds to keep retrying must be a number >= 0"),
     ("init_from_in_choice", "launch {S}/init_from_choice.py --local", "space['model.init_from']=choice([None, 'sweep:vgg_a/best']): a sweep reference (sweep:NAME/REF) must be a fixed value or a tune.grid_search value"),
+    # ---- found by a hostile-user pass (2026-11-26) ---------------------------------------------------
+    ("int_setting_inf", "launch {S}/good.py --dry-run batch_size=inf", "space: data.batch_size=inf is not an integer"),
+    ("int_setting_nan", "debug {S}/good.py data.limit=nan", "data.limit=nan is not an integer"),
+    ("max_epochs_inf", "launch {S}/good.py --dry-run max_epochs=inf", "max_epochs=inf must be an integer >= 1"),
+    ("question_not_text", "launch {S}/question_not_text.py --dry-run", "question=5 must be text"),
+    ("question_not_text_validate", "validate {S}/question_not_text.py", "question=5 must be text"),
+    ("storage_unknown_scheme", "launch {S}/good.py --local --storage ftp://host/x", "storage 'ftp://host/x': ftp:// is not a storage sweeper can use"),
+    ("storage_scheme_case", "launch {S}/good.py --dry-run --storage S3://bucket/x", "storage 'S3://bucket/x': S3:// is not a storage sweeper can use"),
+    ("storage_no_bucket", "status some_sweep --storage s3://", "storage 's3://' names no bucket"),
+    ("storage_unknown_scheme_export", "export some_sweep --storage mem://x", "storage 'mem://x': mem:// is not a storage sweeper can use"),
+    ("local_and_address", "launch {S}/good.py --local --address 127.0.0.1:1", "--local starts a fresh Ray on this machine and --address 127.0.0.1:1 connects to a cluster"),
+    ("debug_resume_missing", "debug {S}/good.py --resume /nonexistent-sweeper/ckpt", "--resume /nonexistent-sweeper/ckpt: no trial checkpoint there"),
+    ("ui_port_out_of_range", "ui --port 70000", "--port 70000: a TCP port is 1-65535"),
+    ("ui_bad_host", "ui --host 999.1.1.1", "--host '999.1.1.1': not an address of this machine"),
 ]
+if not __import__("torch").cuda.is_available():  # the mistake is asking for a GPU this machine lacks
+    CASES.append(("device_cuda_without_gpu", "launch {S}/good.py --local --num-cpus 1 device=cuda",
+                  "device='cuda': trials of vgg11 must run on a GPU, but this Ray cluster has none"))
 
 _ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
