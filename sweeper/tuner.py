@@ -325,6 +325,21 @@ def _check_space_unchanged(sweep: Sweep, record: SweepRecord) -> None:
         f"or continue the old one as launched (`sweeper resume {sweep.name}`)"])
 
 
+def _refuse_a_second_sweep_of_the_name(name: str, root: str) -> None:
+    """No --storage, and this machine launched a sweep of this name on another local storage that
+    still holds it: a new sweep here would take the name over (status, report and resume would find
+    it, not that one). ``status NAME`` finds sweeps the same way (``local.resolve_storage``)."""
+    from sweeper.store import index_lookup, is_uri
+
+    elsewhere = index_lookup(name)
+    if not elsewhere or is_uri(elsewhere) or elsewhere == root:
+        return
+    if (Path(elsewhere) / name / "sweeper" / "sweep.json").is_file():
+        raise ConfigError([f"a sweep named {name!r} already lives in {elsewhere} (launched from this "
+                           f"machine): pass --storage {elsewhere} to resume it, --name to start "
+                           f"another, or --storage {root} to start a second {name!r} here"])
+
+
 def _dirs_to_create(*paths: Path) -> list[Path]:
     """The missing ones among paths and their parents, outermost first (to undo a failed start)."""
     missing: list[Path] = []
@@ -392,6 +407,8 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
                                f"{experiment_dir(sweep.name, sweep.storage)}: launch without "
                                "--fresh to resume it, or pick another --name"])
         _check_space_unchanged(sweep, record)
+    elif sweep.storage is None:  # before the storage probe below makes ./sweeps
+        _refuse_a_second_sweep_of_the_name(sweep.name, root)
     from sweeper.transfer import source_problems
 
     sources = source_problems(sweep)  # model.pretrained / init_from: readable here, fitting their models

@@ -76,3 +76,26 @@ def test_launch_without_a_cluster_explains_both_options(monkeypatch):
     out = sweeper("launch", "search_spaces/vgg_depth.py", "dataset=digits")
     assert out.returncode == 2
     assert "--address" in out.stderr and "RAY_ADDRESS" in out.stderr and "--local" in out.stderr
+
+
+def test_a_name_this_machine_launched_elsewhere_is_not_taken_over_without_storage(tmp_path, monkeypatch):
+    """`launch FILE` without --storage, for a name whose sweep lives on another local storage: a
+    second sweep in ./sweeps would take the name over (status, report and resume would find it)."""
+    from conftest import run_sweeper
+    from sweeper.records import SweepRecord
+    from sweeper.store import index_remember
+
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
+    first = tmp_path / "first"
+    SweepRecord(first / "taken").create({"name": "taken"}, "")
+    index_remember("taken", str(first))
+    space = tmp_path / "taken.py"
+    space.write_text('"""q"""\nfrom sweeper.spaces import Sweep\n'
+                     'SWEEP = Sweep(name="taken", space={"model.arch": "smallcnn", "data.name": "digits"})\n')
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    out = run_sweeper("launch", str(space), "--local", cwd=cwd, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"a sweep named 'taken' already lives in {first}" in out.stderr
+    assert f"pass --storage {first} to resume it" in out.stderr
+    assert list(cwd.iterdir()) == []  # refused before anything was written
