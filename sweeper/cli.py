@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import typer
 from rich.markup import escape
 
-from sweeper.config import ConfigError
+from sweeper.config import ConfigError, file_in_the_way
 from sweeper.console import console, error_console
 
 # Token authentication on, said before anything imports Ray (Ray reads the mode once, at import):
@@ -276,10 +276,8 @@ def report(
     from sweeper.local import existing_record
     from sweeper.report import build_report
 
-    if out is not None:
-        blocked = next((p for p in (out, *out.parents) if p.exists()), None)
-        if blocked is not None and not blocked.is_dir():
-            raise ConfigError([f"--out {out}: {blocked} is a file, not a directory"])
+    if out is not None and (problems := file_in_the_way("--out", out)):
+        raise ConfigError(problems)
     record, mirror = existing_record(name, storage, with_mirror=True)
     result = build_report(record, record.dir / "report" if mirror or out is None else out)
     html = result.html

@@ -43,6 +43,18 @@ class ConfigError(ValueError):
         super().__init__(msg)
 
 
+def file_in_the_way(option: str, path) -> list[str]:
+    """A problem if an output ``path`` (or one of its parents) is an existing file, so that no
+    directory can be made there: ``--out x/y`` with ``x`` a file would end in FileExistsError."""
+    from pathlib import Path
+
+    path = Path(path)
+    blocked = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        return [f"{option} {path}: {blocked} is a file, not a directory"]
+    return []
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "vgg11"

@@ -176,11 +176,10 @@ def export(record: SweepRecord, out: Path, *, fmt: str = "parquet", epochs: bool
         raise ConfigError([f"--format={fmt!r} is not one of {list(FORMATS)}"])
     if out.is_dir():  # a folder: the files go in it, named after the sweep
         out = out / record.experiment_dir.name
-    blocked = next((p for p in out.parents if p.exists()), None)
-    if blocked is not None and not blocked.is_dir():
-        from sweeper.config import ConfigError
+    from sweeper.config import ConfigError, file_in_the_way
 
-        raise ConfigError([f"--out {out}: {blocked} is a file, not a directory"])
+    if problems := file_in_the_way("--out", out.parent):
+        raise ConfigError(problems)
     # The stem as given (run.v2 stays run.v2: with_suffix would make it run.csv), without the
     # format's own extension if the user wrote it (run.csv -> run.csv, not run.csv.csv).
     stem = out.name[:-len(f".{fmt}")] if out.name.endswith(f".{fmt}") and out.name != f".{fmt}" \

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from sweeper.config import ConfigError, TrialConfig
+from sweeper.config import ConfigError, TrialConfig, file_in_the_way
 from sweeper.console import EpochPrinter, config_table, console, error_console, fmt
+from sweeper.records import SweepRecord
 
 __all__ = ["debug_config", "run_debug", "validate_files"]
 
@@ -41,10 +42,8 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
     if resume is not None and not (resume / CHECKPOINT_FILE).is_file():
         problems.append(f"--resume {resume}: no trial checkpoint there (a directory holding "
                         f"{CHECKPOINT_FILE}, as --checkpoint-dir or a sweep's checkpoint_NNNNNN writes)")
-    blocked = next((p for p in (checkpoint_dir, *checkpoint_dir.parents) if p.exists()), None) \
-        if checkpoint_dir is not None else None
-    if blocked is not None and not blocked.is_dir():
-        problems.append(f"--checkpoint-dir {checkpoint_dir}: {blocked} is a file, not a directory")
+    if checkpoint_dir is not None:
+        problems += file_in_the_way("--checkpoint-dir", checkpoint_dir)
     if problems:
         raise ConfigError(problems)
     cfg = debug_config(file, overrides, sample=sample, epochs=epochs, device=device)
@@ -213,7 +212,7 @@ def resolve_storage(name: str, storage: str | None) -> str | None:
 
     if storage is not None:
         return storage
-    if (Path(storage_root(DEFAULT_STORAGE)) / name / "sweeper" / "sweep.json").is_file():
+    if SweepRecord(Path(storage_root(DEFAULT_STORAGE)) / name).exists():
         return None
     return index_lookup(name)
 

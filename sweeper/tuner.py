@@ -334,7 +334,7 @@ def _refuse_a_second_sweep_of_the_name(name: str, root: str) -> None:
     elsewhere = index_lookup(name)
     if not elsewhere or is_uri(elsewhere) or elsewhere == root:
         return
-    if (Path(elsewhere) / name / "sweeper" / "sweep.json").is_file():
+    if SweepRecord(Path(elsewhere) / name).exists():
         raise ConfigError([f"a sweep named {name!r} already lives in {elsewhere} (launched from this "
                            f"machine): pass --storage {elsewhere} to resume it, --name to start "
                            f"another, or --storage {root} to start a second {name!r} here"])
