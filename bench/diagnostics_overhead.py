@@ -1,17 +1,19 @@
 """Cost of the per-layer diagnostics on training, measured side by side in one process.
 
-The same trial (same seed, same data) runs with and without the Diagnostics hook, interleaved
-`--repeats` times so that drift in machine load hits both; the ratio of median epoch times is the
-overhead. No Ray, no MLflow: this runs on any machine with torch (a GPU one included).
+The same trial (same seed, same data) runs without the Diagnostics hook and with it in both of its
+epoch-probe modes, interleaved `--repeats` times so that drift in machine load hits all of them; the
+ratio of median epoch times is the overhead. ``diagnostics`` is the default,
+``diagnostics.epoch_probe='training_step'`` (each epoch measured on one of its own training steps);
+``diagnostics_fixed`` is ``'fixed'`` (an extra probe pass of the fixed batch after each epoch). No Ray, no MLflow: this runs on any machine with torch (a GPU one included).
 Torch runs --threads threads (default 1, what a 1-CPU trial gets): on a shared machine, OpenMP threads
 that outnumber the free cores make single runs several times slower and the ratio meaningless.
 
     python bench/diagnostics_overhead.py --arch vgg16 --width 0.125 --epochs 3 --repeats 3
 
 Also prints where the hook's time goes, timed inside the same runs: its step-0 measurement
-(``on_fit_start``: layer discovery, one probe, the theory chain) and its per-epoch probe
-(``on_epoch_end``), beside one training step -- the probe's forward and backward cost about one
-step, so that is its floor; and the per-epoch figure carries 1/epochs of the step-0 one.
+(``on_fit_start``: layer discovery, one probe, the theory chain), its per-epoch work
+(``on_epoch_end``; in 'fixed' mode the probe's forward and backward, about one training step), and the
+recorded training step beside an unrecorded one; the per-epoch figure carries 1/epochs of step 0.
 
 Writes bench/results/diagnostics_overhead.json: one entry per dataset and epoch length (other
 entries kept), e.g. ``digits_21_steps``.
@@ -44,6 +46,10 @@ class _Timed(Diagnostics):
         super().__init__(cfg)
         self.seconds = seconds
 
+    def watch_step(self, ctx, y):
+        watch = super().watch_step(ctx, y)
+        return None if watch is None else _TimedWatch(watch, self.seconds["recorded_step"])
+
     def on_fit_start(self, ctx):
         t0 = time.perf_counter()
         try:
@@ -57,6 +63,23 @@ class _Timed(Diagnostics):
             return super().on_epoch_end(ctx, metrics)
         finally:
             self.seconds["epoch_end"].append(time.perf_counter() - t0)
+
+
+class _TimedWatch:
+    """The recorder's context, timed from entry to exit: the whole recorded step, hooks included."""
+
+    def __init__(self, watch, seconds: list[float]):
+        self.watch, self.seconds = watch, seconds
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self.watch.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.watch.__exit__(*exc)
+        finally:
+            self.seconds.append(time.perf_counter() - self.t0)
 
 
 def main() -> None:
@@ -80,18 +103,22 @@ def main() -> None:
                                  "data.synthetic_size": args.size,
                                  "optim.lr": 0.01, "device": args.device})
     splits = load_splits(cfg.data, seed=cfg.seed)
-    # Warm-up of both variants, so that neither pays a first run: on CUDA the probe's batch is a new
+    # Warm-up of every variant, so that none pays a first run: on CUDA the probe's batch is a new
     # shape, and cudnn.benchmark tunes each conv for it once per process (seen: +74% on an H200 when
     # only the plain variant was warmed up, +3.5% once both were).
     fit(cfg.replace(epochs=1), splits=splits)
+    fixed = cfg.replace(**{"diagnostics.epoch_probe": "fixed"}).diagnostics
     fit(cfg.replace(epochs=1), splits=splits, hooks=[Diagnostics(cfg.diagnostics)])
+    fit(cfg.replace(epochs=1), splits=splits, hooks=[Diagnostics(fixed)])
     steps = -(-len(splits.train_y) // cfg.data.batch_size)
-    times = {"plain": [], "diagnostics": []}
-    hook_seconds: dict[str, list[float]] = {"fit_start": [], "epoch_end": []}
+    times = {"plain": [], "diagnostics": [], "diagnostics_fixed": []}
+    hook_seconds: dict[str, list[float]] = {"fit_start": [], "epoch_end": [], "recorded_step": []}
+    fixed_seconds: dict[str, list[float]] = {"fit_start": [], "epoch_end": [], "recorded_step": []}
     step_seconds = []
     for rep in range(args.repeats):
-        for mode in (list(times) if rep % 2 == 0 else list(times)[::-1]):  # neither always first
-            hooks = [_Timed(cfg.diagnostics, hook_seconds)] if mode == "diagnostics" else []
+        for mode in (list(times) if rep % 2 == 0 else list(times)[::-1]):  # none always first
+            hooks = {"plain": [], "diagnostics": [_Timed(cfg.diagnostics, hook_seconds)],
+                     "diagnostics_fixed": [_Timed(fixed, fixed_seconds)]}[mode]
             t0 = time.perf_counter()
             result = fit(cfg, hooks=hooks, splits=splits)
             total = time.perf_counter() - t0
@@ -99,21 +126,28 @@ def main() -> None:
             times[mode].append(total / result.epochs)
             if mode == "plain":
                 step_seconds += [h["epoch_seconds"] / steps for h in result.history]  # steps only
-    plain, diag = statistics.median(times["plain"]), statistics.median(times["diagnostics"])
+    med = {mode: statistics.median(v) for mode, v in times.items()}
+    plain, diag, fixed_probe = med["plain"], med["diagnostics"], med["diagnostics_fixed"]
     print(f"{args.arch} width={args.width} bn={args.batch_norm} on {resolve_device(cfg.device)}, "
           f"{args.dataset}: {steps} steps/epoch, {args.epochs} epochs x {args.repeats} repeats, "
-          f"probe of {cfg.diagnostics.probe_size}")
-    print(f"median seconds/epoch (incl. evaluation): plain {plain:.3f}, with diagnostics {diag:.3f}")
-    print(f"overhead: {100 * (diag / plain - 1):+.1f}%  (repeats: plain {times['plain']}, "
-          f"diagnostics {times['diagnostics']})")
-    print("goal: diagnostics <= 1.05x plain (issue #9); the per-epoch probe costs about one training "
-          "step, so short epochs sit near that floor")
-    ms = {k: 1000 * statistics.median(v) for k, v in hook_seconds.items()}
-    ms["training_step"] = 1000 * statistics.median(step_seconds)
-    ms["hook_per_epoch"] = ms["epoch_end"] + ms["fit_start"] / args.epochs
-    print(f"hook, median ms: step 0 (on_fit_start) {ms['fit_start']:.1f}, per epoch (on_epoch_end) "
-          f"{ms['epoch_end']:.1f}, per epoch with step 0 spread over {args.epochs} epochs "
-          f"{ms['hook_per_epoch']:.1f}; one training step {ms['training_step']:.1f}")
+          f"statistics over {cfg.diagnostics.probe_size} examples")
+    print(f"median seconds/epoch (incl. evaluation): plain {plain:.3f}, with diagnostics {diag:.3f} "
+          f"(epoch_probe='training_step', the default), {fixed_probe:.3f} (epoch_probe='fixed')")
+    print(f"overhead: {100 * (diag / plain - 1):+.1f}% (default), {100 * (fixed_probe / plain - 1):+.1f}% "
+          f"(fixed)  (repeats: {times})")
+    print("goal: diagnostics <= 1.05x plain (issue #9)")
+    step_ms = 1000 * statistics.median(step_seconds)
+    hook_ms = {}
+    for mode, seconds in (("training_step", hook_seconds), ("fixed", fixed_seconds)):
+        ms = {k: 1000 * statistics.median(v) for k, v in seconds.items() if v}
+        # A recorded step costs what it adds to an unrecorded one.
+        ms["recorded_step_extra"] = ms.pop("recorded_step", step_ms) - step_ms
+        ms["hook_per_epoch"] = ms["epoch_end"] + ms["recorded_step_extra"] + ms["fit_start"] / args.epochs
+        hook_ms[mode] = ms
+        print(f"hook ({mode}), median ms: step 0 (on_fit_start) {ms['fit_start']:.1f}, per epoch: "
+              f"on_epoch_end {ms['epoch_end']:.1f} + recorded step's extra {ms['recorded_step_extra']:.1f}, "
+              f"with step 0 spread over {args.epochs} epochs {ms['hook_per_epoch']:.1f}")
+    print(f"one training step {step_ms:.1f} ms")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "diagnostics_overhead.json"
@@ -129,8 +163,8 @@ def main() -> None:
         key += f"_{args.arch}_w{args.width:g}" + ("_bn" if args.batch_norm else "")
     entries[key] = {
         "config": cfg.to_flat(), "threads": args.threads, "repeats": args.repeats,
-        "seconds_per_epoch": {"plain": plain, "diagnostics": diag}, "ratio": diag / plain,
-        "per_repeat": times, "hook_ms": ms, "device": str(resolve_device(cfg.device)),
+        "seconds_per_epoch": med, "ratio": diag / plain, "ratio_fixed": fixed_probe / plain,
+        "per_repeat": times, "hook_ms": hook_ms, "training_step_ms": step_ms, "device": str(resolve_device(cfg.device)),
         "machine": machine(),
         "script_seconds": time.time() - started}
     command = "python bench/diagnostics_overhead.py" + (f" --dataset {args.dataset} --size {args.size}"

@@ -161,7 +161,14 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DiagnosticsConfig:
     enabled: bool = True
-    probe_size: int = 64  # examples in the fixed probe batch
+    probe_size: int = 64  # examples the layer statistics are taken over (step 0: the fixed probe batch)
+    # Where each epoch's layer statistics come from. 'training_step': the epoch's last full-size
+    # training step, recorded by hooks as it runs (its first probe_size examples; its own gradient):
+    # nearly free, and it measures the step that trained the net. 'fixed': one extra forward and
+    # backward of the fixed probe batch (the first probe_size validation images, unaugmented) after
+    # each epoch, about one training step's cost, for epochs compared on identical inputs. Step 0
+    # always uses the fixed probe; so does 'training_step' when a batch is smaller than probe_size.
+    epoch_probe: str = "training_step"
     # Stall = training loss within `stall_tolerance` of ln(num_classes) for `stall_epochs` epochs.
     stall_tolerance: float = 0.05
     stall_epochs: int = 3
@@ -307,6 +314,7 @@ class TrialConfig:
         _boolean(p, "optim.decay_norm_bias", o.decay_norm_bias)
 
         _at_least(p, "diagnostics.probe_size", g.probe_size, 1)
+        _choice(p, "diagnostics.epoch_probe", g.epoch_probe, ["fixed", "training_step"])
         _positive(p, "diagnostics.stall_tolerance", g.stall_tolerance)
         _at_least(p, "diagnostics.stall_epochs", g.stall_epochs, 1)
         _boolean(p, "diagnostics.counterfactuals", g.counterfactuals)

@@ -1,8 +1,11 @@
 """Per-layer training health, and a named reason when a trial stalls. Plain PyTorch.
 
-At init (step 0) and after every epoch, :class:`Diagnostics` pushes one fixed probe batch forward and
-backward through the model (train mode, as training sees it; auxiliary heads' losses weighted by
-``model.aux_weight`` as training weights them) and measures, for every conv and linear layer:
+At init (step 0) :class:`Diagnostics` pushes one fixed probe batch forward and backward through the
+model (train mode, as training sees it; auxiliary heads' losses weighted by ``model.aux_weight`` as
+training weights them); for every epoch it records the epoch's last full-size training step as that
+step runs (``diagnostics.epoch_probe='training_step'``, the default: :class:`_Recorder`) or runs the
+same probe pass again after the epoch (``'fixed'``). Either way it measures, for every conv and linear
+layer, over ``probe_size`` examples:
 
   act_mean, act_std     the layer's output (pre-activation) -- the forward signal
   out_grad_std          std of dL/d(output) -- the backward signal
@@ -30,10 +33,15 @@ after, as ``a00_conv``, ``a01_fc``, ...: the main path's names are the same with
 Glorot & Bengio's point is why rel_grad and update_ratio, not the first/last gradient ratio, are the
 stall signal: with equal widths the weight gradients keep their ratio while every one of them vanishes.
 
-The probe runs under a forked RNG with BatchNorm buffers restored, so diagnostics never change the
-training trajectory: a trial gives the same metrics with and without them. Its cost is about one
-training step per epoch, plus one at step 0: the probe's forward and backward, which is the floor;
-the statistics are written to add little to it (about a third of a step on a CPU; see ``measure``).
+A probe pass runs under a forked RNG with BatchNorm buffers restored, and a recorded step's hooks only
+read, so diagnostics never change the training trajectory: a trial gives the same metrics with and
+without them. A recorded epoch costs only its statistics (about a quarter of a step on a CPU; see
+``measure``); a 'fixed' epoch adds the probe's forward and backward, about one training step; step 0
+costs one probe pass and the layer discovery in both modes (issue #9: +3% against +7% on 21-step
+epochs). What a recorded epoch measures is the step that trained the net: augmented training images,
+the batch's own gradient (over the whole batch, so ``grad_norm`` carries less noise at larger
+batches), at the weights before that step; a 'fixed' epoch compares epochs on the same unaugmented
+images.
 
 Stall detection: training loss within ``stall_tolerance`` of ln(num_classes) for ``stall_epochs``
 epochs (or a learned-then-collapsed trial back at chance); the cause is named from the measurements,
@@ -45,6 +53,7 @@ lr x 10, He init, BN in short runs): where the interventions decide it, the labe
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 from collections import Counter
@@ -99,6 +108,7 @@ class Diagnostics:
         self._initial_max_update = math.nan  # the largest per-step update ratio at step 0
         # The counterfactual check of the first named stall: {"cause", "decisive", "evidence"}.
         self._checked: dict[str, Any] | None = None
+        self._recorded: _Recorder | None = None  # this epoch's recorded training step, see watch_step
 
     # ---- Hook protocol --------------------------------------------------------------------------
 
@@ -131,7 +141,8 @@ class Diagnostics:
     def on_epoch_end(self, ctx, metrics: dict[str, Any]) -> dict[str, Any]:
         if not self.layers:  # resumed: rediscover the layers of the rebuilt model
             self._discover(ctx)
-        out = self.measure(ctx, step="last")
+        recorded, self._recorded = self._recorded, None
+        out = self.measure(ctx, step="last", recorded=recorded)
         if self._start_weights:
             pairs = list(zip(self.layers, self._start_weights))
             with torch.no_grad():
@@ -273,124 +284,119 @@ class Diagnostics:
         """``l03_conv`` -> ``features.6``: the param that ties metric names to the model."""
         return {l.key: l.path for l in self.layers}
 
-    def measure(self, ctx, *, step: str = "last") -> dict[str, Any]:
-        """One probe pass. ``step``: which optimizer step ``update_ratio`` reports -- ``"last"``, the
-        step training just took (see :func:`last_step`), or ``"next"``, the one it would take now on
-        the probe batch's gradient (step 0, where no step has been taken yet).
+    def watch_step(self, ctx, y: torch.Tensor) -> "_Recorder | None":
+        """The hook that measures an epoch on one of its own training steps (see :class:`_Recorder`).
+
+        ``fit`` calls this before the epoch's last full-size step and runs that step inside the
+        returned context; :meth:`on_epoch_end` then reads the statistics that step recorded instead of
+        running a probe pass. None (the probe batch at epoch end instead) where
+        ``diagnostics.epoch_probe='fixed'``, or where the batch is smaller than ``probe_size``: the
+        statistics are always over ``probe_size`` examples, so a dead unit means the same thing at
+        every batch size."""
+        if self.cfg.epoch_probe != "training_step" or y.shape[0] < self.cfg.probe_size:
+            self._recorded = None
+            return None
+        if not self.layers:  # resumed: rediscover the layers of the rebuilt model
+            self._discover(ctx)
+        self._recorded = _Recorder(self.layers, ctx.model, ctx.criterion, y[:self.cfg.probe_size])
+        return self._recorded
+
+    def measure(self, ctx, *, step: str = "last", recorded: "_Recorder | None" = None) -> dict[str, Any]:
+        """The layer statistics, from ``recorded`` (a training step's, see :meth:`watch_step`) or,
+        without one, from a probe pass of the fixed probe batch. ``step``: which optimizer step
+        ``update_ratio`` reports -- ``"last"``, the step training just took (see :func:`last_step`),
+        or ``"next"``, the one it would take now on the gradient in ``.grad`` (step 0, where no step
+        has been taken yet).
 
         It runs after every epoch, so its cost is part of every trial's: the statistics are taken in
         a few passes over each tensor (see :func:`_output_moments`, :func:`_relu_counts`), the norms of
         all layers in one fused call each, and nothing is copied that is not needed (issue #9)."""
         model = ctx.model
-        index = {l.module: l for l in self.layers}
-        outputs: dict[str, torch.Tensor] = {}
-        # E[x^2] of the input, its map size, its E[x^2] per position (see predicted_gain)
-        inputs: dict[str, tuple[float, tuple[int, ...], torch.Tensor | None]] = {}
-        out_grads: dict[str, torch.Tensor] = {}
-        relu_counts: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
-        last = [None]
-
-        def layer_hook(mod, args, output):
-            key = index[mod].key
-            if key in outputs:  # a module used twice: keep its first use
-                return
-            last[0] = key
-            outputs[key] = output.detach()
-            x_in = args[0].detach()
-            energy = position_energy(x_in)  # None for a linear layer's flat input
-            m2 = float(energy.mean()) if energy is not None else _second_moment(x_in)
-            inputs[key] = (m2, tuple(x_in.shape[2:]), energy)
-            if output.requires_grad:
-                output.register_hook(lambda g, key=key: out_grads.__setitem__(key, g.detach()))
-
-        def relu_hook(mod, args, output):
-            if last[0] is not None and last[0] not in relu_counts:
-                relu_counts[last[0]] = _relu_counts(output.detach())
-
-        handles = [l.module.register_forward_hook(layer_hook) for l in self.layers]
-        norms = []
-        for name, m in model.named_modules():
-            if isinstance(m, nn.ReLU):
-                handles.append(m.register_forward_hook(relu_hook))
-            elif isinstance(m, _NORMS) and m.running_var is not None:
-                norms.append((name, m))
-        x, y = ctx.data.probe_batch(self.cfg.probe_size)
+        norms = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, _NORMS) and m.running_var is not None]
         lr = ctx.optimizer.param_groups[0]["lr"]
         aux_weight = getattr(getattr(ctx.cfg, "model", None), "aux_weight", 0.0)
         updates = {} if step == "next" else _last_updates(ctx.optimizer, self.layers)
         saved_grads = [p.grad for p in model.parameters()]
         try:
-            with _isolated(model):
-                model.zero_grad(set_to_none=True)
-                from sweeper.models import split_outputs
+            if recorded is None:
+                x, y = ctx.data.probe_batch(self.cfg.probe_size)
+                recorded = _Recorder(self.layers, model, ctx.criterion, y)
+                with _isolated(model), recorded:
+                    model.zero_grad(set_to_none=True)
+                    from sweeper.models import split_outputs
 
-                logits, aux = split_outputs(model(x))
-                logits = logits.float()
-                loss = ctx.criterion(logits, y)
-                # The probe's gradient is the one training computes: auxiliary losses included.
-                total = loss + aux_weight * sum(ctx.criterion(a.float(), y) for a in aux) if aux else loss
-                total.backward()
-                missing = [l for l in self.layers if l.key not in updates]
-                if missing:  # step 0, or an optimizer last_step cannot read: the next step instead
-                    updates.update(_next_updates(ctx.optimizer, missing))
-                probe_loss = float(loss.detach())
-                metrics: dict[str, Any] = {
-                    "probe_loss": probe_loss,
-                    "loss_minus_chance": probe_loss - math.log(logits.shape[1]),
-                    "logit_std": float(logits.detach().std()),
-                }
-                used = [l for l in self.layers if l.key in outputs]  # not: an aux head in eval mode
-                # Every layer's weight, gradient and bias norm in one fused call each, read at once.
-                weights = [l.module.weight.detach() for l in used]
-                grads = [l.module.weight.grad for l in used if l.module.weight.grad is not None]
-                biases = [b.detach() for l in used if (b := getattr(l.module, "bias", None)) is not None]
-                weight_norms = _norms(weights)
-                grad_norms = iter(_norms([g.detach() for g in grads]))
-                bias_norms = iter(_norms(biases))
+                    logits, aux = split_outputs(model(x))
+                    loss = ctx.criterion(logits.float(), y)
+                    # The probe's gradient is the one training computes: auxiliary losses included.
+                    total = loss + aux_weight * sum(ctx.criterion(a.float(), y) for a in aux) if aux else loss
+                    total.backward()
+                    # The BN buffers as the probe's forward left them, before _isolated restores them.
+                    bn_stats = _norms([t for _, m in norms for t in (m.running_var, m.running_mean)], ord=1)
+                    missing = [l for l in self.layers if l.key not in updates]
+                    if missing:  # step 0, or an optimizer last_step cannot read: the next step instead
+                        updates.update(_next_updates(ctx.optimizer, missing))
+            else:
                 bn_stats = _norms([t for _, m in norms for t in (m.running_var, m.running_mean)], ord=1)
-                rel_grads, steps, errs = [], [], []
-                for l, weight_norm in zip(used, weight_norms):
-                    k, w = l.key, l.module.weight
-                    mean, var, m2_out, sensitivity = _output_moments(outputs[k])
-                    grad_norm = next(grad_norms) if w.grad is not None else 0.0
-                    rel = grad_norm / (weight_norm + 1e-30)
-                    update = updates.get(k, lr * rel)
-                    rel_grads.append(rel)
-                    steps.append(update)
-                    metrics[f"act_mean/{k}"] = mean
-                    metrics[f"act_std/{k}"] = math.sqrt(var)
-                    metrics[f"sensitivity/{k}"] = sensitivity
-                    metrics[f"weight_norm/{k}"] = weight_norm
-                    metrics[f"grad_norm/{k}"] = grad_norm
-                    metrics[f"rel_grad/{k}"] = rel
-                    metrics[f"update_ratio/{k}"] = update
-                    in_m2, size, energy = inputs[k]
-                    bias = getattr(l.module, "bias", None)
-                    b2 = next(bias_norms) ** 2 / bias.numel() if bias is not None else None
-                    pred = _gain(fans(l.module)[0], weight_norm ** 2 / w.numel(), b2,
-                                 padding_fraction(l.module, size, energy), in_m2)
-                    meas = m2_out / in_m2 if in_m2 > 0 else math.nan
-                    metrics[f"gain_pred/{k}"] = pred
-                    metrics[f"gain_meas/{k}"] = meas
-                    if pred > 0 and math.isfinite(pred) and math.isfinite(meas):
-                        metrics[f"gain_err/{k}"] = meas / pred - 1.0
-                        if not l.aux:
-                            errs.append(meas / pred - 1.0)
-                    if k in out_grads:
-                        metrics[f"out_grad_std/{k}"] = _std(out_grads[k])
-                    if k in relu_counts:
-                        zero, dead = _relu_fractions(*relu_counts[k])
-                        metrics[f"zero_frac/{k}"], metrics[f"dead_frac/{k}"] = zero, dead
-                for i, (name, m) in enumerate(norms):  # the probe's forward has updated them: as before
-                    metrics[f"bn_running_var/{name}"] = bn_stats[2 * i] / m.running_var.numel()
-                    metrics[f"bn_running_mean/{name}"] = bn_stats[2 * i + 1] / m.running_mean.numel()
+                missing = [l for l in self.layers if l.key not in updates]
+                if missing:
+                    updates.update(_next_updates(ctx.optimizer, missing))
+            metrics = self._metrics(recorded, updates, lr)
+            for i, (name, m) in enumerate(norms):
+                metrics[f"bn_running_var/{name}"] = bn_stats[2 * i] / m.running_var.numel()
+                metrics[f"bn_running_mean/{name}"] = bn_stats[2 * i + 1] / m.running_mean.numel()
         finally:
-            for h in handles:
-                h.remove()
             for p, g in zip(model.parameters(), saved_grads):
                 p.grad = g
         finite = [v for v in metrics.values() if isinstance(v, float)]
         metrics["nonfinite"] = float(not all(math.isfinite(v) for v in finite))
+        return metrics
+
+    def _metrics(self, rec: "_Recorder", updates: dict[str, float], lr: float) -> dict[str, Any]:
+        """The per-layer metrics from one recorded pass (see the module docstring for each)."""
+        metrics: dict[str, Any] = {
+            "probe_loss": rec.loss,
+            "loss_minus_chance": rec.loss - math.log(rec.classes),
+            "logit_std": rec.logit_std,
+        }
+        used = [l for l in self.layers if l.key in rec.moments]  # not: an aux head in eval mode
+        # Every layer's weight, bias and gradient norm in one fused call and one read each.
+        weight_norms = _norms([l.module.weight.detach() for l in used])
+        biases = [b.detach() for l in used if (b := getattr(l.module, "bias", None)) is not None]
+        bias_norms = iter(_norms(biases))
+        with_grad = [l.key for l in used if l.key in rec.grad_norms]
+        grad_norms = dict(zip(with_grad, _read([rec.grad_norms[k] for k in with_grad])))
+        errs, steps = [], []
+        for l, weight_norm in zip(used, weight_norms):
+            k, w = l.key, l.module.weight
+            mean, var, m2_out, sensitivity = rec.moments[k]
+            grad_norm = grad_norms.get(k, 0.0)
+            rel = grad_norm / (weight_norm + 1e-30)
+            update = updates.get(k, lr * rel)
+            steps.append(update)
+            metrics[f"act_mean/{k}"] = mean
+            metrics[f"act_std/{k}"] = math.sqrt(var)
+            metrics[f"sensitivity/{k}"] = sensitivity
+            metrics[f"weight_norm/{k}"] = weight_norm
+            metrics[f"grad_norm/{k}"] = grad_norm
+            metrics[f"rel_grad/{k}"] = rel
+            metrics[f"update_ratio/{k}"] = update
+            in_m2, size, energy = rec.inputs[k]
+            bias = getattr(l.module, "bias", None)
+            b2 = next(bias_norms) ** 2 / bias.numel() if bias is not None else None
+            pred = _gain(fans(l.module)[0], weight_norm ** 2 / w.numel(), b2,
+                         padding_fraction(l.module, size, energy), in_m2)
+            meas = m2_out / in_m2 if in_m2 > 0 else math.nan
+            metrics[f"gain_pred/{k}"] = pred
+            metrics[f"gain_meas/{k}"] = meas
+            if pred > 0 and math.isfinite(pred) and math.isfinite(meas):
+                metrics[f"gain_err/{k}"] = meas / pred - 1.0
+                if not l.aux:
+                    errs.append(meas / pred - 1.0)
+            if k in rec.out_grad_std:
+                metrics[f"out_grad_std/{k}"] = rec.out_grad_std[k]
+            if k in rec.relu:
+                metrics[f"zero_frac/{k}"], metrics[f"dead_frac/{k}"] = rec.relu[k]
         if errs:
             metrics["gain_err_max"] = max(abs(e) for e in errs)
             metrics["gain_err_median"] = statistics.median(abs(e) for e in errs)
@@ -399,6 +405,87 @@ class Diagnostics:
             metrics["max_update_ratio"] = max(steps)
             metrics["sum_update_ratio"] = sum(steps)
         return metrics
+
+
+class _Recorder:
+    """One forward and backward pass's per-layer statistics, taken by hooks while the pass runs.
+
+    Each layer's output, input, ReLU output and output gradient is reduced to a few numbers (or an
+    HxW energy map) the moment it exists, on its first ``len(y)`` examples, so nothing the size of
+    an activation outlives the pass: a training step that is recorded needs no more memory than one
+    that is not. Weight gradients are taken as the optimizer will see them (after accumulation,
+    before the step) as device scalars, read once afterwards. The hooks only read, so a recorded
+    training step updates the model exactly as an unrecorded one does.
+
+    Used as a context around the pass: the probe's (:meth:`Diagnostics.measure`) or a training
+    step's (:meth:`Diagnostics.watch_step`). Reading the statistics synchronises a GPU, in that one
+    pass only."""
+
+    def __init__(self, layers: list[LayerInfo], model: nn.Module, criterion: nn.Module, y: torch.Tensor):
+        self.layers, self.model, self.criterion = layers, model, criterion
+        self.y = y.detach()
+        self.n = len(self.y)
+        self.moments: dict[str, tuple[float, float, float, float]] = {}  # mean, var, E[y^2], sensitivity
+        # E[x^2] of the input, its map size, its E[x^2] per position (see predicted_gain)
+        self.inputs: dict[str, tuple[float, tuple[int, ...], torch.Tensor | None]] = {}
+        self.out_grad_std: dict[str, float] = {}
+        self.relu: dict[str, tuple[float, float]] = {}  # zero_frac, dead_frac
+        self.grad_norms: dict[str, torch.Tensor] = {}
+        self.loss, self.logit_std, self.classes = math.nan, math.nan, 2
+        self._handles: list[Any] = []
+        self._last: str | None = None
+
+    def __enter__(self) -> "_Recorder":
+        index = {l.module: l for l in self.layers}
+        n = self.n
+
+        def layer_hook(mod, args, output):
+            key = index[mod].key
+            if key in self.moments:  # a module used twice: keep its first use
+                return
+            self._last = key
+            self.moments[key] = _output_moments(output.detach()[:n])
+            x_in = args[0].detach()[:n]
+            energy = position_energy(x_in)  # None for a linear layer's flat input
+            m2 = float(energy.mean()) if energy is not None else _second_moment(x_in)
+            self.inputs[key] = (m2, tuple(x_in.shape[2:]), energy)
+            if output.requires_grad:
+                output.register_hook(functools.partial(self._out_grad, key))
+
+        def relu_hook(mod, args, output):
+            if self._last is not None and self._last not in self.relu:
+                # Counted in float32: a bf16 sum of signs is exact only up to 256.
+                self.relu[self._last] = _relu_fractions(*_relu_counts(output.detach()[:n].float()))
+
+        def logits_hook(mod, args, output):
+            from sweeper.models import split_outputs
+
+            logits = split_outputs(output)[0].detach()[:n].float()
+            self.loss = float(self.criterion(logits, self.y))
+            self.logit_std, self.classes = float(logits.std()), logits.shape[1]
+
+        def grad_hook(key):
+            def hook(param):
+                # Called after each accumulation: a layer used twice ends with its summed gradient.
+                self.grad_norms[key] = torch.linalg.vector_norm(param.grad.detach())
+            return hook
+
+        self._handles = [l.module.register_forward_hook(layer_hook) for l in self.layers]
+        self._handles += [m.register_forward_hook(relu_hook) for m in self.model.modules()
+                          if isinstance(m, nn.ReLU)]
+        self._handles.append(self.model.register_forward_hook(logits_hook))
+        self._handles += [l.module.weight.register_post_accumulate_grad_hook(grad_hook(l.key))
+                          for l in self.layers if l.module.weight.requires_grad]
+        return self
+
+    def _out_grad(self, key: str, grad: torch.Tensor) -> None:  # a tensor hook: must return None
+        self.out_grad_std.setdefault(key, _std(grad.detach()[:self.n]))
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
 
 
 def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
@@ -929,14 +1016,20 @@ def _abs_max(x: torch.Tensor) -> float:
     return math.nan if math.isnan(hi) or math.isnan(lo) else max(hi, -lo)
 
 
+def _read(scalars: list[torch.Tensor]) -> list[float]:
+    """Device scalars as floats, in one read."""
+    if not scalars:
+        return []
+    if len({t.dtype for t in scalars}) > 1:
+        return [float(t) for t in scalars]
+    return torch.stack(scalars).tolist()
+
+
 def _norms(tensors: list[torch.Tensor], ord: float = 2) -> list[float]:
     """Each tensor's vector norm, in one fused call and one read."""
     if not tensors:
         return []
-    norms = torch._foreach_norm(tensors, ord)
-    if len({n.dtype for n in norms}) > 1:
-        return [float(n) for n in norms]
-    return torch.stack(norms).tolist()
+    return _read(list(torch._foreach_norm(tensors, ord)))
 
 
 def _output_moments(out: torch.Tensor) -> tuple[float, float, float, float]:

@@ -81,6 +81,10 @@ class Hook(Protocol):
 
     def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, Any]) -> dict[str, Any]: ...
 
+    # Optional: ``watch_step(ctx, y) -> context manager | None``. Called before the epoch's last
+    # full-size training step (its labels ``y``); a context it returns is entered around that step,
+    # which then runs on ``ctx.model`` itself (eager, so forward hooks fire under compile too).
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -201,7 +205,7 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        totals = _train_epoch(ctx, batch_gen, autocast, net)
+        totals = _train_epoch(ctx, batch_gen, autocast, net, hooks)
         if on_cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -269,17 +273,29 @@ def evaluate(model: nn.Module, batches, criterion: nn.Module,
 
 
 def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast,
-                 net: nn.Module | None = None) -> "_Totals | None":
+                 net: nn.Module | None = None, hooks: Sequence[Hook] = ()) -> "_Totals | None":
     """One epoch of steps; returns its sums, still on the device (None if no step ran). Nothing
-    here reads a device value on the host: no .item(), no branch on a tensor."""
+    here reads a device value on the host: no .item(), no branch on a tensor -- except inside the
+    one step per epoch a hook watches (``watch_step``), whose statistics it reads as they arise."""
     model, optimizer, criterion = ctx.model, ctx.optimizer, ctx.criterion
     net = model if net is None else net
     aux_weight = ctx.cfg.model.aux_weight
+    watchers = [h for h in hooks if hasattr(h, "watch_step")]
+    # The last full-size step: a short last batch would give the hooks fewer examples to measure.
+    watched = max(ctx.data.num_train // ctx.cfg.data.batch_size, 1) - 1 if watchers else -1
     model.train()
     totals = _Totals()
-    for x, y in ctx.data.train_batches(gen):
-        logits, loss = train_step(net, optimizer, criterion, x, y, aux_weight=aux_weight,
-                                  autocast=autocast)
+    for i, (x, y) in enumerate(ctx.data.train_batches(gen)):
+        if i == watched:
+            with contextlib.ExitStack() as stack:
+                watches = [w for hook in watchers if (w := hook.watch_step(ctx, y)) is not None]
+                for watch in watches:
+                    stack.enter_context(watch)
+                logits, loss = train_step(model if watches else net, optimizer, criterion, x, y,
+                                          aux_weight=aux_weight, autocast=autocast)
+        else:
+            logits, loss = train_step(net, optimizer, criterion, x, y, aux_weight=aux_weight,
+                                      autocast=autocast)
         # No .item() here: a host-device sync per step costs more than a small net's step on a GPU.
         totals.add(logits.detach(), y, loss.detach())
     return totals if totals.n else None

@@ -35,6 +35,15 @@ def test_all_problems_are_reported_at_once_with_field_value_and_allowed():
     assert "data.name='mnist' is not one of [" in text and "'digits'" in text
 
 
+def test_epoch_probe_is_one_of_its_two_modes():
+    assert TrialConfig().diagnostics.epoch_probe == "training_step"  # the cheap one is the default
+    assert TrialConfig.from_flat({"diagnostics.epoch_probe": "fixed"}).diagnostics.epoch_probe == "fixed"
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_flat({"diagnostics.epoch_probe": "every_step"})
+    assert info.value.problems == ["diagnostics.epoch_probe='every_step' is not one of "
+                                   "['fixed', 'training_step']"]
+
+
 def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"unknown setting 'optim.learning_rate'"):
         TrialConfig.from_flat({"optim.learning_rate": 0.1})

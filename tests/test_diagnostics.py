@@ -180,6 +180,84 @@ def test_stall_labels_after_n_epochs_at_chance_and_can_stop():
     assert out["stalled"] == 0.0 and ctx.label is None
 
 
+# ---- each epoch measured on one of its own training steps (issue #9) ------------------------------
+
+_PER_PASS = ("act_std", "act_mean", "out_grad_std", "zero_frac", "dead_frac", "sensitivity",
+             "gain_meas", "grad_norm")
+
+
+def _recorded_epoch(model, x, y, *, probe_size):
+    """on_fit_start on (x, y); one training step on (x, y) inside watch_step; the probe batch then
+    replaced by other images, so an epoch end that ran a probe pass would measure those instead."""
+    from sweeper.train import train_step
+
+    ctx = _ctx(model, x, y)
+    diag = Diagnostics(DiagnosticsConfig(probe_size=probe_size))
+    diag.on_fit_start(ctx)
+    ctx.data = _Data(torch.randn_like(x) * 3, y)
+    watch = diag.watch_step(ctx, y)
+    assert watch is not None
+    with watch:
+        train_step(model, ctx.optimizer, ctx.criterion, x, y)
+    return diag.on_epoch_end(ctx, {"train_loss": 1.0})
+
+
+def test_an_epoch_measured_on_its_training_step_equals_a_probe_of_that_batch():
+    torch.manual_seed(0)
+    model, x, y = _mlp(), torch.randn(8, 3, 8, 8), torch.arange(8)
+    with torch.no_grad():
+        model.conv1.bias[:3] = -100.0  # dead channels, so dead_frac is not trivially 0
+    # The probe pass at the same weights, on the same batch: what the recorded step must reproduce.
+    probe = Diagnostics(DiagnosticsConfig(probe_size=8)).on_fit_start(_ctx(model, x, y))
+    epoch = _recorded_epoch(model, x, y, probe_size=8)
+    for name in _PER_PASS:
+        for layer in ("l00_conv", "l01_conv", "l02_fc"):
+            key = f"{name}/{layer}"
+            if key in probe:
+                assert epoch[key] == pytest.approx(probe[key], rel=1e-5, abs=1e-12), key
+    assert epoch["dead_frac/l00_conv"] == pytest.approx(3 / 16)
+    assert epoch["probe_loss"] == pytest.approx(probe["probe_loss"], rel=1e-6)
+    # The weights are the ones after the step, and the update ratio is the step that was taken.
+    assert epoch["weight_norm/l01_conv"] == pytest.approx(float(model.conv2.weight.detach().norm()))
+    assert epoch["update_ratio/l01_conv"] == pytest.approx(probe["update_ratio/l01_conv"], rel=1e-4)
+
+
+def test_a_recorded_step_larger_than_the_probe_measures_its_first_probe_size_examples():
+    torch.manual_seed(1)
+    model, x, y = _mlp(), torch.randn(16, 3, 8, 8), torch.arange(16) % 10
+    first = Diagnostics(DiagnosticsConfig(probe_size=8)).on_fit_start(_ctx(model, x[:8], y[:8]))
+    loss = nn.functional.cross_entropy(model(x), y)  # the step's own gradient: all 16 examples
+    whole = float(torch.autograd.grad(loss, model.conv2.weight)[0].norm())
+    epoch = _recorded_epoch(model, x, y, probe_size=8)
+    for key in ("act_std/l00_conv", "dead_frac/l01_conv", "sensitivity/l01_conv", "gain_meas/l02_fc"):
+        assert epoch[key] == pytest.approx(first[key], rel=1e-5), key
+    assert epoch["probe_loss"] == pytest.approx(first["probe_loss"], rel=1e-6)
+    assert epoch["grad_norm/l01_conv"] == pytest.approx(whole, rel=1e-5)
+    assert whole != pytest.approx(first["grad_norm/l01_conv"], rel=1e-3)
+
+
+def test_a_batch_smaller_than_the_probe_or_the_fixed_mode_keeps_the_probe_pass():
+    model, x, y = _mlp(), torch.randn(8, 3, 8, 8), torch.arange(8)
+    ctx = _ctx(model, x, y)
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8))
+    diag.on_fit_start(ctx)
+    assert diag.watch_step(ctx, y[:7]) is None  # 7 examples < probe_size: dead_frac would mean less
+    fixed = Diagnostics(DiagnosticsConfig(probe_size=8, epoch_probe="fixed"))
+    fixed.on_fit_start(ctx)
+    assert fixed.watch_step(ctx, y) is None
+    # Without a recorded step the epoch end measures the probe batch, as it always did.
+    assert diag.on_epoch_end(ctx, {"train_loss": 1.0})["act_std/l00_conv"] == pytest.approx(
+        float(model.conv1(x).detach().std()), rel=1e-5)
+
+
+def test_a_recorded_step_leaves_no_hooks_behind():
+    model, x, y = _mlp(), torch.randn(8, 3, 8, 8), torch.arange(8)
+    _recorded_epoch(model, x, y, probe_size=8)
+    modules = list(model.modules())
+    assert not any(m._forward_hooks for m in modules)
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
 def test_learn_then_collapse():
     model = _mlp()
     ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))

@@ -83,3 +83,19 @@ def test_deterministic_mode_gives_bit_identical_cuda_runs():
     a, b = fit(cfg).history, fit(cfg).history
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss")
     assert [[h.get(k) for k in keys] for h in a] == [[h.get(k) for k in keys] for h in b]
+
+
+def test_diagnostics_record_a_bf16_channels_last_training_step_like_the_fixed_probe():
+    """The default epoch_probe records a training step run under bf16 autocast and channels_last:
+    its statistics are finite, and training goes as it does with the fixed probe."""
+    from sweeper.diagnostics import Diagnostics
+
+    cfg = _cfg(**{"model.arch": "vgg11", "model.width": 0.125, "model.batch_norm": False,
+                  "epochs": 2, "diagnostics.enabled": True})
+    step = fit(cfg, hooks=[Diagnostics(cfg.diagnostics)]).history
+    fixed_cfg = cfg.replace(**{"diagnostics.epoch_probe": "fixed"})
+    fixed = fit(fixed_cfg, hooks=[Diagnostics(fixed_cfg.diagnostics)]).history
+    assert [h["train_loss"] for h in step] == pytest.approx([h["train_loss"] for h in fixed], rel=1e-3)
+    for h in step:
+        assert h["nonfinite"] == 0.0
+        assert all(math.isfinite(h[f"act_std/l0{i}_conv"]) and h[f"act_std/l0{i}_conv"] > 0 for i in range(8))

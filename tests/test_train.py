@@ -11,6 +11,7 @@ import torch
 
 import sweeper.train as train_module
 from sweeper.config import ConfigError, TrialConfig
+from sweeper.data import DeviceData
 from sweeper.diagnostics import Diagnostics
 from sweeper.models import build_model
 from sweeper.train import fit
@@ -106,12 +107,22 @@ def test_resume_mid_way_equals_an_uninterrupted_run(tmp_path, schedule):
                {k: v for k, v in r.items() if k not in skip}
 
 
-def test_diagnostics_do_not_change_the_trajectory():
+@pytest.mark.parametrize("epoch_probe", ["training_step", "fixed"])
+def test_diagnostics_do_not_change_the_trajectory(epoch_probe, monkeypatch):
     cfg = _cfg(**{"model.arch": "vgg11", "model.batch_norm": True, "optim.lr": 0.05,
-                  "epochs": 2, "data.limit": 256, "model.head": "paper"})
+                  "epochs": 2, "data.limit": 256, "model.head": "paper",
+                  "diagnostics.epoch_probe": epoch_probe})
     plain = fit(cfg).history
+    probes = []
+    original = DeviceData.probe_batch
+    monkeypatch.setattr(DeviceData, "probe_batch", lambda self, n: probes.append(n) or original(self, n))
     probed = fit(cfg, hooks=[Diagnostics(cfg.diagnostics)]).history
     assert [h["train_loss"] for h in plain] == [h["train_loss"] for h in probed]
+    assert all(f"dead_frac/l0{i}_conv" in h for h in probed for i in range(8))
+    # Step 0 reads the probe batch (discovery, the probe pass, the theory chain, the initial loss);
+    # 'training_step' epochs read it no more, 'fixed' ones once each.
+    at_start = len(probes) - (2 if epoch_probe == "fixed" else 0)
+    assert at_start == 4 and len(probes) == at_start + (2 if epoch_probe == "fixed" else 0)
 
 
 def test_non_finite_loss_ends_the_trial_as_diverged_without_raising():
