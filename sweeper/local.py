@@ -149,7 +149,7 @@ def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
     from rich.markup import escape
 
     from sweeper.loading import load_sweep
-    from sweeper.spaces import dry_run, grid_cells, trial_count
+    from sweeper.spaces import dry_run, grid_size, trial_count
 
     ok = True
     for file in files:
@@ -168,13 +168,15 @@ def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
             for problem in problems:
                 error_console.print(f"  - {escape(problem)}")
             continue
-        cells = grid_cells(sweep)
         console.print(f"[green]{escape(str(file))}: ok[/green] -- sweep {escape(repr(sweep.name))}: "
-                      f"{len(cells)} grid cell(s) x {sweep.num_samples} sample(s) = "
+                      f"{grid_size(sweep)} grid cell(s) x {sweep.num_samples} sample(s) = "
                       f"{trial_count(sweep)} trials, search={sweep.search}, "
                       f"scheduler={sweep.scheduler}, max_epochs={sweep.max_epochs}; dry run built "
                       f"{cfg.model.arch}")
     return ok
+
+
+_PLAN_ROWS = 100  # grid cells --dry-run lists; the count line gives the rest
 
 
 def print_plan(sweep) -> None:
@@ -199,9 +201,11 @@ def print_plan(sweep) -> None:
         table.add_column("#")
         for key in cells[0]:
             table.add_column(escape(key))
-        for i, cell in enumerate(cells):
+        for i, cell in enumerate(cells[:_PLAN_ROWS]):
             table.add_row(str(i), *(escape(fmt(v)) for v in cell.values()))
         console.print(table)
+        if len(cells) > _PLAN_ROWS:
+            console.print(f"... and {len(cells) - _PLAN_ROWS} more grid cells")
     for key, text in sampled.items():
         console.print(f"sampled per trial: {escape(key)} ~ {escape(text)}")
 

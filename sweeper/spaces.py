@@ -32,12 +32,14 @@ from sweeper.domains import (_domain, _domain_problems, _is_domain, _is_grid, de
                              space_signature)
 
 __all__ = [
+    "MAX_TRIALS",
     "ALIASES",
     "Sweep",
     "corner_values",
     "describe_domain",
     "dry_run",
     "grid_cells",
+    "grid_size",
     "parse_overrides",
     "run_space",
     "sample_config",
@@ -55,6 +57,9 @@ ALIASES: dict[str, str] = {
     "lr": "optim.lr",
 }
 
+# Trials a sweep may plan: a launch lists every one up front (Tune's num_samples, the plan, the
+# launch order), and Tune's own release tests stop at 10,000 trials per experiment.
+MAX_TRIALS = 100_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # resources="auto": GPU shares from a measured memory probe (sweeper.packing).
 AUTO = "auto"
@@ -158,6 +163,12 @@ class Sweep:
             grid = [k for k, v in self.space.items() if _is_grid(v)]
             p.append(f"search='optuna' cannot expand grid axes {grid}: use search='random' for a "
                      "factorial grid, or tune.choice for Optuna to pick from")
+        if not p and (count := trial_count(self)) > MAX_TRIALS:
+            axes = [f"{k} ({len(v['grid_search'])})" for k, v in run_space(self).items() if _is_grid(v)]
+            p.append(f"the sweep would run {count:,} trials ({' x '.join(axes + [f'num_samples ({self.num_samples})'])}): "
+                     f"more than {MAX_TRIALS:,}, which every launch plans up front and Tune keeps in "
+                     "its experiment state. Split it into several sweeps, or draw values with "
+                     "tune.choice / tune.uniform instead of crossing grid_search axes")
         return p
 
     def _space_problems(self) -> list[str]:
@@ -264,8 +275,13 @@ def grid_cells(sweep: Sweep) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
+def grid_size(sweep: Sweep) -> int:
+    """How many cells :func:`grid_cells` has, without listing them."""
+    return math.prod(len(v["grid_search"]) for v in run_space(sweep).values() if _is_grid(v))
+
+
 def trial_count(sweep: Sweep) -> int:
-    return len(grid_cells(sweep)) * sweep.num_samples
+    return grid_size(sweep) * sweep.num_samples
 
 
 def base_config(sweep: Sweep, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -391,6 +391,34 @@ def _refuse_ray_client(address: str | None) -> None:
         f"dashboard port 8265; never expose it):\n  {command}"])
 
 
+_REACH_S = 5.0  # seconds to open a TCP connection to the cluster before Ray's own minutes of retries
+
+
+def _check_reachable(address: str | None) -> None:
+    """A HOST:PORT cluster address answers a TCP connection within a few seconds, or the launch stops
+    here, naming the address and the reason (Ray's connection retries take minutes to fail). 'auto'
+    (this node's running Ray) and URLs are left to Ray."""
+    import socket
+
+    option = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")  # [IPv6]:port
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError([f"{option} {address!r} is not a cluster address: give the head node's "
+                           "HOST:PORT (its GCS port, 6379 unless `ray start --head --port` said "
+                           "otherwise), or 'auto' on a node of the cluster"])
+    try:
+        socket.create_connection((host, int(port)), timeout=_REACH_S).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConfigError([f"could not reach the Ray cluster at {address!r} ({option}): {why} "
+                           f"within {_REACH_S:g} s. Is its head node up (`ray start --head` there), "
+                           f"and is port {port} open from this machine?"]) from None
+
+
 def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | None,
              restore: bool, address: str | None = None) -> None:
     """Every check that needs no cluster, before Ray starts: bad input exits with nothing started."""
@@ -400,6 +428,7 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
                 "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS) to use a cluster, "
                 "or --local to start a fresh Ray on this machine"])
         _refuse_ray_client(address)
+        _check_reachable(address)
     root = storage_root(sweep.storage)
     if record.exists():
         if not restore:

@@ -71,6 +71,18 @@ def test_launch_dry_run_prints_the_grid_without_starting_ray():
     assert "optim.lr" in out.stdout
 
 
+def test_dry_run_lists_at_most_100_grid_cells_and_counts_the_rest(tmp_path):
+    space = tmp_path / "wide.py"
+    space.write_text('"""q"""\nfrom ray import tune\nfrom sweeper.spaces import Sweep\n'
+                     'SWEEP = Sweep(name="wide", space={"optim.lr": tune.grid_search('
+                     '[i / 1000 for i in range(1, 151)])})\n')
+    out = sweeper("launch", str(space), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "150 grid cell(s) x 1 sample(s) = 150 trials" in out.stdout
+    assert "... and 50 more grid cells" in out.stdout
+    assert "│ 99 " in out.stdout and "│ 100 " not in out.stdout
+
+
 def test_launch_without_a_cluster_explains_both_options(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = sweeper("launch", "search_spaces/vgg_depth.py", "dataset=digits")

@@ -307,3 +307,30 @@ def test_a_sampled_sweep_reference_is_refused_by_validate_not_only_by_launch():
     assert any("space['model.init_from']=" in p and "must be a fixed value or a tune.grid_search"
                in p for p in err.value.problems), err.value.problems
     Sweep(name="s", space={"model.init_from": tune.grid_search(["sweep:src/best", None])})
+
+
+def test_a_grid_is_counted_without_listing_it_and_capped_at_max_trials(monkeypatch):
+    from ray import tune
+
+    import sweeper.spaces as spaces
+    from sweeper.config import ConfigError
+
+    axes = {f"optim.{k}": tune.grid_search(values) for k, values in
+            (("lr", [0.01, 0.02, 0.05, 0.1]), ("momentum", [0.0, 0.5, 0.9]), ("weight_decay", [0.0, 1e-4]))}
+    monkeypatch.setattr(spaces, "MAX_TRIALS", 48)
+    at_cap = Sweep(name="cap", space=axes, num_samples=2)  # 4 x 3 x 2 cells x 2 samples: allowed
+    assert spaces.grid_size(at_cap) == 24 == len(grid_cells(at_cap)) and trial_count(at_cap) == 48
+    with pytest.raises(ConfigError) as info:
+        Sweep(name="over", space=axes, num_samples=2, seeds=2)  # the seed axis counts too: 96
+    assert info.value.problems == [
+        "the sweep would run 96 trials (optim.lr (4) x optim.momentum (3) x optim.weight_decay (2) x "
+        "seed (2) x num_samples (2)): more than 48, which every launch plans up front and Tune keeps "
+        "in its experiment state. Split it into several sweeps, or draw values with tune.choice / "
+        "tune.uniform instead of crossing grid_search axes"]
+    # Counted from the axes' lengths: a grid of 10^12 cells is refused at once, never listed.
+    monkeypatch.setattr(spaces, "grid_cells", lambda sweep: pytest.fail("the grid was listed"))
+    values = [i / 1000 for i in range(1, 1001)]
+    huge = {"optim.lr": tune.grid_search(values), "optim.momentum": tune.grid_search(values[:-1]),
+            "optim.weight_decay": tune.grid_search(values), "model.width": tune.grid_search(values)}
+    with pytest.raises(ConfigError, match=r"would run 999,000,000,000 trials"):
+        Sweep(name="huge", space=huge)

@@ -246,3 +246,24 @@ def test_decisions_are_read_from_where_the_last_read_stopped(tmp_path):
         f.write('ng": 2}\n')
     assert list(record.decisions_from(offset2)[0]) == ["t3"]
     assert list(record.decisions()) == ["t1", "t2", "t3"]
+
+
+def test_a_cluster_address_is_checked_by_a_tcp_connection_before_ray(monkeypatch):
+    import socket
+
+    from sweeper.config import ConfigError
+    from sweeper.tuner import _check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        _check_reachable(f"127.0.0.1:{port}")  # answers: no error
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        _check_reachable(None)
+    for left_to_ray in ("auto", "local", "ray://head:10001"):
+        _check_reachable(left_to_ray)
+    with pytest.raises(ConfigError, match=r"could not reach the Ray cluster at '127.0.0.1:\d+' \(--address\)"):
+        _check_reachable(f"127.0.0.1:{port}")  # closed now
+    with pytest.raises(ConfigError, match=r"--address '127.0.0.1:99999' is not a cluster address"):
+        _check_reachable("127.0.0.1:99999")

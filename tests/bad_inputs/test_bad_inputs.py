@@ -145,6 +145,10 @@ CASES = [
     ("debug_resume_missing", "debug {S}/good.py --resume /nonexistent-sweeper/ckpt", "--resume /nonexistent-sweeper/ckpt: no trial checkpoint there"),
     ("ui_port_out_of_range", "ui --port 70000", "--port 70000: a TCP port is 1-65535"),
     ("ui_bad_host", "ui --host 999.1.1.1", "--host '999.1.1.1': not an address of this machine"),
+    ("address_refused", "launch {S}/good.py --address 127.0.0.1:1", "could not reach the Ray cluster at '127.0.0.1:1' (--address): Connection refused within 5 s"),
+    ("ray_address_refused", "RAY_ADDRESS=127.0.0.1:1 launch {S}/good.py", "could not reach the Ray cluster at '127.0.0.1:1' (RAY_ADDRESS)"),
+    ("address_without_port", "launch {S}/good.py --address headnode", "--address 'headnode' is not a cluster address: give the head node's HOST:PORT"),
+    ("grid_too_large", "launch {S}/huge_grid.py --dry-run", "huge_grid.py: the sweep would run 100,000,000 trials (optim.lr (100) x optim.momentum (100)"),
 ]
 if not __import__("torch").cuda.is_available():  # the mistake is asking for a GPU this machine lacks
     CASES.append(("device_cuda_without_gpu", "launch {S}/good.py --local --num-cpus 1 device=cuda",
