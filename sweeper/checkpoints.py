@@ -43,6 +43,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from sweeper.store import filesystem
+
 __all__ = ["Repair", "load_trial_state", "trial_checkpoint_location", "repair_restorable_checkpoints", "restorable_checkpoints"]
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def restorable_checkpoints(experiment_uri: str) -> dict[str, str] | None:
 
 
 def _named_checkpoints(experiment_uri: str) -> dict[str, _Named] | None:
-    fs, path = pafs.FileSystem.from_uri(experiment_uri)
+    fs, path = filesystem(experiment_uri)
     try:
         states = fnmatch.filter(_names(fs, path), _STATE_GLOB)
         if not states:
@@ -152,7 +154,7 @@ def repair_restorable_checkpoints(experiment_uri: str) -> list[Repair]:
     named = _named_checkpoints(experiment_uri)
     if not named:
         return []
-    fs, path = pafs.FileSystem.from_uri(experiment_uri)
+    fs, path = filesystem(experiment_uri)
     repairs = []
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or "-" not in info.base_name:
@@ -225,7 +227,7 @@ def load_trial_state(location: str, *, map_location: str = "cpu") -> dict:
     from sweeper.train import CHECKPOINT_FILE
 
     if "://" in location:
-        fs, path = pafs.FileSystem.from_uri(location)
+        fs, path = filesystem(location)
     else:
         fs, path = pafs.LocalFileSystem(), str(location)
     info = fs.get_file_info(path)

@@ -37,8 +37,8 @@ from sweeper.config import ConfigError
 from sweeper.lease import STOP_FILE  # the request `sweeper stop` leaves beside the lease
 from sweeper.records import SweepRecord
 
-__all__ = ["DEFAULT_STORAGE", "Mirror", "index_lookup", "index_remember", "is_uri", "join_uri", "open_record",
-           "storage_problems", "storage_root"]
+__all__ = ["DEFAULT_STORAGE", "GCS_RETRY_S", "Mirror", "filesystem", "index_lookup", "index_remember",
+           "is_uri", "join_uri", "open_record", "storage_error", "storage_problems", "storage_root"]
 
 PUSH_S = 3.0  # how stale another machine's view of a running sweep may be (plus the heartbeat's 2 s)
 LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
@@ -91,7 +91,27 @@ def join_uri(root: str, *parts: str) -> str:
     return f"{path}{sep}{query}"
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+# How long sweeper's own reads and writes of a gs:// record retry before they fail (pyarrow's GCS
+# client otherwise retries for 15 minutes: a machine without Google credentials sat in the first
+# read for more than 400 s, where this gives "Could not create a OAuth2 access token" in seconds).
+# A URI's own ?retry_limit_seconds= wins; Ray's filesystem for the same storage keeps its defaults.
+GCS_RETRY_S = 30
+
+
+def storage_error(exc: BaseException) -> str:
+    """What went wrong reading or writing a storage URI, in a line: pyarrow's GCS errors carry the
+    whole retry record, whose one useful part is the missing credentials."""
+    text = str(exc)
+    if "OAuth2 access token" in text:
+        return ("no Google credentials on this machine (set GOOGLE_APPLICATION_CREDENTIALS to a "
+                "service-account key file, or run `gcloud auth application-default login`)")
+    return text
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs.FileSystem.from_uri`` for sweeper's own reads and writes (see GCS_RETRY_S)."""
+    if uri.startswith("gs://") and "retry_limit_seconds=" not in uri:
+        uri += ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_S}"
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -100,7 +120,7 @@ class Mirror:
 
     def __init__(self, local_dir: Path, remote: str):
         self.local, self.remote = Path(local_dir), remote
-        self.fs, self.path = _fs(remote)
+        self.fs, self.path = filesystem(remote)
         self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) pushed
         self._last_put: dict[str, float] = {}
         self._stop = threading.Event()

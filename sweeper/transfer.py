@@ -798,7 +798,9 @@ def unreadable_sources(sources: list[tuple[str, str]]) -> list[str]:
     for key, where in sources:
         try:
             if "://" in where:
-                fs, path = pafs.FileSystem.from_uri(where)
+                from sweeper.store import filesystem
+
+                fs, path = filesystem(where)
                 found = fs.get_file_info(path).type != pafs.FileType.NotFound
             else:
                 found = Path(where).expanduser().exists()

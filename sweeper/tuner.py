@@ -36,8 +36,8 @@ from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 # storage_root and DEFAULT_STORAGE live in sweeper.store (Ray-free readers need them); kept here by name.
-from sweeper.store import DEFAULT_STORAGE, Mirror, index_remember, join_uri, open_record, redacted_root, \
-    storage_root
+from sweeper.store import DEFAULT_STORAGE, Mirror, filesystem, index_remember, join_uri, open_record, redacted_root, \
+    storage_error, storage_root
 from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
@@ -85,12 +85,10 @@ def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirr
     try:
         return open_record(name, root)
     except OSError as exc:  # pyarrow: unreachable endpoint, no credentials, no such bucket...
-        raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {exc}"]) from None
+        raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {storage_error(exc)}"]) from None
 
 
 def _check_storage(root: str, *, multi_node: bool) -> list[str]:
-    import pyarrow.fs as pafs
-
     problems = []
     if "://" not in root and multi_node:
         problems.append(
@@ -99,14 +97,14 @@ def _check_storage(root: str, *, multi_node: bool) -> list[str]:
             "gs://..., or an NFS mount present on every node, given as file:///mnt/...)")
         return problems
     try:
-        fs, path = pafs.FileSystem.from_uri(root if "://" in root else Path(root).as_uri())
+        fs, path = filesystem(root if "://" in root else Path(root).as_uri())
         fs.create_dir(path, recursive=True)
         probe = f"{path.rstrip('/')}/.sweeper-write-test-{os.getpid()}"
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
     except Exception as exc:  # pyarrow raises OSError subclasses and ArrowInvalid
-        problems.append(f"storage={root!r} is not writable: {exc}")
+        problems.append(f"storage={root!r} is not writable: {storage_error(exc)}")
     return problems
 
 

@@ -1,5 +1,6 @@
 """The command line: user errors are one clear line each with exit code 2, never a traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -111,3 +112,35 @@ def test_a_name_this_machine_launched_elsewhere_is_not_taken_over_without_storag
     assert f"a sweep named 'taken' already lives in {first}" in out.stderr
     assert f"pass --storage {first} to resume it" in out.stderr
     assert list(cwd.iterdir()) == []  # refused before anything was written
+
+
+def test_sweepers_own_gcs_access_gives_up_within_gcs_retry_s(monkeypatch, tmp_path):
+    """pyarrow's GCS client retries for 15 minutes by default: a machine without Google credentials sat
+    in `status NAME --storage gs://...` for over 400 s. sweeper's own reads now give up after
+    GCS_RETRY_S (a URI's own retry_limit_seconds wins) and say what is missing in one line."""
+    import time
+    from datetime import timedelta
+
+    from typer.testing import CliRunner
+
+    import sweeper.store as store
+    from sweeper.cli import app
+
+    def limit(uri):
+        fs, _ = store.filesystem(uri)
+        return fs.__reduce__()[1][0]["retry_time_limit"]  # GcsFileSystem's pickled options
+
+    assert limit("gs://bucket/sweeps") == timedelta(seconds=store.GCS_RETRY_S)
+    assert limit("gs://bucket/sweeps?retry_limit_seconds=600") == timedelta(seconds=600)
+    assert store.filesystem("gs://bucket/sweeps?retry_limit_seconds=600")[1] == "bucket/sweeps"
+
+    monkeypatch.setattr(store, "GCS_RETRY_S", 2)
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["status", "some_sweep", "--storage", "gs://sweeper-test-no-bucket/x"])
+    assert time.monotonic() - start < 60
+    assert result.exit_code == 2, result.output
+    assert "storage='gs://sweeper-test-no-bucket/x' cannot be read: " in result.output
+    assert "Traceback" not in result.output
+    if not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):  # the usual case off Google Cloud
+        assert "no Google credentials on this machine (set GOOGLE_APPLICATION_CREDENTIALS" in result.output
