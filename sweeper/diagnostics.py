@@ -40,8 +40,11 @@ without them. A recorded epoch costs only its statistics (about a quarter of a s
 costs one probe pass and the layer discovery in both modes (issue #9: +3% against +7% on 21-step
 epochs). What a recorded epoch measures is the step that trained the net: augmented training images,
 the batch's own gradient (over the whole batch, so ``grad_norm`` carries less noise at larger
-batches), at the weights before that step; a 'fixed' epoch compares epochs on the same unaugmented
-images.
+batches; ``out_grad_std`` is rescaled to a mean over the examples measured, as a probe's is) and
+update, with everything taken from the pass (``rel_grad``, ``gain_pred`` included) at the weights
+that step ran with; ``weight_norm`` and ``rel_change`` are the weights at the epoch's end. A 'fixed'
+epoch compares epochs on the same unaugmented images. Under ``compile`` every epoch uses the probe
+pass: a recorded step runs eagerly, and an eager step is not bit-identical to a compiled one.
 
 Stall detection: training loss within ``stall_tolerance`` of ln(num_classes) for ``stall_epochs``
 epochs (or a learned-then-collapsed trial back at chance); the cause is named from the measurements,
@@ -142,6 +145,8 @@ class Diagnostics:
         if not self.layers:  # resumed: rediscover the layers of the rebuilt model
             self._discover(ctx)
         recorded, self._recorded = self._recorded, None
+        if recorded is not None and not recorded.complete:  # the step raised: nothing to read
+            recorded = None
         out = self.measure(ctx, step="last", recorded=recorded)
         if self._start_weights:
             pairs = list(zip(self.layers, self._start_weights))
@@ -298,7 +303,8 @@ class Diagnostics:
             return None
         if not self.layers:  # resumed: rediscover the layers of the rebuilt model
             self._discover(ctx)
-        self._recorded = _Recorder(self.layers, ctx.model, ctx.criterion, y[:self.cfg.probe_size])
+        self._recorded = _Recorder(self.layers, ctx.model, ctx.criterion, y[:self.cfg.probe_size],
+                                   optimizer=ctx.optimizer)
         return self._recorded
 
     def measure(self, ctx, *, step: str = "last", recorded: "_Recorder | None" = None) -> dict[str, Any]:
@@ -316,7 +322,7 @@ class Diagnostics:
                  if isinstance(m, _NORMS) and m.running_var is not None]
         lr = ctx.optimizer.param_groups[0]["lr"]
         aux_weight = getattr(getattr(ctx.cfg, "model", None), "aux_weight", 0.0)
-        updates = {} if step == "next" else _last_updates(ctx.optimizer, self.layers)
+        updates = {} if step == "next" or recorded is not None else _last_updates(ctx.optimizer, self.layers)
         saved_grads = [p.grad for p in model.parameters()]
         try:
             if recorded is None:
@@ -338,6 +344,7 @@ class Diagnostics:
                         updates.update(_next_updates(ctx.optimizer, missing))
             else:
                 bn_stats = _norms([t for _, m in norms for t in (m.running_var, m.running_mean)], ord=1)
+                updates = dict(recorded.updates)  # the recorded step's own, not a later short batch's
                 missing = [l for l in self.layers if l.key not in updates]
                 if missing:
                     updates.update(_next_updates(ctx.optimizer, missing))
@@ -363,15 +370,20 @@ class Diagnostics:
         # Every layer's weight, bias and gradient norm in one fused call and one read each.
         weight_norms = _norms([l.module.weight.detach() for l in used])
         biases = [b.detach() for l in used if (b := getattr(l.module, "bias", None)) is not None]
-        bias_norms = iter(_norms(biases))
+        bias_norms = dict(zip([l.key for l in used if getattr(l.module, "bias", None) is not None],
+                              _norms(biases)))
         with_grad = [l.key for l in used if l.key in rec.grad_norms]
         grad_norms = dict(zip(with_grad, _read([rec.grad_norms[k] for k in with_grad])))
+        # The pass's statistics belong to the weights it ran with: a recorded step's are those before
+        # its update (rec.norms); weight_norm itself is the weights' now, at the epoch's end.
+        at_pass = rec.norms if rec.norms is not None else {}
         errs, steps = [], []
         for l, weight_norm in zip(used, weight_norms):
             k, w = l.key, l.module.weight
+            pass_weight, pass_bias = at_pass.get(k, (weight_norm, bias_norms.get(k)))
             mean, var, m2_out, sensitivity = rec.moments[k]
             grad_norm = grad_norms.get(k, 0.0)
-            rel = grad_norm / (weight_norm + 1e-30)
+            rel = grad_norm / (pass_weight + 1e-30)
             update = updates.get(k, lr * rel)
             steps.append(update)
             metrics[f"act_mean/{k}"] = mean
@@ -383,8 +395,8 @@ class Diagnostics:
             metrics[f"update_ratio/{k}"] = update
             in_m2, size, energy = rec.inputs[k]
             bias = getattr(l.module, "bias", None)
-            b2 = next(bias_norms) ** 2 / bias.numel() if bias is not None else None
-            pred = _gain(fans(l.module)[0], weight_norm ** 2 / w.numel(), b2,
+            b2 = pass_bias ** 2 / bias.numel() if bias is not None else None
+            pred = _gain(fans(l.module)[0], pass_weight ** 2 / w.numel(), b2,
                          padding_fraction(l.module, size, energy), in_m2)
             meas = m2_out / in_m2 if in_m2 > 0 else math.nan
             metrics[f"gain_pred/{k}"] = pred
@@ -412,8 +424,8 @@ class _Recorder:
 
     Each layer's output, input, ReLU output and output gradient is reduced to a few numbers (or an
     HxW energy map) the moment it exists, on its first ``len(y)`` examples, so nothing the size of
-    an activation outlives the pass: a training step that is recorded needs no more memory than one
-    that is not. Weight gradients are taken as the optimizer will see them (after accumulation,
+    an activation outlives the pass: a recorded training step holds, beyond an unrecorded one, only
+    the reductions' transient copies of one layer's ``len(y)`` examples at a time. Weight gradients are taken as the optimizer will see them (after accumulation,
     before the step) as device scalars, read once afterwards. The hooks only read, so a recorded
     training step updates the model exactly as an unrecorded one does.
 
@@ -421,8 +433,14 @@ class _Recorder:
     step's (:meth:`Diagnostics.watch_step`). Reading the statistics synchronises a GPU, in that one
     pass only."""
 
-    def __init__(self, layers: list[LayerInfo], model: nn.Module, criterion: nn.Module, y: torch.Tensor):
-        self.layers, self.model, self.criterion = layers, model, criterion
+    def __init__(self, layers: list[LayerInfo], model: nn.Module, criterion: nn.Module, y: torch.Tensor,
+                 *, optimizer: torch.optim.Optimizer | None = None):
+        # optimizer: a training step's (its update is read as the step ends); None for a probe pass,
+        # which takes no step and runs at the weights the epoch ends with.
+        self.layers, self.model, self.criterion, self.optimizer = layers, model, criterion, optimizer
+        self.norms: dict[str, tuple[float, float | None]] | None = None  # weight, bias norm before the step
+        self.updates: dict[str, float] = {}  # the step's update ratio per layer, see last_step
+        self.complete = False  # the pass ran to its end (a step that raised leaves nothing to read)
         self.y = y.detach()
         self.n = len(self.y)
         self.moments: dict[str, tuple[float, float, float, float]] = {}  # mean, var, E[y^2], sensitivity
@@ -470,6 +488,12 @@ class _Recorder:
                 self.grad_norms[key] = torch.linalg.vector_norm(param.grad.detach())
             return hook
 
+        if self.optimizer is not None:
+            with torch.no_grad():
+                weights = _norms([l.module.weight.detach() for l in self.layers])
+                biased = [l for l in self.layers if getattr(l.module, "bias", None) is not None]
+                bias_norms = dict(zip([l.key for l in biased], _norms([l.module.bias.detach() for l in biased])))
+            self.norms = {l.key: (w, bias_norms.get(l.key)) for l, w in zip(self.layers, weights)}
         self._handles = [l.module.register_forward_hook(layer_hook) for l in self.layers]
         self._handles += [m.register_forward_hook(relu_hook) for m in self.model.modules()
                           if isinstance(m, nn.ReLU)]
@@ -479,12 +503,18 @@ class _Recorder:
         return self
 
     def _out_grad(self, key: str, grad: torch.Tensor) -> None:  # a tensor hook: must return None
-        self.out_grad_std.setdefault(key, _std(grad.detach()[:self.n]))
+        # A training step's loss is the mean over its whole batch, which scales dL/dy by 1/batch;
+        # rescaled to the mean over the n examples measured, as a probe pass of them would give.
+        self.out_grad_std.setdefault(key, _std(grad.detach()[:self.n]) * (grad.shape[0] / self.n))
 
     def __exit__(self, *exc) -> bool:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if exc[0] is None:
+            if self.optimizer is not None:  # .grad still holds this step's gradient: exact
+                self.updates = _last_updates(self.optimizer, self.layers)
+            self.complete = True
         return False
 
 

@@ -82,8 +82,8 @@ class Hook(Protocol):
     def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, Any]) -> dict[str, Any]: ...
 
     # Optional: ``watch_step(ctx, y) -> context manager | None``. Called before the epoch's last
-    # full-size training step (its labels ``y``); a context it returns is entered around that step,
-    # which then runs on ``ctx.model`` itself (eager, so forward hooks fire under compile too).
+    # full-size training step (its labels ``y``); a context it returns is entered around that step.
+    # Not called under compile (an eager step there would not be bit-identical to a compiled one).
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -280,7 +280,9 @@ def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast,
     model, optimizer, criterion = ctx.model, ctx.optimizer, ctx.criterion
     net = model if net is None else net
     aux_weight = ctx.cfg.model.aux_weight
-    watchers = [h for h in hooks if hasattr(h, "watch_step")]
+    # Under compile the watched step would run on the eager model, whose floats round differently
+    # from the compiled net's: the trajectory would change, so compiled runs keep the hooks' probe.
+    watchers = [h for h in hooks if hasattr(h, "watch_step")] if net is model else []
     # The last full-size step: a short last batch would give the hooks fewer examples to measure.
     watched = max(ctx.data.num_train // ctx.cfg.data.batch_size, 1) - 1 if watchers else -1
     model.train()

@@ -182,16 +182,19 @@ def test_stall_labels_after_n_epochs_at_chance_and_can_stop():
 
 # ---- each epoch measured on one of its own training steps (issue #9) ------------------------------
 
+# Everything measured from the pass itself, at the weights it ran with (the recorded step's: before
+# its update), so a probe of the same batch at those weights gives the same numbers.
 _PER_PASS = ("act_std", "act_mean", "out_grad_std", "zero_frac", "dead_frac", "sensitivity",
-             "gain_meas", "grad_norm")
+             "gain_meas", "gain_pred", "grad_norm", "rel_grad")
 
 
-def _recorded_epoch(model, x, y, *, probe_size):
-    """on_fit_start on (x, y); one training step on (x, y) inside watch_step; the probe batch then
-    replaced by other images, so an epoch end that ran a probe pass would measure those instead."""
+def _recorded_epoch(model, x, y, *, probe_size, then=None, lr=0.1):
+    """on_fit_start on (x, y); one training step on (x, y) inside watch_step (and, if ``then`` is a
+    batch, an unrecorded step on it after, like a short last batch); the probe batch then replaced by
+    other images, so an epoch end that ran a probe pass would measure those instead."""
     from sweeper.train import train_step
 
-    ctx = _ctx(model, x, y)
+    ctx = _ctx(model, x, y, lr=lr)
     diag = Diagnostics(DiagnosticsConfig(probe_size=probe_size))
     diag.on_fit_start(ctx)
     ctx.data = _Data(torch.randn_like(x) * 3, y)
@@ -199,6 +202,8 @@ def _recorded_epoch(model, x, y, *, probe_size):
     assert watch is not None
     with watch:
         train_step(model, ctx.optimizer, ctx.criterion, x, y)
+    if then is not None:
+        train_step(model, ctx.optimizer, ctx.criterion, *then)
     return diag.on_epoch_end(ctx, {"train_loss": 1.0})
 
 
@@ -208,8 +213,9 @@ def test_an_epoch_measured_on_its_training_step_equals_a_probe_of_that_batch():
     with torch.no_grad():
         model.conv1.bias[:3] = -100.0  # dead channels, so dead_frac is not trivially 0
     # The probe pass at the same weights, on the same batch: what the recorded step must reproduce.
-    probe = Diagnostics(DiagnosticsConfig(probe_size=8)).on_fit_start(_ctx(model, x, y))
-    epoch = _recorded_epoch(model, x, y, probe_size=8)
+    # A large lr, so that the weights after the step differ from those the step ran with.
+    probe = Diagnostics(DiagnosticsConfig(probe_size=8)).on_fit_start(_ctx(model, x, y, lr=2000.0))
+    epoch = _recorded_epoch(model, x, y, probe_size=8, lr=2000.0)
     for name in _PER_PASS:
         for layer in ("l00_conv", "l01_conv", "l02_fc"):
             key = f"{name}/{layer}"
@@ -219,7 +225,35 @@ def test_an_epoch_measured_on_its_training_step_equals_a_probe_of_that_batch():
     assert epoch["probe_loss"] == pytest.approx(probe["probe_loss"], rel=1e-6)
     # The weights are the ones after the step, and the update ratio is the step that was taken.
     assert epoch["weight_norm/l01_conv"] == pytest.approx(float(model.conv2.weight.detach().norm()))
+    assert epoch["weight_norm/l01_conv"] != pytest.approx(probe["weight_norm/l01_conv"], rel=1e-2)
     assert epoch["update_ratio/l01_conv"] == pytest.approx(probe["update_ratio/l01_conv"], rel=1e-4)
+
+
+def test_the_update_ratio_is_the_recorded_steps_own_when_a_short_batch_follows():
+    torch.manual_seed(2)
+    model, x, y = _mlp(), torch.randn(8, 3, 8, 8), torch.arange(8)
+    probe = Diagnostics(DiagnosticsConfig(probe_size=8)).on_fit_start(_ctx(model, x, y))
+    short = (torch.randn(3, 3, 8, 8) * 5, torch.tensor([1, 2, 3]))
+    epoch = _recorded_epoch(model, x, y, probe_size=8, then=short)
+    # Plain SGD: the recorded step's update is lr * its gradient, what the probe predicted for it.
+    for layer in ("l00_conv", "l01_conv", "l02_fc"):
+        assert epoch[f"update_ratio/{layer}"] == pytest.approx(probe[f"update_ratio/{layer}"], rel=1e-4)
+        assert epoch[f"update_ratio/{layer}"] == pytest.approx(0.1 * epoch[f"rel_grad/{layer}"], rel=1e-4)
+
+
+def test_a_recorded_step_that_raises_leaves_the_epoch_to_the_probe():
+    model, x, y = _mlp(), torch.randn(8, 3, 8, 8), torch.arange(8)
+    ctx = _ctx(model, x, y)
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8))
+    diag.on_fit_start(ctx)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        with diag.watch_step(ctx, y):
+            model(x)
+            raise RuntimeError("out of memory, say")
+    assert not any(m._forward_hooks for m in model.modules())
+    out = diag.on_epoch_end(ctx, {"train_loss": 1.0})  # the probe pass, not a half-recorded step
+    assert out["grad_norm/l00_conv"] > 0 and math.isfinite(out["probe_loss"])
+    assert out["act_std/l00_conv"] == pytest.approx(float(model.conv1(x).detach().std()), rel=1e-5)
 
 
 def test_a_recorded_step_larger_than_the_probe_measures_its_first_probe_size_examples():
@@ -229,7 +263,9 @@ def test_a_recorded_step_larger_than_the_probe_measures_its_first_probe_size_exa
     loss = nn.functional.cross_entropy(model(x), y)  # the step's own gradient: all 16 examples
     whole = float(torch.autograd.grad(loss, model.conv2.weight)[0].norm())
     epoch = _recorded_epoch(model, x, y, probe_size=8)
-    for key in ("act_std/l00_conv", "dead_frac/l01_conv", "sensitivity/l01_conv", "gain_meas/l02_fc"):
+    # out_grad_std too: the step's mean over 16 examples, rescaled to a mean over the 8 measured.
+    for key in ("act_std/l00_conv", "dead_frac/l01_conv", "sensitivity/l01_conv", "gain_meas/l02_fc",
+                "out_grad_std/l00_conv", "out_grad_std/l02_fc", "gain_pred/l01_conv"):
         assert epoch[key] == pytest.approx(first[key], rel=1e-5), key
     assert epoch["probe_loss"] == pytest.approx(first["probe_loss"], rel=1e-6)
     assert epoch["grad_norm/l01_conv"] == pytest.approx(whole, rel=1e-5)

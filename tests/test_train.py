@@ -282,11 +282,19 @@ def test_compile_runs_training_and_evaluation_through_the_compiled_module(monkey
         return compiled[-1]
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    cfg = _tiny(**{"diagnostics.enabled": True})
+    watched = []
+    original_watch = Diagnostics.watch_step
+    monkeypatch.setattr(Diagnostics, "watch_step", lambda self, ctx, y: watched.append(len(y)) or
+                        original_watch(self, ctx, y))
+    # probe_size = the batch: without compile, each epoch's last step would be recorded.
+    cfg = _tiny(**{"diagnostics.enabled": True, "diagnostics.probe_size": 32})
     result = fit(cfg.replace(compile=True), hooks=[Diagnostics(cfg.diagnostics)])
     assert len(compiled) == 1
     assert compiled[0].calls == 256 // 32 + 2 + 1  # train steps + val and test (256 per eval batch)
+    # An eager step would round differently from the compiled ones: the epochs keep the probe pass.
+    assert watched == []
     assert any(k.startswith("act_std/") for k in result.last)  # diagnostics hooks still fire
+    assert fit(cfg, hooks=[Diagnostics(cfg.diagnostics)]).epochs == 1 and watched == [32]
     assert "layer/l00_conv" in result.initial and "_orig_mod" not in result.initial["layer/l00_conv"]
     assert fit(cfg).history[0]["train_loss"] == result.history[0]["train_loss"]
     assert compiled[0].calls == 256 // 32 + 3  # fit without the option never compiled
