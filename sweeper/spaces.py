@@ -57,6 +57,8 @@ ALIASES: dict[str, str] = {
     "lr": "optim.lr",
 }
 
+# Sweep fields a command line cannot set (a dict, a callable, prose): they live in the file.
+_FILE_ONLY = {"space", "question", "resources"}
 # Trials a sweep may plan: a launch lists every one up front (Tune's num_samples, the plan, the
 # launch order), and Tune's own release tests stop at 10,000 trials per experiment.
 MAX_TRIALS = 100_000
@@ -183,8 +185,10 @@ class Sweep:
                 p.append(f"space key {key!r} must be a string 'section.name' (e.g. 'optim.lr')")
                 continue
             if key in sweep_fields:
+                where = ("in the search-space file" if key in _FILE_ONLY
+                         else f"(or {key}=... on the command line)")
                 p.append(f"space[{key!r}] is a Sweep setting, not a trial setting: pass "
-                         f"Sweep({key}=...) (or {key}=... on the command line)")
+                         f"Sweep({key}=...) {where}")
                 continue
             problems = _domain_problems(key, value, self.search)
             p.extend(problems)
@@ -248,10 +252,15 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
     """Sweep fields by name (max_epochs=6); anything else is a fixed trial setting (data.name=digits)."""
-    sweep_fields = {f.name for f in dataclasses.fields(Sweep)} - {"space", "question", "resources"}
-    changes = {k: v for k, v in overrides.items() if k in sweep_fields}
+    fields = {f.name: f for f in dataclasses.fields(Sweep) if f.name not in _FILE_ONLY}
+    changes = {k: v for k, v in overrides.items() if k in fields}
+    for key, value in changes.items():
+        # max_epochs=1e3 reads as a float; an integer field takes it as the integer it names, as the
+        # trial settings do (inf, nan and 2.5 stay floats, and are refused by name).
+        if str(fields[key].type).startswith("int") and isinstance(value, float) and value.is_integer():
+            changes[key] = int(value)
     space = dict(sweep.space)
-    space.update({k: v for k, v in overrides.items() if k not in sweep_fields})
+    space.update({k: v for k, v in overrides.items() if k not in fields})
     if "storage" in changes and changes["storage"] is not None:
         changes["storage"] = str(changes["storage"])
     return sweep.replace(space=space, **changes)

@@ -447,8 +447,10 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
         created = [] if "://" in root else _dirs_to_create(Path(root))
         problems += _check_storage(root, multi_node=False)
         problems += _data_problems(sweep) + sources
+        # The storage probe made the directory: a refusal writes nothing, and a launch that fails
+        # later (e.g. the cluster's own check) removes it with the record it made.
+        _remove_created(created)
         if problems:
-            _remove_created(created)  # the storage probe made the directory: a refusal writes nothing
             raise ConfigError(problems)
 
 
@@ -472,6 +474,9 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     if local and address:
         raise ConfigError([f"--local starts a fresh Ray on this machine and --address {address} "
                            "connects to a cluster: pass one of them"])
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError([f"--num-cpus {num_cpus}: the local Ray needs at least 1 CPU "
+                           "(leave it out to use all of this machine's)"])
     if tracking_uri:  # MLFLOW_TRACKING_URI is used only without it (see _run)
         check_tracking_uri(tracking_uri)
     else:

@@ -334,3 +334,18 @@ def test_a_grid_is_counted_without_listing_it_and_capped_at_max_trials(monkeypat
             "optim.weight_decay": tune.grid_search(values), "model.width": tune.grid_search(values)}
     with pytest.raises(ConfigError, match=r"would run 999,000,000,000 trials"):
         Sweep(name="huge", space=huge)
+
+
+def test_integer_sweep_settings_take_an_integral_float_from_the_command_line():
+    from sweeper.config import ConfigError
+    from sweeper.spaces import apply_overrides
+
+    base = Sweep(name="ints", space={"model.arch": "smallcnn"})
+    sweep = apply_overrides(base, parse_overrides(["max_epochs=1e3", "num_samples=2.0", "seed=7"]))
+    assert (sweep.max_epochs, sweep.num_samples, sweep.seed) == (1000, 2, 7)
+    assert isinstance(sweep.max_epochs, int)
+    for bad, message in (("max_epochs=2.5", "max_epochs=2.5 must be an integer >= 1"),
+                         ("max_epochs=inf", "max_epochs=inf must be an integer >= 1")):
+        with pytest.raises(ConfigError) as info:
+            apply_overrides(base, parse_overrides([bad]))
+        assert message in str(info.value)

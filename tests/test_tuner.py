@@ -2,6 +2,7 @@
 a restore, the Optuna internals we lean on, trial names, storage checks."""
 
 import json
+import os
 import pickle
 from types import SimpleNamespace
 
@@ -267,3 +268,28 @@ def test_a_cluster_address_is_checked_by_a_tcp_connection_before_ray(monkeypatch
         _check_reachable(f"127.0.0.1:{port}")  # closed now
     with pytest.raises(ConfigError, match=r"--address '127.0.0.1:99999' is not a cluster address"):
         _check_reachable("127.0.0.1:99999")
+
+
+def test_a_launch_refused_after_ray_started_leaves_no_directory_behind(tmp_path):
+    """The cluster's own check (preflight) runs after Ray starts; a refusal there exits 2 and takes
+    back what the launch made -- ./sweeps included, which the storage probe before Ray had made."""
+    import subprocess
+    import sys
+
+    space = tmp_path / "space.py"
+    space.write_text('"""q"""\nfrom sweeper.spaces import Sweep\n'
+                     'SWEEP = Sweep(name="late", space={"model.arch": "smallcnn", "data.name": "digits"})\n')
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\nimport sweeper.tuner as tuner\n"
+        "tuner.preflight = lambda *a, **k: ['refused by the cluster check']\n"
+        "from sweeper.cli import main\n"
+        f"sys.argv = ['sweeper', 'launch', {str(space)!r}, '--local', '--num-cpus', '1']\n"
+        "main()\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300,
+                         cwd=cwd, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert out.returncode == 2, out.stderr
+    assert "error: refused by the cluster check" in out.stderr
+    assert list(cwd.iterdir()) == []

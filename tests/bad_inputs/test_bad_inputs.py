@@ -148,6 +148,9 @@ CASES = [
     ("address_refused", "launch {S}/good.py --address 127.0.0.1:1", "could not reach the Ray cluster at '127.0.0.1:1' (--address): Connection refused within 5 s"),
     ("ray_address_refused", "RAY_ADDRESS=127.0.0.1:1 launch {S}/good.py", "could not reach the Ray cluster at '127.0.0.1:1' (RAY_ADDRESS)"),
     ("address_without_port", "launch {S}/good.py --address headnode", "--address 'headnode' is not a cluster address: give the head node's HOST:PORT"),
+    ("num_cpus_zero", "launch {S}/good.py --local --num-cpus 0", "--num-cpus 0: the local Ray needs at least 1 CPU"),
+    ("num_cpus_negative", "launch {S}/good.py --local --num-cpus -1", "--num-cpus -1: the local Ray needs at least 1 CPU"),
+    ("resources_on_the_command_line", "launch {S}/good.py --dry-run resources=2", "space['resources'] is a Sweep setting, not a trial setting: pass Sweep(resources=...) in the search-space file"),
     ("grid_too_large", "launch {S}/huge_grid.py --dry-run", "huge_grid.py: the sweep would run 100,000,000 trials (optim.lr (100) x optim.momentum (100)"),
 ]
 if not __import__("torch").cuda.is_available():  # the mistake is asking for a GPU this machine lacks
