@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "EPOCH_METRICS",
+    "MAX_SEED",
     "ConfigError",
     "DataConfig",
     "DiagnosticsConfig",
@@ -156,6 +157,9 @@ class OptimConfig:
     # groups. Decaying a BN scale only fights the next layer's rescaling (the fast CIFAR trainers and
     # timm exclude them); True keeps the VGG recipe, which decays every parameter.
     decay_norm_bias: bool = True
+
+
+MAX_SEED = 2**62  # see TrialConfig's check of seed
 
 
 @dataclass(frozen=True)
@@ -323,7 +327,9 @@ class TrialConfig:
         _in_range(p, "diagnostics.counterfactual_budget", g.counterfactual_budget, 0.0, 1.0, lo_open=True)
 
         _at_least(p, "epochs", self.epochs, 1)
-        _at_least(p, "seed", self.seed, 0)
+        # torch.manual_seed takes a signed 64-bit integer, and the loop seeds its batch generator
+        # with seed + 1: the bound leaves room for those offsets.
+        _in_range(p, "seed", self.seed, 0, MAX_SEED)
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             p.append(f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")

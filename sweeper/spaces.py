@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from sweeper.config import EPOCH_METRICS, ConfigError, TrialConfig, parse_value
+from sweeper.config import EPOCH_METRICS, MAX_SEED, ConfigError, TrialConfig, parse_value
 from sweeper.domains import (_domain, _domain_problems, _is_domain, _is_grid, describe_domain,
                              space_signature)
 
@@ -165,8 +165,12 @@ class Sweep:
             grid = [k for k, v in self.space.items() if _is_grid(v)]
             p.append(f"search='optuna' cannot expand grid axes {grid}: use search='random' for a "
                      "factorial grid, or tune.choice for Optuna to pick from")
+        if not p and isinstance(self.seed, int) and self.seeds > 1 and self.seed + self.seeds - 1 > MAX_SEED:
+            p.append(f"seeds={self.seeds} from seed={self.seed} reach seed {self.seed + self.seeds - 1}: "
+                     f"seeds go up to {MAX_SEED} (2**62)")
         if not p and (count := trial_count(self)) > MAX_TRIALS:
-            axes = [f"{k} ({len(v['grid_search'])})" for k, v in run_space(self).items() if _is_grid(v)]
+            axes = [f"{k} ({len(v['grid_search'])})" for k, v in self.space.items() if _is_grid(v)]
+            axes += [f"seed ({self.seeds})"] if self.seeds > 1 else []
             p.append(f"the sweep would run {count:,} trials ({' x '.join(axes + [f'num_samples ({self.num_samples})'])}): "
                      f"more than {MAX_TRIALS:,}, which every launch plans up front and Tune keeps in "
                      "its experiment state. Split it into several sweeps, or draw values with "
@@ -257,7 +261,8 @@ def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
     for key, value in changes.items():
         # max_epochs=1e3 reads as a float; an integer field takes it as the integer it names, as the
         # trial settings do (inf, nan and 2.5 stay floats, and are refused by name).
-        if str(fields[key].type).startswith("int") and isinstance(value, float) and value.is_integer():
+        if str(fields[key].type).startswith("int") and isinstance(value, float) and value.is_integer() \
+                and abs(value) <= 2**53:  # beyond, a float is not the integer it prints as
             changes[key] = int(value)
     space = dict(sweep.space)
     space.update({k: v for k, v in overrides.items() if k not in fields})
@@ -285,8 +290,8 @@ def grid_cells(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def grid_size(sweep: Sweep) -> int:
-    """How many cells :func:`grid_cells` has, without listing them."""
-    return math.prod(len(v["grid_search"]) for v in run_space(sweep).values() if _is_grid(v))
+    """How many cells :func:`grid_cells` has, without listing them (nor the seed axis)."""
+    return math.prod(len(v["grid_search"]) for v in sweep.space.values() if _is_grid(v)) * max(sweep.seeds, 1)
 
 
 def trial_count(sweep: Sweep) -> int:

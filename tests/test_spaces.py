@@ -334,6 +334,10 @@ def test_a_grid_is_counted_without_listing_it_and_capped_at_max_trials(monkeypat
             "optim.weight_decay": tune.grid_search(values), "model.width": tune.grid_search(values)}
     with pytest.raises(ConfigError, match=r"would run 999,000,000,000 trials"):
         Sweep(name="huge", space=huge)
+    # The seed axis likewise: seeds=10**9 once built its list of seeds first (22 GB, killed).
+    monkeypatch.setattr(spaces, "run_space", lambda sweep: pytest.fail("the seed axis was listed"))
+    with pytest.raises(ConfigError, match=r"\(seed \(1000000000\) x num_samples \(1\)\): more than 48"):
+        Sweep(name="seeded", space={"optim.lr": 0.1}, seeds=10**9)
 
 
 def test_integer_sweep_settings_take_an_integral_float_from_the_command_line():

@@ -4,6 +4,8 @@ a restore, the Optuna internals we lean on, trial names, storage checks."""
 import json
 import os
 import pickle
+import re
+import time
 from types import SimpleNamespace
 
 import optuna
@@ -262,12 +264,17 @@ def test_a_cluster_address_is_checked_by_a_tcp_connection_before_ray(monkeypatch
         _check_reachable(f"127.0.0.1:{port}")  # answers: no error
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         _check_reachable(None)
-    for left_to_ray in ("auto", "local", "ray://head:10001"):
+    for left_to_ray in ("auto", "ray://head:10001"):
         _check_reachable(left_to_ray)
     with pytest.raises(ConfigError, match=r"could not reach the Ray cluster at '127.0.0.1:\d+' \(--address\)"):
         _check_reachable(f"127.0.0.1:{port}")  # closed now
-    with pytest.raises(ConfigError, match=r"--address '127.0.0.1:99999' is not a cluster address"):
-        _check_reachable("127.0.0.1:99999")
+    for malformed in ("127.0.0.1:99999", "::1", "head", ":6379", "head:", "[::1]:x"):
+        with pytest.raises(ConfigError, match=rf"--address '{re.escape(malformed)}' is not a cluster address"):
+            _check_reachable(malformed)
+    with pytest.raises(ConfigError, match=r"an http:// address is the dashboard's"):
+        _check_reachable("http://head:8265")
+    with pytest.raises(ConfigError, match=r"--address local would start a fresh Ray on this machine"):
+        _check_reachable("local")
 
 
 def test_a_launch_refused_after_ray_started_leaves_no_directory_behind(tmp_path):
@@ -293,3 +300,44 @@ def test_a_launch_refused_after_ray_started_leaves_no_directory_behind(tmp_path)
     assert out.returncode == 2, out.stderr
     assert "error: refused by the cluster check" in out.stderr
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("reply,refused", [
+    (b"\x00\x00\x18\x04\x00\x00\x00\x00\x00", False),  # an HTTP/2 SETTINGS frame, as Ray's GCS sends
+    (b"", False),  # says nothing (a TLS endpoint, say): Ray decides
+    (b"HTTP/1.0 400 Bad request\r\n", True),
+    (b"<!DOCTYPE HTML>\n<html>", True),  # python -m http.server's answer to the preface
+])
+def test_a_port_that_answers_but_not_as_a_gcs_is_refused(reply, refused):
+    """Ray's retries took over 150 s to give up on a web server's port (e.g. the dashboard's 8265)."""
+    import socket
+    import threading
+
+    from sweeper.config import ConfigError
+    from sweeper.tuner import _check_reachable
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(64)  # the client's preface
+            if reply:
+                conn.sendall(reply)
+            else:
+                time.sleep(1.5)  # silent past the check's 1 s
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    try:
+        if refused:
+            with pytest.raises(ConfigError, match=rf"--address '{address}' answers, but not as Ray's GCS"):
+                _check_reachable(address)
+        else:
+            _check_reachable(address)
+    finally:
+        thread.join(5)
+        server.close()

@@ -151,6 +151,13 @@ CASES = [
     ("num_cpus_zero", "launch {S}/good.py --local --num-cpus 0", "--num-cpus 0: the local Ray needs at least 1 CPU"),
     ("num_cpus_negative", "launch {S}/good.py --local --num-cpus -1", "--num-cpus -1: the local Ray needs at least 1 CPU"),
     ("resources_on_the_command_line", "launch {S}/good.py --dry-run resources=2", "space['resources'] is a Sweep setting, not a trial setting: pass Sweep(resources=...) in the search-space file"),
+    ("seed_overflow", "debug seed=1e20 epochs=1", "seed=100000000000000000000 must be in [0, 4611686018427387904]"),
+    ("seeds_past_the_largest_seed", "validate {S}/good.py -s seeds=3 -s seed=4611686018427387903", "seeds=3 from seed=4611686018427387903 reach seed 4611686018427387905"),
+    ("num_samples_beyond_float_integers", "validate {S}/good.py -s num_samples=1e300", "num_samples=1e+300 must be an integer >= 1"),
+    ("seeds_too_many", "validate {S}/good.py -s seeds=1e7", "x seed (10000000) x num_samples (1)): more than 100,000"),
+    ("address_local", "launch {S}/good.py --address local", "--address local would start a fresh Ray on this machine: that is --local"),
+    ("address_http", "launch {S}/good.py --address http://localhost:8265", "--address 'http://localhost:8265' is a URL, not a cluster address"),
+    ("address_bare_ipv6", "launch {S}/good.py --address ::1", "--address '::1' is not a cluster address"),
     ("grid_too_large", "launch {S}/huge_grid.py --dry-run", "huge_grid.py: the sweep would run 100,000,000 trials (optim.lr (100) x optim.momentum (100)"),
 ]
 if not __import__("torch").cuda.is_available():  # the mistake is asking for a GPU this machine lacks
