@@ -168,10 +168,12 @@ def launch(
     if name is not None:
         sweep = sweep.replace(name=name)
     build_once(sweep)
+    from sweeper.tuner import check_launch_options, launch as run_sweep
+
+    check_launch_options(address=address, local=local, num_cpus=num_cpus)
     if dry_run:
         print_plan(sweep)
         return
-    from sweeper.tuner import launch as run_sweep
 
     result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
                        overrides=parse_overrides(overrides), restore=not fresh,

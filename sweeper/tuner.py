@@ -40,7 +40,7 @@ from sweeper.store import DEFAULT_STORAGE, Mirror, filesystem, index_remember, j
     storage_error, storage_root
 from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri, redact
 
-__all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
+__all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_launch_options", "experiment_dir", "launch", "stop_sweep"]
 
 _TUNE_ENV = {
     # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
@@ -482,6 +482,17 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
             raise ConfigError(problems)
 
 
+def check_launch_options(*, address: str | None, local: bool, num_cpus: int | None) -> None:
+    """The command line's options that contradict each other or name no machine: refused before
+    anything else, `launch --dry-run` included."""
+    if local and address:
+        raise ConfigError([f"--local starts a fresh Ray on this machine and --address {address} "
+                           "connects to a cluster: pass one of them"])
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError([f"--num-cpus {num_cpus}: the local Ray needs at least 1 CPU "
+                           "(leave it out to use all of this machine's)"])
+
+
 def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
            num_cpus: int | None = None, quiet: bool = False, overrides: Mapping[str, Any] = {},
            restore: bool = True, tracking_uri: str | None = None,
@@ -499,12 +510,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     from sweeper.trial import train_trial
     from sweeper.transfer import resolve_sweep
 
-    if local and address:
-        raise ConfigError([f"--local starts a fresh Ray on this machine and --address {address} "
-                           "connects to a cluster: pass one of them"])
-    if num_cpus is not None and num_cpus < 1:
-        raise ConfigError([f"--num-cpus {num_cpus}: the local Ray needs at least 1 CPU "
-                           "(leave it out to use all of this machine's)"])
+    check_launch_options(address=address, local=local, num_cpus=num_cpus)
     if tracking_uri:  # MLFLOW_TRACKING_URI is used only without it (see _run)
         check_tracking_uri(tracking_uri)
     else:

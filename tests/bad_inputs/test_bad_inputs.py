@@ -149,6 +149,7 @@ CASES = [
     ("ray_address_refused", "RAY_ADDRESS=127.0.0.1:1 launch {S}/good.py", "could not reach the Ray cluster at '127.0.0.1:1' (RAY_ADDRESS)"),
     ("address_without_port", "launch {S}/good.py --address headnode", "--address 'headnode' is not a cluster address: give the head node's HOST:PORT"),
     ("num_cpus_zero", "launch {S}/good.py --local --num-cpus 0", "--num-cpus 0: the local Ray needs at least 1 CPU"),
+    ("num_cpus_zero_dry_run", "launch {S}/good.py --dry-run --num-cpus 0", "--num-cpus 0: the local Ray needs at least 1 CPU"),
     ("num_cpus_negative", "launch {S}/good.py --local --num-cpus -1", "--num-cpus -1: the local Ray needs at least 1 CPU"),
     ("resources_on_the_command_line", "launch {S}/good.py --dry-run resources=2", "space['resources'] is a Sweep setting, not a trial setting: pass Sweep(resources=...) in the search-space file"),
     ("seed_overflow", "debug seed=1e20 epochs=1", "seed=100000000000000000000 must be in [0, 4611686018427387904]"),
