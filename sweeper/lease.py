@@ -191,6 +191,11 @@ class DriverLease:
             try:
                 self._write()
                 if not self.stop_requested and (self.dir / STOP_FILE).exists():
+                    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                        # A driver started in the background of a script (`sweeper launch ... &`)
+                        # inherits SIGINT ignored until Tune installs its handler for the run: a
+                        # signal now would be lost, so the request waits for a beat that can deliver.
+                        continue
                     self.stop_requested = True
                     # Tune treats SIGINT as "save the experiment state and stop"; the signal goes to
                     # this very process, never to a pid read from a file.

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run_sweeper
-from sweeper.lease import (DriverLease, LeaseHeld, LeaseInfo, clean_orphans, process_start_time,
+from sweeper.lease import (HEARTBEAT_S, DriverLease, LeaseHeld, LeaseInfo, clean_orphans, process_start_time,
                            read_lease, request_stop)
 from sweeper.records import SweepRecord
 from sweeper.trial import with_metric, worst_value
@@ -154,23 +154,39 @@ def test_a_lease_is_taken_over_only_from_a_dead_driver(tmp_path):
         stand_in.wait()
 
 
-def test_a_stop_request_interrupts_the_driver_through_its_heartbeat(tmp_path):
+@pytest.mark.parametrize("started_ignoring_sigint", [False, True])
+def test_a_stop_request_interrupts_the_driver_through_its_heartbeat(tmp_path, started_ignoring_sigint):
+    """A driver started in the background of a script inherits SIGINT ignored (POSIX shells do that
+    to `cmd &`); the request then waits until a handler is installed -- Tune installs its own for the
+    run -- instead of being lost in a signal nobody hears."""
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
         from sweeper.lease import DriverLease
+        signal.signal(signal.SIGINT, signal.SIG_IGN if {started_ignoring_sigint} else signal.default_int_handler)
         lease = DriverLease({str(tmp_path)!r}).claim()
         print("claimed", flush=True)
         try:
+            if {started_ignoring_sigint}:
+                sys.stdin.readline()  # the test says when "Tune" starts
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                print("handler", flush=True)
             time.sleep(60)
         except KeyboardInterrupt:  # what Tune sees on SIGINT: save state, return
             lease.release()
             sys.exit(3)
         sys.exit(0)
     """)
-    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert driver.stdout.readline().strip() == "claimed"
         assert request_stop(tmp_path).pid == driver.pid
+        if started_ignoring_sigint:
+            with pytest.raises(subprocess.TimeoutExpired):
+                driver.wait(timeout=3 * HEARTBEAT_S)  # several beats: nothing can be delivered yet
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
+            assert driver.stdout.readline().strip() == "handler"
         assert driver.wait(timeout=30) == 3
         assert read_lease(tmp_path) is None and not (tmp_path / "stop_request.json").exists()
     finally:
