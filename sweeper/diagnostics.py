@@ -322,10 +322,14 @@ class Diagnostics:
                  if isinstance(m, _NORMS) and m.running_var is not None]
         lr = ctx.optimizer.param_groups[0]["lr"]
         aux_weight = getattr(getattr(ctx.cfg, "model", None), "aux_weight", 0.0)
-        updates = {} if step == "next" or recorded is not None else _last_updates(ctx.optimizer, self.layers)
+
+        def bn_buffers() -> list[float]:
+            return _norms([t for _, m in norms for t in (m.running_var, m.running_mean)], ord=1)
+
         saved_grads = [p.grad for p in model.parameters()]
         try:
             if recorded is None:
+                updates = {} if step == "next" else _last_updates(ctx.optimizer, self.layers)
                 x, y = ctx.data.probe_batch(self.cfg.probe_size)
                 recorded = _Recorder(self.layers, model, ctx.criterion, y)
                 with _isolated(model), recorded:
@@ -337,17 +341,13 @@ class Diagnostics:
                     # The probe's gradient is the one training computes: auxiliary losses included.
                     total = loss + aux_weight * sum(ctx.criterion(a.float(), y) for a in aux) if aux else loss
                     total.backward()
-                    # The BN buffers as the probe's forward left them, before _isolated restores them.
-                    bn_stats = _norms([t for _, m in norms for t in (m.running_var, m.running_mean)], ord=1)
-                    missing = [l for l in self.layers if l.key not in updates]
-                    if missing:  # step 0, or an optimizer last_step cannot read: the next step instead
-                        updates.update(_next_updates(ctx.optimizer, missing))
+                    bn_stats = bn_buffers()  # as the probe's forward left them, before _isolated restores them
             else:
-                bn_stats = _norms([t for _, m in norms for t in (m.running_var, m.running_mean)], ord=1)
                 updates = dict(recorded.updates)  # the recorded step's own, not a later short batch's
-                missing = [l for l in self.layers if l.key not in updates]
-                if missing:
-                    updates.update(_next_updates(ctx.optimizer, missing))
+                bn_stats = bn_buffers()
+            missing = [l for l in self.layers if l.key not in updates]
+            if missing:  # step 0, or an optimizer last_step cannot read: the next step, on .grad
+                updates.update(_next_updates(ctx.optimizer, missing))
             metrics = self._metrics(recorded, updates, lr)
             for i, (name, m) in enumerate(norms):
                 metrics[f"bn_running_var/{name}"] = bn_stats[2 * i] / m.running_var.numel()
@@ -368,19 +368,17 @@ class Diagnostics:
         }
         used = [l for l in self.layers if l.key in rec.moments]  # not: an aux head in eval mode
         # Every layer's weight, bias and gradient norm in one fused call and one read each.
-        weight_norms = _norms([l.module.weight.detach() for l in used])
-        biases = [b.detach() for l in used if (b := getattr(l.module, "bias", None)) is not None]
-        bias_norms = dict(zip([l.key for l in used if getattr(l.module, "bias", None) is not None],
-                              _norms(biases)))
+        now = _layer_norms(used)
         with_grad = [l.key for l in used if l.key in rec.grad_norms]
         grad_norms = dict(zip(with_grad, _read([rec.grad_norms[k] for k in with_grad])))
         # The pass's statistics belong to the weights it ran with: a recorded step's are those before
         # its update (rec.norms); weight_norm itself is the weights' now, at the epoch's end.
-        at_pass = rec.norms if rec.norms is not None else {}
+        at_pass = rec.norms if rec.norms is not None else now
         errs, steps = [], []
-        for l, weight_norm in zip(used, weight_norms):
+        for l in used:
             k, w = l.key, l.module.weight
-            pass_weight, pass_bias = at_pass.get(k, (weight_norm, bias_norms.get(k)))
+            weight_norm = now[k][0]
+            pass_weight, pass_bias = at_pass[k]
             mean, var, m2_out, sensitivity = rec.moments[k]
             grad_norm = grad_norms.get(k, 0.0)
             rel = grad_norm / (pass_weight + 1e-30)
@@ -425,8 +423,9 @@ class _Recorder:
     Each layer's output, input, ReLU output and output gradient is reduced to a few numbers (or an
     HxW energy map) the moment it exists, on its first ``len(y)`` examples, so nothing the size of
     an activation outlives the pass: a recorded training step holds, beyond an unrecorded one, only
-    the reductions' transient copies of one layer's ``len(y)`` examples at a time. Weight gradients are taken as the optimizer will see them (after accumulation,
-    before the step) as device scalars, read once afterwards. The hooks only read, so a recorded
+    the reductions' transient copies of one layer's ``len(y)`` examples at a time. Weight gradients
+    are taken as the optimizer will see them (after accumulation, before the step) as device scalars,
+    read once afterwards. The hooks only read, so a recorded
     training step updates the model exactly as an unrecorded one does.
 
     Used as a context around the pass: the probe's (:meth:`Diagnostics.measure`) or a training
@@ -489,11 +488,7 @@ class _Recorder:
             return hook
 
         if self.optimizer is not None:
-            with torch.no_grad():
-                weights = _norms([l.module.weight.detach() for l in self.layers])
-                biased = [l for l in self.layers if getattr(l.module, "bias", None) is not None]
-                bias_norms = dict(zip([l.key for l in biased], _norms([l.module.bias.detach() for l in biased])))
-            self.norms = {l.key: (w, bias_norms.get(l.key)) for l, w in zip(self.layers, weights)}
+            self.norms = _layer_norms(self.layers)
         self._handles = [l.module.register_forward_hook(layer_hook) for l in self.layers]
         self._handles += [m.register_forward_hook(relu_hook) for m in self.model.modules()
                           if isinstance(m, nn.ReLU)]
@@ -1053,6 +1048,15 @@ def _read(scalars: list[torch.Tensor]) -> list[float]:
     if len({t.dtype for t in scalars}) > 1:
         return [float(t) for t in scalars]
     return torch.stack(scalars).tolist()
+
+
+def _layer_norms(layers: list[LayerInfo]) -> dict[str, tuple[float, float | None]]:
+    """Each layer's weight norm and bias norm (None without a bias), in one fused call each."""
+    with torch.no_grad():
+        weights = _norms([l.module.weight.detach() for l in layers])
+        biased = [l for l in layers if getattr(l.module, "bias", None) is not None]
+        biases = dict(zip([l.key for l in biased], _norms([l.module.bias.detach() for l in biased])))
+    return {l.key: (w, biases.get(l.key)) for l, w in zip(layers, weights)}
 
 
 def _norms(tensors: list[torch.Tensor], ord: float = 2) -> list[float]:

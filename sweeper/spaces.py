@@ -165,15 +165,17 @@ class Sweep:
             grid = [k for k, v in self.space.items() if _is_grid(v)]
             p.append(f"search='optuna' cannot expand grid axes {grid}: use search='random' for a "
                      "factorial grid, or tune.choice for Optuna to pick from")
-        if not p and isinstance(self.seed, int) and self.seeds > 1 and self.seed + self.seeds - 1 > MAX_SEED:
+        if p:  # the checks below read the fields as the ones above validated them
+            return p
+        if self.seed + self.seeds - 1 > MAX_SEED:
             p.append(f"seeds={self.seeds} from seed={self.seed} reach seed {self.seed + self.seeds - 1}: "
                      f"seeds go up to {MAX_SEED} (2**62)")
-        if not p and (count := trial_count(self)) > MAX_TRIALS:
-            axes = [f"{k} ({len(v['grid_search'])})" for k, v in self.space.items() if _is_grid(v)]
-            axes += [f"seed ({self.seeds})"] if self.seeds > 1 else []
-            p.append(f"the sweep would run {count:,} trials ({' x '.join(axes + [f'num_samples ({self.num_samples})'])}): "
-                     f"more than {MAX_TRIALS:,}, which every launch plans up front and Tune keeps in "
-                     "its experiment state. Split it into several sweeps, or draw values with "
+        elif (count := trial_count(self)) > MAX_TRIALS:
+            factors = [f"{k} ({len(v['grid_search'])})" for k, v in self.space.items() if _is_grid(v)]
+            factors += [f"seed ({self.seeds})"] * (self.seeds > 1) + [f"num_samples ({self.num_samples})"]
+            p.append(f"the sweep would run {count:,} trials ({' x '.join(factors)}): more than "
+                     f"{MAX_TRIALS:,}, which every launch plans up front and Tune keeps in its "
+                     "experiment state. Split it into several sweeps, or draw values with "
                      "tune.choice / tune.uniform instead of crossing grid_search axes")
         return p
 

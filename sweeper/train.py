@@ -284,7 +284,7 @@ def _train_epoch(ctx: TrainContext, gen: torch.Generator, autocast,
     # from the compiled net's: the trajectory would change, so compiled runs keep the hooks' probe.
     watchers = [h for h in hooks if hasattr(h, "watch_step")] if net is model else []
     # The last full-size step: a short last batch would give the hooks fewer examples to measure.
-    watched = max(ctx.data.num_train // ctx.cfg.data.batch_size, 1) - 1 if watchers else -1
+    watched = ctx.data.last_full_step if watchers else -1
     model.train()
     totals = _Totals()
     for i, (x, y) in enumerate(ctx.data.train_batches(gen)):

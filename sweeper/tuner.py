@@ -390,12 +390,14 @@ def _refuse_ray_client(address: str | None) -> None:
 
 
 _REACH_S = 5.0  # seconds to open a TCP connection to the cluster before Ray's own minutes of retries
+_GCS_PORT = "the head node's GCS port, 6379 unless `ray start --head --port` said otherwise"
 
 
 def _check_reachable(address: str | None) -> None:
-    """A HOST:PORT cluster address answers a TCP connection within a few seconds, or the launch stops
-    here, naming the address and the reason (Ray's connection retries take minutes to fail). 'auto'
-    (this node's running Ray) and URLs are left to Ray."""
+    """A HOST:PORT cluster address answers a TCP connection within a few seconds, and not as some
+    other kind of server (see :func:`_first_reply`), or the launch stops here naming the address and
+    the reason: Ray's connection retries take minutes to fail. 'auto' (this node's running Ray) is
+    left to Ray; 'local' and URLs other than ray:// (refused before this) are refused."""
     import socket
 
     option = "--address" if address else "RAY_ADDRESS"
@@ -406,17 +408,15 @@ def _check_reachable(address: str | None) -> None:
         raise ConfigError([f"{option} local would start a fresh Ray on this machine: that is --local "
                            "(with --num-cpus to size it)"])
     if "://" in address:
-        raise ConfigError([f"{option} {address!r} is a URL, not a cluster address: give the head "
-                           "node's HOST:PORT (its GCS port, 6379 unless `ray start --head --port` said "
-                           "otherwise); an http:// address is the dashboard's, for `ray job submit`"])
+        raise ConfigError([f"{option} {address!r} is a URL, not a cluster address: give HOST:PORT "
+                           f"({_GCS_PORT}); an http:// address is the dashboard's, for `ray job submit`"])
     host, sep, port = address.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host  # [IPv6]:port
     if not sep or not host or (":" in host and not bracketed) or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise ConfigError([f"{option} {address!r} is not a cluster address: give the head node's "
-                           "HOST:PORT (its GCS port, 6379 unless `ray start --head --port` said "
-                           "otherwise), or 'auto' on a node of the cluster"])
+                           f"HOST:PORT ({_GCS_PORT}), or 'auto' on a node of the cluster"])
     try:
         with socket.create_connection((host, int(port)), timeout=_REACH_S) as conn:
             reply = _first_reply(conn)
@@ -427,16 +427,16 @@ def _check_reachable(address: str | None) -> None:
                            f"and is port {port} open from this machine?"]) from None
     if reply and not (len(reply) >= 4 and reply[3] == 0x04):  # anything but an HTTP/2 SETTINGS frame
         raise ConfigError([f"{option} {address!r} answers, but not as Ray's GCS (a gRPC server; it "
-                           f"replied {reply[:12]!r}): give the head node's GCS port (6379 unless "
-                           "`ray start --head --port` said otherwise), not e.g. the dashboard's (8265)"])
+                           f"replied {reply[:12]!r}): give {_GCS_PORT}, not e.g. the dashboard's (8265)"])
 
 
 def _first_reply(conn) -> bytes:
     """The first bytes a server sends after an HTTP/2 connection preface and an empty SETTINGS frame
     (RFC 9113 3.4): a gRPC server such as Ray's GCS answers with its own SETTINGS frame (its 4th
     byte, the frame type, is 4), a web server with an error page or status line. Empty when it says
-    nothing within a second or closes (a TLS endpoint, say): then Ray decides. Ray's connection retries take minutes to give up on a
-    port that accepts connections but is not a GCS (seen: over 150 s against a web server)."""
+    nothing within a second or closes (a TLS endpoint, say): then Ray decides. Ray's connection
+    retries take minutes to give up on a port that accepts connections but is not a GCS (seen: over
+    150 s against a web server)."""
     try:
         conn.settimeout(1.0)
         conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")

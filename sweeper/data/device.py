@@ -123,6 +123,11 @@ class DeviceData:
         full, rest = divmod(self.num_train, self.cfg.batch_size)
         return full + (1 if rest >= 2 else 0)  # see train_batches: a last batch of one is dropped
 
+    @property
+    def last_full_step(self) -> int:
+        """The index of the epoch's last full-size step (the only step, where the data is smaller)."""
+        return max(self.num_train // self.cfg.batch_size, 1) - 1
+
     # ---- batches --------------------------------------------------------------------------------
 
     def train_batches(self, generator: torch.Generator) -> Iterator[Batch]:
