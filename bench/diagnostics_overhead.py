@@ -4,7 +4,8 @@ The same trial (same seed, same data) runs without the Diagnostics hook and with
 epoch-probe modes, interleaved `--repeats` times so that drift in machine load hits all of them; the
 ratio of median epoch times is the overhead. ``diagnostics`` is the default,
 ``diagnostics.epoch_probe='training_step'`` (each epoch measured on one of its own training steps);
-``diagnostics_fixed`` is ``'fixed'`` (an extra probe pass of the fixed batch after each epoch). No Ray, no MLflow: this runs on any machine with torch (a GPU one included).
+``diagnostics_fixed`` is ``'fixed'`` (an extra probe pass of the fixed batch after each epoch). No
+Ray, no MLflow: this runs on any machine with torch (a GPU one included).
 Torch runs --threads threads (default 1, what a 1-CPU trial gets): on a shared machine, OpenMP threads
 that outnumber the free cores make single runs several times slower and the ratio meaningless.
 
