@@ -574,3 +574,58 @@ def test_a_tracking_uri_without_a_store_names_the_scheme_without_its_password():
         "--tracking-uri 's3://***@bucket/mlflow': MLflow has no tracking store for the scheme "
         "'s3'; use a path, or a file:, sqlite:, postgresql:, mysql:, mssql:, http: or https: URI "
         "(or a scheme an installed MLflow plugin adds)"]
+
+
+def _journal_mode(db) -> str:
+    import sqlite3
+
+    connection = sqlite3.connect(db)
+    try:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_a_new_sqlite_store_is_made_in_wal_mode_and_an_existing_one_keeps_its_mode(tmp_path):
+    import sqlite3
+
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    assert t.flush()
+    assert _journal_mode(tmp_path / "mlflow.db") == "wal"
+
+    theirs = tmp_path / "theirs" / "mlflow.db"  # a store the user made: their choice of mode stands
+    theirs.parent.mkdir()
+    sqlite3.connect(theirs).close()
+    t2 = Tracker(tmp_path / "rec2", f"sqlite:///{theirs}", "exp", "uid-2")
+    t2.start_sweep(run_name="s", tags={}, params={}, texts={})
+    assert t2.flush()
+    assert _journal_mode(theirs) == "delete"
+
+
+def test_a_reader_in_the_store_does_not_hold_up_delivery(tmp_path):
+    """`sweeper ui` or `sweeper report` reading the embedded store while a sweep delivers: in
+    SQLite's rollback-journal mode the writer waits for the reader (up to MLflow's 20 s busy
+    timeout, then fails); in WAL mode neither waits."""
+    import sqlite3
+
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="a", config={"optim.lr": 0.1})
+    assert t.flush()
+    reader = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 2  # holds its snapshot
+        t.log_result("t1", _result(1, val_accuracy=0.5))
+        t.finish("t1", "FINISHED")
+        start = time.monotonic()
+        assert t.flush() and t.pending() == 0
+        assert time.monotonic() - start < 5.0
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    run = MlflowClient(default_tracking_uri(tmp_path)).search_runs(
+        [MlflowClient(default_tracking_uri(tmp_path)).get_experiment_by_name("exp").experiment_id],
+        filter_string="tags.`sweeper.role` = 'trial'")[0]
+    assert run.data.metrics["val_accuracy"] == 0.5 and run.info.status == "FINISHED"
