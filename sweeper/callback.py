@@ -25,6 +25,8 @@ from sweeper.tracking import Tracker
 
 __all__ = ["STOPPED_REASON", "SweepCallback", "mark_stopped", "trial_label"]
 
+_PROGRESS_S = 10.0  # seconds between progress lines while trials run
+_ENDED_LINE_S = 1.0  # ... and between the lines printed as trials end
 
 
 def trial_label(config: Mapping[str, Any]) -> str:
@@ -225,11 +227,11 @@ class SweepCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=None)
-        self._progress(trials, force=True)
+        self._progress(trials, ended=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, error=_error_text(trial))
-        self._progress(trials, force=True)
+        self._progress(trials, ended=True)
 
     def _finish(self, trial, *, error: str | None) -> None:
         rec = self._base(trial)
@@ -285,14 +287,19 @@ class SweepCallback(Callback):
                           f"{fmt((rec.get('last') or {}).get(self.sweep.metric))}  {reason or ''}",
                           style=style)
 
-    def _progress(self, trials, force: bool = False) -> None:
-        now = time.time()
-        if self.quiet or (not force and now - self.last_print < 10):
+    def _progress(self, trials, ended: bool = False) -> None:
+        """A line every 10 s, and when a trial ends: then at most one a second (a sweep of many
+        short trials printed one line per trial), and always when the last one does."""
+        if self.quiet:
             return
-        self.last_print = now
+        now = time.time()
         # Inside on_trial_complete Tune still shows the trial RUNNING: count our own outcomes.
         done = sum(1 for outcome in self.states.values() if outcome != "running")
-        running = max(0, sum(1 for t in trials if t.status == "RUNNING") - (1 if force else 0))
+        last = ended and done >= self.planned
+        if now - self.last_print < (_ENDED_LINE_S if ended else _PROGRESS_S) and not last:
+            return
+        self.last_print = now
+        running = max(0, sum(1 for t in trials if t.status == "RUNNING") - (1 if ended else 0))
         pending = sum(1 for t in trials if t.status == "PENDING")
         elapsed = now - self.started
         budget = self.planned * self.sweep.max_epochs

@@ -341,3 +341,31 @@ def test_a_port_that_answers_but_not_as_a_gcs_is_refused(reply, refused):
     finally:
         thread.join(5)
         server.close()
+
+
+def test_progress_lines_as_trials_end_come_at_most_once_a_second_and_always_for_the_last(
+        tmp_path, monkeypatch):
+    """A sweep of many short trials printed one progress line per trial that ended."""
+    import sweeper.callback as callback_module
+    from sweeper.callback import SweepCallback
+    from sweeper.tracking import Tracker
+
+    record = SweepRecord(tmp_path / "many")
+    record.create({"name": "many", "metric": "val_accuracy", "mode": "max"}, "SWEEP = None\n")
+    sweep = Sweep(name="many", space={"model.arch": "smallcnn"}, max_epochs=1, num_samples=50)
+    tracker = Tracker(record.dir, f"sqlite:///{tmp_path / 'ml.db'}", "many", "uid")
+    cb = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=False, planned=50)
+    lines, clock = [], [time.time()]
+    monkeypatch.setattr(callback_module.console, "print", lambda text, **kw: lines.append(text))
+    monkeypatch.setattr(callback_module.time, "time", lambda: clock[0])
+    trials = [SimpleNamespace(trial_id=f"t{i}", status="RUNNING") for i in range(50)]
+    for i, trial in enumerate(trials):  # 50 trials end within 5 s
+        clock[0] += 0.1
+        cb.states[trial.trial_id] = "completed"
+        cb._progress(trials[i:], ended=True)
+    assert 4 <= len(lines) <= 6, lines
+    assert "trials: 50/50 done" in lines[-1]
+    clock[0] += 0.1
+    cb._progress(trials, ended=False)  # a periodic line waits its 10 s
+    assert len(lines) <= 6
+    tracker.close()
