@@ -7,10 +7,17 @@ it (data already decoded, as a reused worker has it). Goal (issue #9): launch sp
 
     python bench/driver_overhead.py --trials 200 --num-cpus 2                # ~0.45 s: the issue's ~0.5 s
     python bench/driver_overhead.py --trials 200 --num-cpus 2 --width 0.125  # ~0.23 s trials
+    python bench/driver_overhead.py --num-cpus 1   # one trial slot: the driver has a core of its own
 
-Writes bench/results/driver_overhead.json (driver_overhead_w<width>.json for other widths) and prints
-the ratio, then where the span's worker-seconds went: training epochs (vs the same epochs solo), the
-rest of each trial's life as the driver saw it, and worker slots that held no trial.
+With ``--num-cpus 2`` on a 2-core machine the driver (Tune's loop, sweeper's callback, MLflow
+delivery) runs on the trials' cores, so every CPU second it spends is taken from them; with
+``--num-cpus 1`` it has the other core, as a cluster's driver has its own node, and what is left is
+the bookkeeping's latency alone (start, report, checkpoint, stop, reuse of the worker).
+
+Writes bench/results/driver_overhead.json (``_w<width>``, ``_cpus<n>`` added for other widths and
+slot counts) and prints the ratio, then where the span's worker-seconds went: training epochs (vs
+the same epochs solo), the rest of each trial's life as the driver saw it, and worker slots that
+held no trial.
 """
 
 from __future__ import annotations
@@ -136,7 +143,8 @@ def main() -> None:
     row["machine"] = machine()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    name = "driver_overhead" + ("" if args.width == DEFAULT_WIDTH else f"_w{args.width:g}")
+    name = ("driver_overhead" + ("" if args.width == DEFAULT_WIDTH else f"_w{args.width:g}")
+            + ("" if args.num_cpus == 2 else f"_cpus{args.num_cpus}"))
     (out / f"{name}.json").write_text(json.dumps(row, indent=1))
 
 
