@@ -99,6 +99,8 @@ def _create_sqlite_in_wal_mode(uri: str) -> None:
     database that already exists (one the user made, or one from an older sweeper) is left in the
     mode its owner chose. WAL keeps two companion files (``-wal``, ``-shm``) beside the database
     while it is open; copy the three together, or the database alone once no process has it open.
+    A reader creates them too, so before putting a copy on read-only media, run
+    ``sqlite3 mlflow.db 'PRAGMA journal_mode=DELETE'`` on it (with nothing else holding it open).
     """
     path = _sqlite_path(uri)
     if path is None or path.exists():
