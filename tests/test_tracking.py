@@ -4,6 +4,7 @@ and outages that never duplicate a point. Runs against the embedded SQLite store
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -601,6 +602,25 @@ def test_a_new_sqlite_store_is_made_in_wal_mode_and_an_existing_one_keeps_its_mo
     t2.start_sweep(run_name="s", tags={}, params={}, texts={})
     assert t2.flush()
     assert _journal_mode(theirs) == "delete"
+
+
+def test_sqlites_own_uri_form_and_percent_escapes_are_read_as_sqlalchemy_reads_them(tmp_path,
+                                                                                    monkeypatch):
+    import sqlite3
+
+    from sweeper.tracking import _create_sqlite_in_wal_mode, _sqlite_path
+
+    monkeypatch.chdir(tmp_path)
+    theirs = tmp_path / "x.db"
+    sqlite3.connect(theirs).close()
+    # SQLite's URI form opens what the user says, how they say it (here: read-only): left alone.
+    _create_sqlite_in_wal_mode(f"sqlite:///file:{theirs}?mode=ro&uri=true")
+    assert _journal_mode(theirs) == "delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]  # no stray "file:" folder
+    assert _sqlite_path("sqlite:///%20sp.db") == Path(" sp.db")
+    _create_sqlite_in_wal_mode("sqlite:///%20sp.db")
+    assert _journal_mode(tmp_path / " sp.db") == "wal"
+    assert _sqlite_path("sqlite://") is None and _sqlite_path("sqlite:///:memory:") is None
 
 
 def test_a_reader_in_the_store_does_not_hold_up_delivery(tmp_path):
