@@ -98,10 +98,11 @@ def _create_sqlite_in_wal_mode(uri: str) -> None:
     here), CPU that a small machine's driver takes from its trials. Commits stay as durable
     (synchronous=FULL, the default of SQLite as Python ships it). The mode is a property of the
     file, so it is set once, when the file is new: a database that already exists (one the user
-    made, or one from an older sweeper) is left in the mode its owner chose. WAL keeps two companion files (``-wal``, ``-shm``) beside the database:
-    copy the three together (after a killed driver, ``-wal`` holds committed runs until the next
-    open folds it back). A reader creates them too, so before putting a copy on read-only media,
-    run ``sqlite3 mlflow.db 'PRAGMA journal_mode=DELETE'`` on it (with nothing else holding it open).
+    made, or one from an older sweeper) is left in the mode its owner chose. WAL keeps two
+    companion files (``-wal``, ``-shm``) beside the database: copy the three together (after a
+    killed driver, ``-wal`` holds committed runs until the next open folds it back). A reader
+    creates them too, so before putting a copy on read-only media, run
+    ``sqlite3 mlflow.db 'PRAGMA journal_mode=DELETE'`` on it (with nothing else holding it open).
     """
     path = _sqlite_path(uri)
     # A URI with options (``?mode=ro``, ``sqlite:///file:...?uri=true``) is SQLite's own URI form:
