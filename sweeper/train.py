@@ -166,10 +166,12 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        batch_gen.set_state(state["batch_gen"])
-        torch.set_rng_state(state["torch_rng"])
+        # Generator states are CPU byte tensors whatever the device: map_location moved them onto
+        # the GPU with the weights, and set_state refused them (every GPU trial's resume failed).
+        batch_gen.set_state(state["batch_gen"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         if on_cuda and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         ctx.epoch, ctx.history, initial = state["epoch"], state["history"], state["initial"]
         for hook, hook_state in zip(hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
