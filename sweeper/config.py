@@ -201,11 +201,14 @@ class TrialConfig:
     device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:N'
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA; ignored on CPU
-    # torch.compile the model for training and evaluation steps. Compiling takes from seconds (small
-    # nets) to minutes, once per process and shape: it pays off only when a worker trains many
-    # same-shaped models or long trials; for short sweeps of varied architectures it costs more than it
-    # saves. Needs a C++ compiler on CPU and Triton on CUDA.
-    compile: bool = False
+    # torch.compile the model for training and evaluation steps: false, true (torch's default mode),
+    # or "reduce-overhead" (one graph per batch shape, replayed as a CUDA graph: a small net's step
+    # stops paying a kernel launch per op; measured 3.3x true's and ~2.4x eager's images/s for a
+    # full-width VGG-16-BN at 32x32 on one H200, bench/README.md; on a CPU it is the same as true).
+    # Compiling takes from seconds (small nets) to ~40 s (VGG-16 on a GPU), once per process and
+    # shape: it pays off for long trials or a worker that trains many same-shaped models, not for
+    # short sweeps of varied architectures. Needs a C++ compiler on CPU and Triton on CUDA.
+    compile: bool | str = False
     # Same seed, same device -> bit-identical metrics: deterministic kernels, cudnn.benchmark off,
     # CUBLAS_WORKSPACE_CONFIG=:4096:8. Slower on CUDA; an op without a deterministic kernel warns
     # by name (the 'paper' head's 7x7 adaptive pool, GoogLeNet's auxiliary pools).
@@ -333,7 +336,9 @@ class TrialConfig:
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             p.append(f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
-        _boolean(p, "compile", self.compile)
+        if not (isinstance(self.compile, bool) or self.compile == "reduce-overhead"):
+            p.append(f"compile={self.compile!r} is not one of: false, true, 'reduce-overhead' "
+                     "(torch.compile's CUDA-graph mode)")
         _boolean(p, "deterministic", self.deterministic)
         return p
 
@@ -467,6 +472,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         optional = len(args) < len(typing.get_args(typ))
+        if args == [bool, str]:  # compile: a boolean, or a word the field's own check judges
+            value = parse_value(value) if isinstance(value, str) else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+                return bool(value)
+            return value
         typ = args[0]
     if isinstance(value, str) and typ is not str:
         value = parse_value(value)

@@ -150,7 +150,7 @@ def _fit(cfg: TrialConfig, device: torch.device, *, report: Report | None,
         model = model.to(memory_format=torch.channels_last)
     # The steps and evaluations run `net`; hooks, checkpoints and the step-0 probe see `model` itself
     # (same parameters, its own module names and state-dict keys, forward hooks that fire eagerly).
-    net = _compiled(model) if cfg.compile else model
+    net = _compiled(model, cfg.compile) if cfg.compile else model
     optimizer = _optimizer(cfg, model)
     scheduler = _scheduler(cfg, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -421,8 +421,16 @@ def _scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
-def _compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)``: the wrapper shares the model's parameters and buffers."""
+def _compiled(model: nn.Module, mode: bool | str = True) -> nn.Module:
+    """``torch.compile(model)``: the wrapper shares the model's parameters and buffers.
+
+    ``"reduce-overhead"`` records a CUDA graph per batch shape and replays it. Its shapes are static
+    (``dynamic=False``): a batch size made dynamic would need a graph per size anyway. Each graph
+    reuses its output buffers, so a step's logits and loss are read (the epoch sums) before the next
+    step runs, as the loops here do.
+    """
+    if mode == "reduce-overhead":
+        return torch.compile(model, mode="reduce-overhead", dynamic=False)
     return torch.compile(model)
 
 

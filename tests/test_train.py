@@ -343,6 +343,32 @@ def test_new_options_default_off_and_are_validated():
     assert (flat.compile, flat.deterministic, flat.optim.decay_norm_bias) == (True, True, False)
     with pytest.raises(ConfigError) as info:
         TrialConfig.from_flat({"compile": "maybe", "deterministic": 2, "optim.decay_norm_bias": "x"})
-    assert len(info.value.problems) == 3 and "compile='maybe' is not a boolean" in str(info.value)
+    allowed = "is not one of: false, true, 'reduce-overhead' (torch.compile's CUDA-graph mode)"
+    assert len(info.value.problems) == 3 and f"compile='maybe' {allowed}" in str(info.value)
     built = TrialConfig(compile="yes")  # built directly, not through from_flat
-    assert built.problems() == ["compile='yes' is not a boolean (true/false)"]
+    assert built.problems() == [f"compile='yes' {allowed}"]
+    assert TrialConfig(compile=1).problems() == [f"compile=1 {allowed}"]  # not a bool, though == True
+
+
+def test_compile_takes_a_boolean_or_the_cuda_graph_mode_from_a_space_or_the_command_line():
+    for given, expected in [("reduce-overhead", "reduce-overhead"), ("on", True), ("false", False),
+                            (1, True), (0, False), (True, True)]:
+        cfg = TrialConfig.from_flat({"compile": given})
+        assert cfg.compile == expected and type(cfg.compile) is type(expected), given
+        assert TrialConfig.from_flat(cfg.to_flat()) == cfg  # survives the trip through a flat config
+    for bad in ["max-autotune", "", 2, 0.5, None]:
+        with pytest.raises(ConfigError, match=f"compile={bad!r} is not one of: false, true, "):
+            TrialConfig.from_flat({"compile": bad})
+
+
+def test_compile_reduce_overhead_asks_torch_for_cuda_graphs_with_static_shapes(monkeypatch):
+    calls = []
+
+    def fake_compile(model, *args, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fit(_tiny(compile="reduce-overhead"))
+    fit(_tiny(compile=True))
+    assert calls == [{"mode": "reduce-overhead", "dynamic": False}, {}]
