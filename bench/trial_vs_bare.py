@@ -64,12 +64,14 @@ SWEEP = Sweep(
 
 
 def bare(cfg, splits, threads: int, *, benchmark: bool | None = None,
-         stats: bool = False) -> dict[str, list[float]]:
+         stats: bool = False, fused: bool = False) -> dict[str, list[float]]:
     """A plain loop: returns per-epoch train seconds and end-of-epoch timestamps.
 
-    ``--explain`` adds two variants of it, to locate where fit's extra time goes: ``benchmark``
-    (cudnn.benchmark on, as fit sets it on CUDA; the plain loop leaves torch's default, off) and
-    ``stats`` (fit's per-step loss/top-1/top-5 sums on the device, ``sweeper.train._Totals``).
+    Its SGD is the one fit builds (torch's default, foreach on CUDA). ``--explain`` adds three
+    variants of it, to locate where fit's extra time goes: ``benchmark`` (cudnn.benchmark on, as fit
+    sets it on CUDA; the plain loop leaves torch's default, off), ``stats`` (fit's per-step
+    loss/top-1/top-5 sums on the device, ``sweeper.train._Totals``) and ``fused`` (torch's fused SGD,
+    one kernel per step, to show what fusing would buy on a GPU).
     """
     import torch
     from torch import nn
@@ -91,7 +93,7 @@ def bare(cfg, splits, threads: int, *, benchmark: bool | None = None,
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                          weight_decay=o.weight_decay)
+                          weight_decay=o.weight_decay, fused=True if fused else None)
     criterion = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda and cfg.amp
@@ -232,7 +234,8 @@ def main() -> None:
     ap.add_argument("--device", type=device, default="auto")
     ap.add_argument("--no-ray", action="store_true", help="only (a) and (b)")
     ap.add_argument("--explain", action="store_true",
-                    help="also the bare loop with cudnn.benchmark on, and with fit's per-step sums")
+                    help="also the bare loop with cudnn.benchmark on, with fit's per-step sums, "
+                         "and with torch's fused SGD")
     args = ap.parse_args()
     if args.epochs < 3:
         ap.error("--epochs must be >= 3")
@@ -247,7 +250,7 @@ def main() -> None:
     from sweeper.spaces import sample_config
 
     started = time.time()
-    variants = (["bare", "fit"] + (["bare_bench", "bare_stats"] if args.explain else [])
+    variants = (["bare", "fit"] + (["bare_bench", "bare_stats", "bare_fused"] if args.explain else [])
                 + ([] if args.no_ray else ["ray"]))
     per_rep: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="trial_vs_bare-") as tmp:
@@ -265,7 +268,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if v.startswith("bare"):
                     r = bare(cfg, splits, args.threads, benchmark=True if v == "bare_bench" else None,
-                             stats=v == "bare_stats")
+                             stats=v == "bare_stats", fused=v == "bare_fused")
                     r["spacing"] = spacing(r.pop("ends"))
                 elif v == "fit":
                     r = through_fit(cfg, splits, args.threads)
@@ -275,7 +278,7 @@ def main() -> None:
                 r["train"] = r["train"][1:-1]
                 r["wall_seconds"] = time.perf_counter() - t0
                 per_rep[v].append(r)
-                print(f"rep {rep + 1}/{args.reps} {v:<10}: train {statistics.median(r['train']):.3f} s,"
+                print(f"rep {rep + 1}/{args.reps} {v:<12}: train {statistics.median(r['train']):.3f} s,"
                       f" epoch {statistics.median(r['spacing']):.3f} s  ({r['wall_seconds']:.0f} s)",
                       flush=True)
 
@@ -295,10 +298,10 @@ def main() -> None:
     print(f"\n{args.arch} width={args.width} on {args.dataset} ({len(splits.train_y)} train images, "
           f"{steps} steps of {cfg.data.batch_size}), {args.threads} thread(s), "
           f"{args.epochs} epochs x {args.reps} reps; medians of per-rep medians, epochs 2..{args.epochs - 1}")
-    print(f"{'variant':<10} {'train s/epoch':>14} {'epoch s':>9} {'epoch/bare':>11} {'train/bare':>11}")
+    print(f"{'variant':<12} {'train s/epoch':>14} {'epoch s':>9} {'epoch/bare':>11} {'train/bare':>11}")
     for v in variants:
         s = summary[v]
-        print(f"{v:<10} {s['train_s']:>14.3f} {s['epoch_s']:>9.3f} "
+        print(f"{v:<12} {s['train_s']:>14.3f} {s['epoch_s']:>9.3f} "
               f"{s['epoch_s'] / summary['bare']['epoch_s']:>10.3f}x "
               f"{s['train_s'] / summary['bare']['train_s']:>10.3f}x")
     if "ray" in summary:

@@ -25,6 +25,10 @@ def _run(script, *args):
     ("throughput.py", ["--device", "tpu"], "argument --device: 'tpu' is not a device"),
     # Refused in the parent, before any trial process starts.
     ("gpu_packing.py", ["--arch", "vgg99", "--device", "cpu"], "error: model.arch='vgg99' is not one of"),
+    ("study_gpu.py", ["--archs", "vgg99", "--device", "cpu"], "error: model.arch='vgg99' is not one of"),
+    ("study_gpu.py", ["--workers", "0"], "argument --workers: 0 must be >= 1"),
+    ("throughput.py", ["--static"], "error: --static goes with --compile true"),
+    ("throughput.py", ["--compile", "max-autotune"], "argument --compile: invalid choice: 'max-autotune'"),
 ])
 def test_a_bad_argument_is_one_line_and_exit_2(script, args, says):
     out = _run(script, *args)
@@ -38,9 +42,23 @@ def test_cuda_on_a_machine_without_it_is_refused_before_any_work():
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     for script, args in (("gpu_packing.py", ["--counts", "1"]),  # its default is cuda
+                         ("study_gpu.py", []),  # so is this one's
                          ("diagnostics_overhead.py", ["--device", "cuda"]),
                          ("trial_vs_bare.py", ["--device", "cuda", "--no-ray"])):
         out = _run(script, *args)
         assert out.returncode == 2, (script, out.stderr)
         assert "argument --device: 'cuda': torch sees no CUDA device" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_the_study_projection_counts_the_fewest_epochs_asha_can_run_per_cell():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from study_gpu import asha_epochs_per_cell
+    finally:
+        sys.path.remove(str(BENCH))
+    # vgg_depth: 3 trials, rungs at 3, 9, 27 of 30; one goes on from each rung: 9 + 6 + 18 + 3.
+    assert asha_epochs_per_cell(3, grace=3, rf=3, max_epochs=30) == 36
+    assert asha_epochs_per_cell(9, grace=3, rf=3, max_epochs=30) == 27 + 3 * 6 + 18 + 3
+    assert asha_epochs_per_cell(1, grace=3, rf=3, max_epochs=30) == 30
+    assert asha_epochs_per_cell(4, grace=1, rf=2, max_epochs=4) == 4 + 2 * 1 + 2
