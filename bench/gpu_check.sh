@@ -4,11 +4,7 @@
 # trials per GPU with utilisation, trial vs bare loop, diagnostics overhead, compile on vs off.
 # Each step has its own time limit so one slow step cannot take the others' figures with it.
 #   OUT=/some/dir bash bench/gpu_check.sh       (the device tool sets OUT)
-set -u
-OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT" bench/results
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-step() { local limit=$1; shift; echo; echo "=== $* (limit ${limit}s)"; local t0=$SECONDS
-         timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0))s"; }
+source bench/_gpu_common.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 step 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_packing.py

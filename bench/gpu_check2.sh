@@ -2,11 +2,7 @@
 # Second GPU pass (issue #9): where fit's extra per-step time on CUDA goes (bare loop with
 # cudnn.benchmark on, and with fit's per-step sums), diagnostics overhead with both variants warmed
 # up, and NVML utilisation sampled by nvidia-smi while one trial trains.
-set -u
-OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT" bench/results
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-step() { local limit=$1; shift; echo; echo "=== $* (limit ${limit}s)"; local t0=$SECONDS
-         timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0))s"; }
+source bench/_gpu_common.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/nvsmi.csv" &
 SMI=$!

@@ -5,11 +5,7 @@
 # size with the fused/default SGD split, and torch.compile's CUDA-graph mode against its default mode
 # with static shapes. Each step has its own limit.
 #   OUT=/some/dir bash bench/gpu_check3.sh       (the device tool sets OUT)
-set -u
-OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT" bench/results
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-step() { local limit=$1; shift; echo; echo "=== $* (limit ${limit}s)"; local t0=$SECONDS
-         timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0))s"; }
+source bench/_gpu_common.sh
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
