@@ -5,6 +5,7 @@
 # Each step has its own time limit so one slow step cannot take the others' figures with it.
 #   OUT=/some/dir bash bench/gpu_check.sh       (the device tool sets OUT)
 source bench/_gpu_common.sh
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # for the deterministic CUDA tests (cuBLAS reads it once)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 step 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_packing.py

@@ -6,6 +6,7 @@
 # with static shapes. Each step has its own limit.
 #   OUT=/some/dir bash bench/gpu_check3.sh       (the device tool sets OUT)
 source bench/_gpu_common.sh
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # for the deterministic CUDA tests (cuBLAS reads it once)
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"

@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--device", type=device, default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.epochs > args.max_epochs:
+        ap.error(f"--epochs {args.epochs} is more than --max-epochs {args.max_epochs} (the budget the "
+                 "projection is for)")
     from sweeper.config import TrialConfig
 
     configs = study_configs(args)

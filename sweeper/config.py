@@ -204,7 +204,7 @@ class TrialConfig:
     # torch.compile the model for training and evaluation steps: false, true (torch's default mode),
     # or "reduce-overhead" (one graph per batch shape, replayed as a CUDA graph: a small net's step
     # stops paying a kernel launch per op; measured 3.3x true's and ~2.4x eager's images/s for a
-    # full-width VGG-16-BN at 32x32 on one H200, bench/README.md; on a CPU it is the same as true).
+    # full-width VGG-16-BN at 32x32 on one H200, bench/README.md; on a CPU: static shapes, no graphs).
     # Compiling takes from seconds (small nets) to ~40 s (VGG-16 on a GPU), once per process and
     # shape: it pays off for long trials or a worker that trains many same-shaped models, not for
     # short sweeps of varied architectures. Needs a C++ compiler on CPU and Triton on CUDA.

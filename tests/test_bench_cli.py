@@ -1,6 +1,7 @@
 """The bench scripts' command lines: a bad count or an unknown architecture is one line and exit 2,
 never a traceback (they are run by people checking the project's figures, often with other flags)."""
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ def bench(monkeypatch, capsys):
 
     monkeypatch.syspath_prepend(str(BENCH))  # the script's directory, as python puts it first
     threads = torch.get_num_threads()  # a script sets its own before it builds what it refuses
+    environ = dict(os.environ)  # and trial_vs_bare its OMP_NUM_THREADS
 
     def run(script, *args):
         monkeypatch.setattr(sys, "argv", [str(BENCH / script), *args])
@@ -28,6 +30,8 @@ def bench(monkeypatch, capsys):
 
     yield run
     torch.set_num_threads(threads)  # later tests in this process run as they would alone
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.mark.parametrize("script,args,says", [
@@ -42,15 +46,19 @@ def bench(monkeypatch, capsys):
     ("gpu_packing.py", ["--arch", "vgg99", "--device", "cpu"], "error: model.arch='vgg99' is not one of"),
     ("study_gpu.py", ["--archs", "vgg99", "--device", "cpu"], "error: model.arch='vgg99' is not one of"),
     ("study_gpu.py", ["--workers", "0"], "argument --workers: 0 must be >= 1"),
+    ("study_gpu.py", ["--epochs", "3", "--max-epochs", "2", "--device", "cpu"],
+     "error: --epochs 3 is more than --max-epochs 2 (the budget the projection is for)"),
     ("throughput.py", ["--static"], "error: --static goes with --compile true"),
     ("throughput.py", ["--compile", "max-autotune"], "argument --compile: invalid choice: 'max-autotune'"),
 ])
+@pytest.mark.timeout(60)  # a refusal that stopped refusing would run the benchmark here
 def test_a_bad_argument_is_one_line_and_exit_2(bench, script, args, says):
     code, err = bench(script, *args)
     assert code == 2, err
     assert says in err.strip().splitlines()[-1]  # the last line says it (argparse puts usage above)
 
 
+@pytest.mark.timeout(60)
 def test_cuda_on_a_machine_without_it_is_refused_before_any_work(bench):
     import torch
 
