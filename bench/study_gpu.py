@@ -73,16 +73,12 @@ def _worker_init() -> None:
 def _trial(flat: dict) -> dict:
     """One trial as trial.py runs it (fit with the Diagnostics hook), minus Tune and MLflow."""
     from sweeper.config import TrialConfig
+    from sweeper.diagnostics import trial_hooks
     from sweeper.train import fit
 
     start = time.time()
     cfg = TrialConfig.from_flat(flat)
-    hooks = []
-    if cfg.diagnostics.enabled:
-        from sweeper.diagnostics import Diagnostics
-
-        hooks.append(Diagnostics(cfg.diagnostics))
-    result = fit(cfg, hooks=hooks)
+    result = fit(cfg, hooks=trial_hooks(cfg))
     return {"arch": flat["model.arch"], "batch_norm": flat["model.batch_norm"],
             "init": flat["model.init"], "start": start, "end": time.time(),
             "epoch_seconds": [h["epoch_seconds"] for h in result.history],
@@ -156,22 +152,23 @@ def main() -> None:
     sampler.join()
 
     trial_epochs = sum(len(r["epoch_seconds"]) for r in results)
-    # Packed, one epoch of each trial at its own measured pace (its median over the epochs it ran).
-    epoch_s = {id(r): statistics.median(r["epoch_seconds"]) for r in results}
+    def pace(r: dict) -> float:  # packed, one epoch of a trial: its median over the epochs it ran
+        return statistics.median(r["epoch_seconds"])
+
     fifo_s = wall * args.max_epochs / args.epochs
     cells: dict[tuple, list[dict]] = {}
     for r in results:
         cells.setdefault((r["arch"], r["batch_norm"], r["init"]), []).append(r)
     asha_min = asha_epochs_per_cell(args.lrs, 3, 3, args.max_epochs)
     # Lower end: the cell's slowest trial is taken as the survivor at every rung (conservative).
-    asha_lo_s = sum(asha_min * max(epoch_s[id(r)] for r in rs) for rs in cells.values()) / args.workers
-    asha_hi_s = sum(args.max_epochs * epoch_s[id(r)] for r in results) / args.workers
+    asha_lo_s = sum(asha_min * max(map(pace, rs)) for rs in cells.values()) / args.workers
+    asha_hi_s = sum(args.max_epochs * pace(r) for r in results) / args.workers
     busy = [u for t, u in samples if t0 + 5 <= t <= t0 + wall]
     summary = {
         "trials": len(results), "workers": args.workers, "epochs_each": args.epochs,
         "wall_s": wall, "trial_epochs": trial_epochs,
         "trial_epochs_per_hour": trial_epochs / wall * 3600,
-        "median_epoch_s_packed": statistics.median(epoch_s.values()),
+        "median_epoch_s_packed": statistics.median(map(pace, results)),
         "gpu_utilisation_median": statistics.median(busy) if busy else None,
         "projected_fifo_s": fifo_s, "asha_epochs_per_cell_min": asha_min,
         "projected_asha_s": [asha_lo_s, asha_hi_s],

@@ -71,7 +71,7 @@ from sweeper.inits import fans, weight_std
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
            "last_step", "maxpool_factor", "padding_fraction", "position_energy", "predicted_gain",
-           "predicted_stds", "relu_correlation", "signal_cause", "spatial_correlation"]
+           "predicted_stds", "relu_correlation", "signal_cause", "spatial_correlation", "trial_hooks"]
 
 STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradient", "lr_too_high",
                  "lr_too_small", "learn_then_collapse", "plateau")
@@ -97,6 +97,12 @@ class LayerInfo:
     module: nn.Module
     gain_pred: float  # n Var[w] rho of the init scheme (biases aside) on the probe's map size
     aux: bool = False  # runs only in training (an auxiliary head): not on the main path
+
+
+def trial_hooks(cfg) -> list:
+    """The hooks a trial trains with (a ``TrialConfig``): the Diagnostics hook unless it is off. One
+    place for the Ray trial, ``sweeper debug`` and the bench scripts."""
+    return [Diagnostics(cfg.diagnostics)] if cfg.diagnostics.enabled else []
 
 
 class Diagnostics:

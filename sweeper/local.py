@@ -36,6 +36,7 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
               epochs: int | None = None, device: str | None = None,
               checkpoint_dir: Path | None = None, resume: Path | None = None,
               diagnostics: bool = True):
+    from sweeper.diagnostics import trial_hooks
     from sweeper.train import CHECKPOINT_FILE, fit, resolve_device
 
     problems = []
@@ -63,7 +64,7 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
         if checkpoint_dir is not None:
             save(checkpoint_dir)
 
-    result = fit(cfg, report=report, resume_from=resume, hooks=_hooks(cfg))
+    result = fit(cfg, report=report, resume_from=resume, hooks=trial_hooks(cfg))
     if cfg.diagnostics.enabled and result.history:
         console.print(layer_table(result.initial, result.last))
     style = "green" if result.outcome == "completed" else "yellow"
@@ -130,14 +131,6 @@ def layer_table(initial: dict, last: dict):
                       pair("grad_norm", key), pair("update_ratio", key), pair("dead_frac", key),
                       f"{fmt(initial.get(f'gain_pred/{key}'))} / {fmt(initial.get(f'gain_meas/{key}'))}")
     return table
-
-
-def _hooks(cfg: TrialConfig) -> list:
-    if not cfg.diagnostics.enabled:
-        return []
-    from sweeper.diagnostics import Diagnostics
-
-    return [Diagnostics(cfg.diagnostics)]
 
 
 def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 from ray import tune
 
 from sweeper.config import TrialConfig
+from sweeper.diagnostics import trial_hooks
 from sweeper.train import CHECKPOINT_FILE, INIT_PREFIX, fit
 
 __all__ = ["FAIL_ONCE_ENV", "MISSING_CHECKPOINT_MARKER", "RESUMED_HISTORY", "train_trial",
@@ -53,11 +54,7 @@ def with_metric(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, An
 
 def train_trial(config: dict[str, Any], metric: str = "val_accuracy", mode: str = "max") -> None:
     cfg = TrialConfig.from_flat(config)
-    hooks = []
-    if cfg.diagnostics.enabled:
-        from sweeper.diagnostics import Diagnostics
-
-        hooks.append(Diagnostics(cfg.diagnostics))
+    hooks = trial_hooks(cfg)
 
     checkpoint = tune.get_checkpoint()
     fail_at = _fail_once_epoch()

@@ -110,17 +110,16 @@ def test_a_cuda_trial_resumes_from_its_checkpoint_bit_for_bit(tmp_path, flat):
     """A CUDA trial's checkpoint resumes (the generators' states were once mapped onto the GPU with
     the weights, and set_state refused them: every resume of a GPU trial failed) and continues to
     exactly the metrics of the run that never stopped."""
-    from sweeper.diagnostics import Diagnostics
+    from sweeper.diagnostics import trial_hooks
 
     cfg = _cfg(**{"epochs": 2, "deterministic": True, **flat})
-    hooks = lambda: [Diagnostics(cfg.diagnostics)] if cfg.diagnostics.enabled else []  # noqa: E731
 
     def report(metrics, save):
         if metrics["epoch"] == 1:
             save(tmp_path)
 
-    whole = fit(cfg, report=report, hooks=hooks()).history
-    resumed = fit(cfg, resume_from=tmp_path, hooks=hooks()).history
+    whole = fit(cfg, report=report, hooks=trial_hooks(cfg)).history
+    resumed = fit(cfg, resume_from=tmp_path, hooks=trial_hooks(cfg)).history
     keys = ("train_loss", "val_loss", "val_accuracy", "test_loss") + (
         ("rel_change/l01_conv",) if cfg.diagnostics.enabled else ())
     assert [[h.get(k) for k in keys] for h in resumed] == [[h.get(k) for k in keys] for h in whole]
