@@ -157,6 +157,14 @@ def test_a_frozen_backbone_is_no_vanishing_gradient():
     assert classify_stall(metrics, trainable) == "vanishing_gradient"  # the same numbers, all training
 
 
+def test_a_signal_dead_at_init_outranks_dead_units_now():
+    metrics, layers = _fake(stds=[1, 1, 1, 1], updates=[1e-2] * 4, dead=[0, 0, 0.6, 0.7])
+    assert classify_stall(metrics, layers) == "dead_relu"
+    assert classify_stall(metrics, layers, initial_signal=0.5) == "dead_relu"
+    assert classify_stall(metrics, layers, initial_signal=4e-4) == "vanishing_signal"
+    assert classify_stall(metrics, layers, initial_signal=math.nan) == "dead_relu"  # old checkpoints
+
+
 def test_lr_too_high_vs_too_small_depends_on_the_first_steps():
     metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[2e-4] * 4)
     assert classify_stall(metrics, layers, initial_max_update=1e-2) == "lr_too_high"
@@ -294,16 +302,58 @@ def test_a_recorded_step_leaves_no_hooks_behind():
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
 
 
-def test_learn_then_collapse():
+@pytest.mark.parametrize("losses,collapsed", [
+    ((1.2, 0.6), True),
+    # A He-init VGG-19 without BN reached 33% validation accuracy at loss 2.04 (ln 10 - 0.26) and fell
+    # back to ln 10: it learned, by the counterfactuals' bar of ln C - 2 x stall_tolerance.
+    ((2.2, 2.04), True),
+    # Never a whole tolerance past the chance band's edge (2.21 > ln 10 - 0.1): no learning to lose.
+    ((2.25, 2.21), False),
+])
+def test_learn_then_collapse(losses, collapsed):
     model = _mlp()
     ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
-    diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=3))
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=3, counterfactuals=False))
     diag.on_fit_start(ctx)
-    for loss in (1.2, 0.6):
+    for loss in losses:
         diag.on_epoch_end(ctx, {"train_loss": loss})
         ctx.history.append({"train_loss": loss})
     out = diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
-    assert out["stall_reason"] == "learn_then_collapse"
+    assert out.get("stall_reason") == ("learn_then_collapse" if collapsed else None)
+    assert out["stalled"] == (1.0 if collapsed else 0.0)
+
+
+def test_a_signal_that_died_at_init_is_the_cause_after_dead_units_follow():
+    """Xavier VGG-19 without BN: the forward signal ratio was 4e-4 at init; by epoch 3 biases had
+    lifted it to 2e-3 and killed the last convs' units, and the stall was named dead_relu. The root
+    cause is the init's signal: step 0's ratio is kept (and checkpointed) for the verdict."""
+    def stalled_reason(vanished_at_init: bool, resume: bool = False) -> str:
+        torch.manual_seed(0)
+        model, x, y = _mlp(), torch.randn(8, 3, 8, 8), torch.arange(8)
+        weight = model.conv2.weight.detach().clone()
+        with torch.no_grad():
+            model.head.bias.zero_()
+            model.conv2.bias.zero_()
+            if vanished_at_init:
+                model.conv2.weight.mul_(1e-5)  # the deep signal is 1e-5 of the first layer's
+        ctx = _ctx(model, x, y)
+        diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=1, counterfactuals=False))
+        init = diag.on_fit_start(ctx)
+        assert (init["act_std/l02_fc"] / init["act_std/l00_conv"] < 1e-3) == vanished_at_init
+        with torch.no_grad():  # later: weights grown back, 28 of conv2's 32 channels dead
+            model.conv2.weight.copy_(weight)
+            model.conv2.bias[:28] = -100.0
+        if resume:
+            diag, state = Diagnostics(diag.cfg), diag.state_dict()
+            diag.load_state_dict(state)
+        out = diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
+        assert out["dead_frac/l01_conv"] == pytest.approx(28 / 32)
+        assert out["act_std/l01_conv"] / out["act_std/l00_conv"] > 1e-3  # the ratio no longer says it
+        return out["stall_reason"]
+
+    assert stalled_reason(vanished_at_init=False) == "dead_relu"
+    assert stalled_reason(vanished_at_init=True) == "vanishing_signal"
+    assert stalled_reason(vanished_at_init=True, resume=True) == "vanishing_signal"
 
 
 # ---- theory beside measurement (issue #10) ---------------------------------------------------------
