@@ -42,7 +42,8 @@ def _per_layer(arch: str, init: str, bn: bool) -> tuple[dict, dict]:
 
 
 def _add_trial(record: SweepRecord, n: int, arch: str, init: str, bn: bool, lr: float, outcome: str,
-               accs: list[float], losses: list[float], reason: str | None = None) -> str:
+               accs: list[float], losses: list[float], reason: str | None = None,
+               last: dict | None = None) -> str:
     trial_id = f"t_{n:05d}"
     init_vals, epoch_vals = _per_layer(arch, init, bn)
     for e, (acc, loss) in enumerate(zip(accs, losses), start=1):
@@ -50,6 +51,8 @@ def _add_trial(record: SweepRecord, n: int, arch: str, init: str, bn: bool, lr: 
                **epoch_vals, "stalled": float(outcome == "stalled" and e == len(accs))}
         if outcome == "stalled" and e == len(accs):
             row["stall_reason"] = reason
+        if e == len(accs):
+            row.update(last or {})
         if e == 1:
             row.update(init_vals)
         record.append_epoch(trial_id, row)
@@ -211,6 +214,45 @@ def test_report_does_not_claim_a_fix_the_data_does_not_show(tmp_path):
     # The he cell at vgg13 has a healthy signal at init: the text must not invent a layer for it.
     line = next(l for l in stalled.splitlines() if _cell("vgg13", "he", False) in l)
     assert "stays above 1e-6" in line
+
+
+def test_the_text_says_how_each_cause_was_checked_and_only_what_one_depth_and_one_lr_show(tmp_path):
+    """One depth, one lr: no "every depth", no "lr sampled"; each stalled cell says whether an
+    intervention checked its cause, and a trial that ran its budget below the bar is not "stalled"."""
+    record = SweepRecord(tmp_path / "one_depth")
+    record.create(_meta(name="one_depth", planned_trials=4), "SWEEP = ...\n")
+    skipped = ("no counterfactuals: 6 runs x 50 steps = 300 steps exceed 10% of the trial's budget of "
+               "33 steps (3 epochs x 11 steps), 3 steps; diagnostics.counterfactual_budget sets that share")
+    checked = "lr/10 escaped chance in 50 steps; lr x10 did not -> lr_too_high (measured: dead_relu)"
+    _add_trial(record, 1, "vgg11", "normal", False, 0.01, "stalled", [0.1] * 3, FLAT, "vanishing_signal",
+               last={"cf_evidence": skipped, "cf_skipped": skipped[len("no counterfactuals: "):]})
+    _add_trial(record, 2, "vgg11", "he", False, 0.01, "stalled", [0.1] * 3, FLAT, "lr_too_high",
+               last={"cf_evidence": checked})
+    _add_trial(record, 3, "vgg11", "xavier", False, 0.01, "stalled", [0.1] * 3, FLAT, "dead_relu")
+    _add_trial(record, 4, "vgg11", "he", True, 0.01, "completed", [0.09, 0.1, 0.12], [2.6, 2.5, 2.45])
+    summary = build_report(record, tmp_path / "out").summary
+
+    assert "lr 0.01 throughout" in summary and "lr sampled" not in summary
+    assert "every depth" not in summary
+    lines = summary.splitlines()
+    line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'normal', False)}**: stalls"))
+    assert line.endswith("The cause is named from the measurements only: no intervention ran (6 runs x 50 "
+                         "steps = 300 steps exceed 10% of the trial's budget of 33 steps (3 epochs x 11 "
+                         "steps), 3 steps; diagnostics.counterfactual_budget sets that share).")
+    line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'he', False)}**: stalls"))
+    assert line.endswith(f"Checked by intervention: {checked}.")
+    line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'xavier', False)}**: stalls"))
+    assert line.endswith("The cause is named from the measurements only (no intervention recorded).")
+    # Ran its budget without reaching 2x chance, never at chance: outcome completed, not a stall.
+    assert "1 completed, 3 stalled" in summary
+    line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'he', True)}** (n=1)"))
+    assert "stays below the bar in 1/1 seed (slow)" in line and "stalls" not in line
+    # Sampled within cells, or a grid axis: said as such.
+    other = SweepRecord(tmp_path / "lrs")
+    other.create(_meta(name="lrs", planned_trials=2), "SWEEP = ...\n")
+    for n, lr in ((1, 0.01), (2, 0.05)):
+        _add_trial(other, n, "vgg11", "he", False, lr, "completed", [0.4, 0.7, 0.9], FALLING)
+    assert "; lr sampled within each)" in build_report(other, tmp_path / "out2").summary
 
 
 def test_empty_record_says_there_is_nothing_to_show(tmp_path):

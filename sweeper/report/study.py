@@ -119,6 +119,16 @@ class Trial:
     def running(self) -> bool:
         return self.status != "finished"
 
+    @property
+    def cause_check(self) -> str:
+        """How its named cause was checked: the counterfactuals' sentence (``cf_evidence``, recorded
+        at the epoch the stall was first named, also when the runs were skipped and why); "" when
+        none was recorded (counterfactuals off, or no stall named)."""
+        for e in self.epochs:
+            if e.get("cf_evidence"):
+                return str(e["cf_evidence"])
+        return ""
+
 
 _DEPTHS: dict[tuple, int | None] = {}
 
@@ -349,7 +359,10 @@ class Cell:
             causes = Counter(r.reason for r in self.replicates if r.verdict == "stalled")
             why = ", ".join(f"{c} ×{k}" if k > 1 and len(causes) > 1 else c
                             for c, k in causes.most_common())
-            parts.append(f"stalls in {stalled}/{n} seed{'s' if n > 1 else ''} ({why})")
+            # "slow" alone: its trials ran their budget (outcome completed) below the bar, without
+            # sitting at chance -- not a stall, which the outcome counts beside it would contradict.
+            verb = "stays below the bar" if set(causes) == {"slow"} else "stalls"
+            parts.append(f"{verb} in {stalled}/{n} seed{'s' if n > 1 else ''} ({why})")
         if running:
             parts.append(f"still running in {running}/{n}")
         return "; ".join(parts) or "no data"

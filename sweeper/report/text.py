@@ -14,6 +14,7 @@ from typing import Any
 
 from sweeper.outcomes import NOT_TRAINED, OUTCOMES
 from sweeper.report.study import (
+    DERIVED,
     FLOOR_TEXT,
     LAYER_KEY,
     TRAINED_OVER_CHANCE,
@@ -69,6 +70,17 @@ def outcome_counts_text(study: Study) -> str:
             text += f" ({study.pruned_at_chance()} at chance)"
         parts.append(text)
     return ", ".join(parts)
+
+
+def lr_clause(study: Study) -> str:
+    """How lr varies, as the header's aside: sampled within cells, a grid axis (said by the axes
+    already), or one value throughout."""
+    if any(len({t.lr for t in c.trials if math.isfinite(t.lr)}) > 1 for c in study.cells):
+        return "; lr sampled within each"
+    if "optim.lr" in study.axes:
+        return ""
+    lrs = {t.lr for t in study.trials if math.isfinite(t.lr)}
+    return f"; lr {lr_text(lrs.pop())} throughout" if len(lrs) == 1 else ""
 
 
 def seeds_text(c: Cell, verdict: str) -> str:
@@ -139,8 +151,23 @@ def stalled_lines(study: Study) -> list[str]:
                          f"lowest is {sci(c.signal_low)} of it at `{c.signal_low_layer}`"
                          + (f" (a {sci(1 / c.signal_low)}-fold loss; {measured})." if c.signal_low < 1e-3
                             else f" ({measured})."))
-        lines.append(line)
+        lines.append(line + cause_check_text(c))
     return lines
+
+
+def cause_check_text(c: Cell) -> str:
+    """Whether the cell's named cause was checked by intervention (sweeper.counterfactual), from the
+    trials that carry that cause: the runs' own sentence, or why none ran."""
+    if c.reason in DERIVED:
+        return ""
+    checks = [t.cause_check for t in c.trials if t.label == c.reason and t.cause_check]
+    if not checks:
+        return " The cause is named from the measurements only (no intervention recorded)."
+    check = checks[0]
+    if check.startswith("no counterfactuals: "):
+        return (f" The cause is named from the measurements only: no intervention ran "
+                f"({check[len('no counterfactuals: '):]}).")
+    return f" Checked by intervention: {check}."
 
 
 def by_init_lines(study: Study) -> list[str]:
@@ -156,11 +183,12 @@ def by_init_lines(study: Study) -> list[str]:
             mixed = [c for c in own if c.mixed]
             run = [c for c in own if c.outcome == "running"]
             accs = join(f"{_where(c)}: {pct(c.stats('acc')[0])} in {seeds_text(c, 'trained')}" for c in ok)
+            every = "every depth" if len(own) > 1 else "its one depth"
             if ok and not bad and not run and not mixed:
-                text = f"{init} trains at every depth ({accs})"
+                text = f"{init} trains at {every} ({accs})"
             elif bad and not ok and not run and not mixed:
-                text = (f"{init} stalls at every depth (" + join(f"{_where(c)} in {seeds_text(c, 'stalled')}"
-                                                                 for c in bad) + ")")
+                text = (f"{init} stalls at {every} (" + join(f"{_where(c)} in {seeds_text(c, 'stalled')}"
+                                                             for c in bad) + ")")
             else:
                 bits = []
                 if ok:
@@ -213,7 +241,8 @@ def fix_lines(study: Study) -> list[str]:
             continue
         others = join(sorted({s.init for s in rescued}, key=init_sort))
         if all(r.model in own and own[r.model].trained for r in plain_rows):
-            lines.append(f"- **{init} init trains at every depth** in the sweep without BN "
+            every = "every depth" if len(plain_rows) > 1 else "the sweep's one depth"
+            lines.append(f"- **{init} init trains at {every}** in the sweep without BN "
                          f"({join(_where(r) for r in plain_rows)}; in {_each(list(own.values()))}), "
                          f"including where {others} stalled.")
         else:
@@ -233,7 +262,8 @@ def fix_lines(study: Study) -> list[str]:
         inits = sorted({c.init for c in cells}, key=init_sort)
         every_init = all((r.model, i, True) in by_key for r in plain_rows for i in inits)
         if not still and every_init and all(b.trained for b in bn_cells):
-            lines.append(f"- **BatchNorm trains every init at every depth** ({join(inits)}; "
+            every = "every depth" if len(plain_rows) > 1 else "the sweep's one depth"
+            lines.append(f"- **BatchNorm trains every init at {every}** ({join(inits)}; "
                          f"{join(_where(r) for r in plain_rows)}; in {_each(bn_cells)}): it fixed all "
                          f"{len(fixed)} stalled plain cells it was tested on.")
         elif tested:
@@ -310,7 +340,7 @@ def summary(study: Study, notes: list[str]) -> str:
     if ns == [1]:
         seeds += " (every verdict below is a single run)"
     out.append(f"{len(trials)} trials recorded ({finished} finished{of_planned}) in {len(cells)} cells "
-               f"(grid axes: {axes}; lr sampled within each), {seeds}. Chance is {chance:.0%} "
+               f"(grid axes: {axes}{lr_clause(study)}), {seeds}. Chance is {chance:.0%} "
                f"({study.num_classes} classes from {study.classes_from}; ln C = {ln_c:.4f}); a seed of a "
                f"cell trains when one of its trials whose outcome is not "
                f"{'/'.join(sorted(NOT_TRAINED))} reached more than {TRAINED_OVER_CHANCE:g}× chance "
