@@ -222,8 +222,12 @@ def existing_record(name: str, storage: str | None, *, with_mirror: bool = False
     storage = resolve_storage(name, storage)
     record, mirror = open_sweep_record(name, storage)
     if not record.exists():
+        if (record.dir / "sweep.json").exists():  # a directory or other non-file in its place
+            raise ConfigError([f"{record.dir / 'sweep.json'}: the sweep record's file is damaged (not a "
+                               "file); restore it from a copy"])
         raise ConfigError([f"no sweep named {name!r} under {redacted_root(storage_root(storage))} "
                            "(pass --storage where it was launched)"])
+    record.meta()  # a damaged sweep.json is named here, for every verb alike (export did not read it)
     return (record, mirror) if with_mirror else record
 
 

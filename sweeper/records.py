@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-__all__ = ["SweepRecord", "complete_lines", "finite", "scalar_metrics"]
+__all__ = ["SweepRecord", "append_json_line", "complete_lines", "finite", "json_lines", "scalar_metrics"]
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,16 +72,14 @@ class SweepRecord:
         _write_json(self.dir / "sweep.json", meta)
 
     def append_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
-        with open(self.trials_dir / f"{trial_id}.jsonl", "a") as f:
-            f.write(json.dumps(_json_safe(scalar_metrics(metrics))) + "\n")
+        append_json_line(self.trials_dir / f"{trial_id}.jsonl", _json_safe(scalar_metrics(metrics)))
 
     def write_trial(self, trial_id: str, record: Mapping[str, Any]) -> None:
         _write_json(self.trials_dir / f"{trial_id}.json", _json_safe(record))
 
     def append_decision(self, decision: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "decisions.jsonl", "a") as f:
-            f.write(json.dumps(_json_safe(decision)) + "\n")
+        append_json_line(self.dir / "decisions.jsonl", _json_safe(decision))
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -108,15 +106,13 @@ class SweepRecord:
         it but before Ray saved its state: those epochs train again from the older checkpoint).
         MLflow holds the first copy, and never logs a step twice, so the record reads as MLflow does.
         The driver no longer writes second copies (SweepCallback); records written before may hold
-        them."""
-        path = self.trials_dir / f"{trial_id}.jsonl"
-        if not path.is_file():
-            return []
+        them. A line a killed driver left torn is skipped (:func:`json_lines`): its epoch was never
+        recorded whole, and the resumed driver records it from the checkpoint."""
         by_epoch: dict[int, dict[str, Any]] = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_epoch.setdefault(int(row.get("epoch", len(by_epoch) + 1)), row)
+        for _, row in json_lines(self.trials_dir / f"{trial_id}.jsonl"):
+            epoch = row.get("epoch")
+            epoch = int(epoch) if isinstance(epoch, (int, float)) and math.isfinite(epoch) else len(by_epoch) + 1
+            by_epoch.setdefault(epoch, row)
         return [by_epoch[e] for e in sorted(by_epoch)]
 
     def find_trial(self, ref: str) -> dict[str, Any]:
@@ -179,9 +175,8 @@ class SweepRecord:
         """The decisions appended at or after byte ``offset``, and the offset after the last whole
         line: the driver reads each decision once, not the whole file at every trial's end."""
         out: dict[str, dict[str, Any]] = {}
-        for offset, line in complete_lines(self.dir / "decisions.jsonl", offset):
-            if line.strip():
-                d = json.loads(line)
+        for offset, d in json_lines(self.dir / "decisions.jsonl", offset):
+            if "trial_id" in d:
                 out[d["trial_id"]] = d
         return out, offset
 
@@ -198,6 +193,34 @@ def complete_lines(path: Path, offset: int = 0) -> Iterator[tuple[int, bytes]]:
                 return
             offset += len(line)
             yield offset, line
+
+
+def json_lines(path: Path, offset: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(offset after it, object) for each whole JSON-object line of an append-only file from byte
+    ``offset``. A line that is not one -- the torn end of a writer killed mid-line, which
+    :func:`append_json_line` closes before appending again -- is skipped."""
+    for end, line in complete_lines(path, offset):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                yield end, value
+
+
+def append_json_line(path: Path, value: Any) -> None:
+    """Append one JSON line. A writer killed mid-line leaves a line without its end: close it (readers
+    skip it as unreadable) rather than glue this line onto it."""
+    with open(path, "ab") as f:
+        torn = f.tell() > 0 and _last_byte(path) != b"\n"
+        f.write((b"\n" if torn else b"") + json.dumps(value, default=str).encode() + b"\n")
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def _read_object(path: Path) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote
 
-from sweeper.records import complete_lines, scalar_metrics
+from sweeper.records import append_json_line, json_lines, scalar_metrics
 
 __all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "redact"]
 
@@ -268,11 +268,7 @@ class Tracker:
 
     def _enqueue(self, op: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.spool_path, "ab") as f:
-            # A driver killed mid-write leaves a line without its end: close it (it is skipped as
-            # unreadable) rather than glue this operation onto it.
-            torn = f.tell() > 0 and _last_byte(self.spool_path) != b"\n"
-            f.write((b"\n" if torn else b"") + json.dumps(op, default=str).encode() + b"\n")
+        append_json_line(self.spool_path, op)
 
     def _undelivered(self, state: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """(end offset, operation) for each spooled line past the delivered offset.
@@ -280,14 +276,7 @@ class Tracker:
         Reading from a byte offset keeps each flush proportional to what is new, not to the
         sweep's whole history. A line without its newline is still being written: it waits.
         """
-        out = []
-        for end, line in complete_lines(self.spool_path, state["offset"]):
-            if line.strip():
-                try:
-                    out.append((end, json.loads(line)))
-                except json.JSONDecodeError:  # the torn end of a killed writer's line
-                    continue
-        return out
+        return list(json_lines(self.spool_path, state["offset"]))
 
     def pending(self) -> int:
         return len(self._undelivered(self._state()))
@@ -879,12 +868,6 @@ def _plan(ops: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
 
 
 def _split(values: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:

@@ -285,3 +285,51 @@ def test_a_damaged_record_file_is_named_not_a_traceback(tmp_path, text, why):
     (record.dir / "sweep.json").write_text(text)
     with pytest.raises(ConfigError, match="sweep.json: the sweep record's file is damaged"):
         record.meta()
+
+
+def test_a_line_a_killed_driver_left_torn_is_skipped_and_the_next_append_starts_afresh(tmp_path):
+    """A driver killed mid-append leaves a trial's epoch file (or decisions.jsonl) ending in half a
+    line. Export crashed on it with a JSONDecodeError; the resumed driver's next line was glued on."""
+    record = SweepRecord(tmp_path / "torn")
+    record.create({"name": "torn"}, "")
+    record.write_trial("t1", {"trial_id": "t1", "status": "running", "epochs": 1, "config": {}})
+    record.append_epoch("t1", {"epoch": 1, "train_loss": 2.0, "val_accuracy": 0.3})
+    with open(record.trials_dir / "t1.jsonl", "a") as f:
+        f.write('{"epoch": 2, "val_acc')
+    assert [e["epoch"] for e in record.epochs("t1")] == [1]
+    files = export(record, tmp_path / "out", fmt="csv", epochs=True)
+    with open(files[1]) as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1]
+    record.append_epoch("t1", {"epoch": 2, "train_loss": 1.5, "val_accuracy": 0.5})  # the resumed driver
+    assert [(e["epoch"], e["val_accuracy"]) for e in record.epochs("t1")] == [(1, 0.3), (2, 0.5)]
+
+    record.append_decision({"trial_id": "t1", "rung": 1})
+    with open(record.dir / "decisions.jsonl", "a") as f:
+        f.write('{"trial_id": "t2", "ru')
+    assert set(record.decisions()) == {"t1"}
+    record.append_decision({"trial_id": "t3", "rung": 2})
+    assert set(record.decisions()) == {"t1", "t3"}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "list", "directory"])
+def test_every_verb_refuses_a_damaged_sweep_json_alike(tmp_path, damage):
+    """status and report refused a damaged sweep.json while export wrote files from the rest."""
+    from typer.testing import CliRunner
+
+    from sweeper.cli import app
+
+    record = SweepRecord(tmp_path / "hurt")
+    record.create({"name": "hurt"}, "")
+    record.write_trial("t1", {"trial_id": "t1", "status": "finished", "epochs": 0, "config": {}})
+    path = record.dir / "sweep.json"
+    if damage == "directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_text('{"name": "hu' if damage == "truncated" else "[]")
+    for verb in (["export", "hurt", "-f", "csv", "-o", str(tmp_path / "out")], ["status", "hurt"]):
+        result = CliRunner().invoke(app, [*verb, "--storage", str(tmp_path)])
+        assert result.exit_code == 2, (verb, result.output)
+        assert "sweep.json: the sweep record's file is damaged" in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,6 @@ their row in the depth x init x BN heatmap: the model's name and its real weight
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -155,29 +154,11 @@ def model_name(config: Mapping[str, Any]) -> str:
     return arch
 
 
-def _epochs(record: SweepRecord, trial_id: str) -> list[dict[str, Any]]:
-    """The trial's epochs (first copy of each, as ``SweepRecord.epochs``); a line the driver is still
-    appending (torn JSON) is skipped, not fatal."""
-    try:
-        return record.epochs(trial_id)
-    except ValueError:
-        rows: dict[int, dict[str, Any]] = {}
-        for line in (record.trials_dir / f"{trial_id}.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                epoch = num(row.get("epoch"))
-                rows.setdefault(int(epoch) if math.isfinite(epoch) else len(rows) + 1, row)
-        return [rows[e] for e in sorted(rows)]
-
-
 def load_trials(record: SweepRecord) -> list[Trial]:
     trials = []
     for t in record.trials():
         config = dict(t.get("config") or {})
-        epochs = _epochs(record, t["trial_id"])
+        epochs = record.epochs(t["trial_id"])  # a line the driver is still appending is skipped
         trial = Trial(id=t["trial_id"], name=str(t.get("name") or t["trial_id"]), config=config,
                       status=str(t.get("status") or "running"), row=trial_row(t, epochs),
                       prune=t.get("prune"), epochs=epochs)
