@@ -159,6 +159,7 @@ class OptimConfig:
     decay_norm_bias: bool = True
 
 
+MAX_VGG_DEPTH = 1000  # see ModelConfig's check of depth
 MAX_SEED = 2**62  # see TrialConfig's check of seed
 
 
@@ -291,6 +292,12 @@ class TrialConfig:
             elif m.depth < 8:
                 p.append(f"model.depth={m.depth!r} is too shallow: a plain VGG stack needs >= 8 "
                          "weight layers (5 convs, one per stage, + 3 FC)")
+            elif m.depth > MAX_VGG_DEPTH:
+                # Unbounded, depth=10**6 hung `validate` (its CPU dry run builds the model) and a
+                # grid holding 5000 stalled the whole batch. 1000 is 30x the deepest plain net of the
+                # papers this study follows (He et al. 2015: 30 layers); depth 1000 builds in ~10 s.
+                p.append(f"model.depth={m.depth!r} is too deep: a plain VGG stack here has at most "
+                         f"{MAX_VGG_DEPTH} weight layers")
         elif m.depth is not None:
             p.append(f"model.depth={m.depth!r} applies only to model.arch='vgg' "
                      f"(model.arch={m.arch!r} fixes its own depth); remove it")

@@ -244,13 +244,19 @@ def _metric_problems(metric: Any, mode: Any) -> list[str]:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # key -> the item that set it
     problems = []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             problems.append(f"override {item!r} is not key=value (e.g. max_epochs=6 or model.width=1/8)")
             continue
-        out[ALIASES.get(key.strip(), key.strip())] = parse_value(value.strip())
+        key = ALIASES.get(key.strip(), key.strip())
+        parsed = parse_value(value.strip())
+        if key in given and repr(out[key]) != repr(parsed):  # the last one won, silently
+            problems.append(f"{key} is set twice, to different values ({given[key]}, {item}): keep one")
+        given.setdefault(key, item)
+        out.setdefault(key, parsed)
     if problems:
         raise ConfigError(problems)
     return out

@@ -70,6 +70,11 @@ def test_plain_vgg_needs_a_depth_and_others_refuse_one():
     with pytest.raises(ConfigError, match=r"model.depth=22 applies only to model.arch='vgg'"):
         TrialConfig.from_flat({"model.arch": "vgg11", "model.depth": 22})
     assert TrialConfig.from_flat({"model.arch": "vgg", "model.depth": 30}).model.depth == 30
+    # Unbounded, depth=10**6 hung `sweeper validate` building the model for its dry run.
+    with pytest.raises(ConfigError, match=r"model.depth=1000000 is too deep: a plain VGG stack here has "
+                                          r"at most 1000 weight layers"):
+        TrialConfig.from_flat({"model.arch": "vgg", "model.depth": 10**6})
+    assert TrialConfig.from_flat({"model.arch": "vgg", "model.depth": 1000}).model.depth == 1000
 
 
 def test_replace_revalidates():

@@ -95,6 +95,15 @@ def test_bad_override_syntax():
         parse_overrides(["epochs"])
 
 
+def test_a_key_set_twice_to_different_values_is_refused_not_last_wins():
+    # lr is optim.lr's alias: the last of the two won, and the file's lr grid became 0.2 in silence.
+    with pytest.raises(ConfigError, match=r"optim.lr is set twice, to different values \(lr=0.1, "
+                                          r"optim.lr=0.2\): keep one") as err:
+        parse_overrides(["lr=0.1", "optim.lr=0.2", "dataset=digits", "data.name=cifar10"])
+    assert "data.name is set twice, to different values (dataset=digits, data.name=cifar10)" in str(err.value)
+    assert parse_overrides(["lr=0.1", "optim.lr=0.1", "width=1/8"]) == {"optim.lr": 0.1, "model.width": 0.125}
+
+
 def test_sampling_is_seeded_and_respects_domains():
     sweep = Sweep(name="s", space={"optim.lr": tune.loguniform(1e-3, 1e-1),
                                    "model.init": tune.choice(["he", "xavier"]),
