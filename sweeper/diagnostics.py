@@ -70,7 +70,7 @@ from sweeper.config import DiagnosticsConfig, ModelConfig
 from sweeper.inits import fans, weight_std
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
-           "last_step", "maxpool_factor", "padding_fraction", "position_energy", "predicted_gain",
+           "gradient_lr", "last_step", "maxpool_factor", "padding_fraction", "position_energy", "predicted_gain",
            "predicted_stds", "relu_correlation", "signal_cause", "signal_ratio", "spatial_correlation",
            "trial_hooks"]
 
@@ -182,7 +182,7 @@ class Diagnostics:
         if stalled or collapsed:
             measured = "learn_then_collapse" if collapsed else classify_stall(
                 out, self.layers, initial_max_update=self._initial_max_update,
-                initial_signal=self._initial_signal)
+                initial_signal=self._initial_signal, gradient_lr=gradient_lr(ctx.optimizer, self.layers))
             if self._checked is None:  # the first epoch a stall is named: check it, once per trial
                 out.update(self._check(ctx, measured, out))
             reason = measured
@@ -540,14 +540,17 @@ def signal_ratio(metrics: dict[str, Any], layers: list[LayerInfo]) -> float:
 
 
 def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
-                   initial_max_update: float = math.nan, initial_signal: float = math.nan) -> str:
+                   initial_max_update: float = math.nan, initial_signal: float = math.nan,
+                   gradient_lr: float = math.nan) -> str:
     """Name why a trial sits at chance, from one measurement of :meth:`Diagnostics.measure`.
 
     ``initial_max_update`` (the largest update ratio at step 0) separates an lr too small (updates
     were tiny from the start) from one too high (the first steps were large, then the net settled at
     chance in a flat region where the gradients are >= 10x smaller). ``initial_signal`` is step 0's
     :func:`signal_ratio`: a signal that had died at init is the root cause even where training has
-    since lifted the ratio. Only the main path counts.
+    since lifted the ratio. ``gradient_lr`` (:func:`gradient_lr`, SGD only) turns each layer's
+    relative loss gradient into the step it drives, for the "nothing moves" test. Only the main path
+    counts.
     """
     keys = [l.key for l in layers if not l.aux and f"act_std/{l.key}" in metrics]
     if not keys:
@@ -574,7 +577,17 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
     if not trained:
         return "plateau"
     updates = [metrics[f"update_ratio/{k}"] for k in trained]
-    if max(updates) < FROZEN_UPDATE:  # nothing moves, yet few units are dead
+    # Nothing moves, yet few units are dead. With SGD the update ratio also holds weight decay's pull,
+    # which in a frozen net settles at lr wd / (1 - momentum): 5e-5 under the VGG recipe (measured
+    # 4.8e-5 in every layer of a stalled VGG-16 whose relative gradients were 1e-18..4e-7), above
+    # FROZEN_UPDATE from lr 2e-3 on, so the test never fired. What moves a weight is the loss gradient:
+    # its step is gradient_lr x ||grad W|| / ||W|| (science notes: "what collapses is every relative
+    # gradient"). Other optimizers keep the update ratio (Adam normalises the gradient away).
+    if math.isfinite(gradient_lr) and all(f"rel_grad/{k}" in metrics for k in trained):
+        driven = [gradient_lr * metrics[f"rel_grad/{k}"] for k in trained]
+    else:
+        driven = updates
+    if max(driven) < FROZEN_UPDATE:
         return "vanishing_signal"
     first_grad = metrics[f"grad_norm/{trained[0]}"]
     last_grad = metrics[f"grad_norm/{trained[-1]}"]
@@ -585,6 +598,25 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
             return "lr_too_high"
         return "lr_too_small"
     return "plateau"
+
+
+def gradient_lr(optimizer: Any, layers: list[LayerInfo]) -> float:
+    """For plain SGD (torch.optim.SGD), the factor that turns a constant loss gradient into its
+    steady-state step: lr (1 - dampening) / (1 - momentum), of the group holding the first main-path
+    layer's weight. nan for any other optimizer, or when that group is not found."""
+    if type(optimizer) is not torch.optim.SGD:
+        return math.nan
+    main = [l for l in layers if not l.aux]
+    if not main:
+        return math.nan
+    weight = main[0].module.weight
+    group = next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
+    if group is None:
+        return math.nan
+    momentum = float(group.get("momentum", 0.0))
+    if momentum >= 1.0:
+        return math.nan
+    return float(group["lr"]) * (1.0 - float(group.get("dampening", 0.0)) * (momentum > 0)) / (1.0 - momentum)
 
 
 def _trains(module: nn.Module) -> bool:

@@ -165,6 +165,33 @@ def test_a_signal_dead_at_init_outranks_dead_units_now():
     assert classify_stall(metrics, layers, initial_signal=math.nan) == "dead_relu"  # old checkpoints
 
 
+def test_frozen_is_judged_by_the_loss_gradients_step_not_weight_decays_pull():
+    """A stalled VGG-16 under the VGG recipe (SGD lr 0.01, momentum 0.9, wd 5e-4) read update ratio
+    4.8e-5 in every layer -- weight decay's lr wd / (1 - momentum) -- while its relative gradients
+    were 1e-18..4e-7: the frozen test (every update < 1e-5) could never fire, and it fell through to
+    lr_too_small."""
+    from sweeper.diagnostics import gradient_lr
+
+    keys = [f"l{i:02d}_conv" for i in range(4)]
+    frozen = {f"rel_grad/{k}": 1e-8 for k in keys}
+    metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[4.83e-5] * 4, **frozen)
+    assert classify_stall(metrics, layers) == "lr_too_small"  # the update ratio alone
+    assert classify_stall(metrics, layers, gradient_lr=0.1) == "vanishing_signal"
+    moving = {f"rel_grad/{k}": 1e-3 for k in keys}  # lr_eff x 1e-3 = 1e-4: it moves, slowly
+    metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[4.83e-5] * 4, **moving)
+    assert classify_stall(metrics, layers, gradient_lr=0.1) == "lr_too_small"
+
+    net = [LayerInfo(0, "l00_conv", "0", nn.Conv2d(3, 4, 3), 1.0)]
+    params = list(net[0].module.parameters())
+    assert gradient_lr(torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4), net) == \
+        pytest.approx(0.1)
+    assert gradient_lr(torch.optim.SGD(params, lr=0.01), net) == pytest.approx(0.01)
+    assert gradient_lr(torch.optim.SGD(params, lr=0.01, momentum=0.5, dampening=0.5), net) == \
+        pytest.approx(0.01)
+    assert math.isnan(gradient_lr(torch.optim.Adam(params, lr=0.01), net))
+    assert math.isnan(gradient_lr(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.01), net))
+
+
 def test_lr_too_high_vs_too_small_depends_on_the_first_steps():
     metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[2e-4] * 4)
     assert classify_stall(metrics, layers, initial_max_update=1e-2) == "lr_too_high"
