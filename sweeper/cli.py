@@ -168,10 +168,13 @@ def launch(
     if name is not None:
         sweep = sweep.replace(name=name)
     build_once(sweep)
-    from sweeper.tuner import check_launch_options, launch as run_sweep
+    from sweeper.tuner import check_launch_options, launch as run_sweep, local_storage_problems
 
     check_launch_options(address=address, local=local, num_cpus=num_cpus)
     if dry_run:
+        problems = local_storage_problems(sweep)
+        if problems:
+            raise ConfigError(problems)
         print_plan(sweep)
         return
 

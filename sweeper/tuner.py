@@ -40,7 +40,8 @@ from sweeper.store import DEFAULT_STORAGE, Mirror, filesystem, index_remember, j
     storage_error, storage_root
 from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri, redact
 
-__all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_launch_options", "experiment_dir", "launch", "stop_sweep"]
+__all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_launch_options", "experiment_dir", "launch",
+           "local_storage_problems", "stop_sweep"]
 
 _TUNE_ENV = {
     # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
@@ -106,6 +107,20 @@ def _check_storage(root: str, *, multi_node: bool) -> list[str]:
     except Exception as exc:  # pyarrow raises OSError subclasses and ArrowInvalid
         problems.append(f"storage={root!r} is not writable: {storage_error(exc)}")
     return problems
+
+
+def local_storage_problems(sweep: Sweep) -> list[str]:
+    """What the launch's storage check refuses about a path on this machine, leaving nothing behind
+    (for ``--dry-run``, which a file or an unwritable folder as storage passed while the launch
+    refused it). A URI is not probed: that needs its server; the launch checks it."""
+    root = storage_root(sweep.storage)
+    if "://" in root:
+        return []
+    created = _dirs_to_create(Path(root))
+    try:
+        return _check_storage(root, multi_node=False)
+    finally:
+        _remove_created(created)
 
 
 # ---- pre-flight ---------------------------------------------------------------------------------------

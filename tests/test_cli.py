@@ -72,6 +72,22 @@ def test_launch_dry_run_prints_the_grid_without_starting_ray():
     assert "optim.lr" in out.stdout
 
 
+def test_dry_run_refuses_the_storage_a_launch_refuses_and_leaves_nothing_behind(tmp_path):
+    """--dry-run printed the plan for --storage /etc/passwd, which the launch then refused."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits",
+                  "--storage", str(afile))
+    assert out.returncode == 2, out.stdout
+    assert f"storage={str(afile)!r} is not writable" in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr and "grid cell(s)" not in out.stdout
+    fresh = tmp_path / "new" / "sweeps"
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits",
+                  "--storage", str(fresh))
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "new").exists()  # probed, then removed: a dry run writes nothing
+
+
 def test_dry_run_lists_at_most_100_grid_cells_and_counts_the_rest(tmp_path):
     space = tmp_path / "wide.py"
     space.write_text('"""q"""\nfrom ray import tune\nfrom sweeper.spaces import Sweep\n'
