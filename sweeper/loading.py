@@ -29,7 +29,7 @@ from typing import Sequence
 
 from sweeper.config import ConfigError
 
-from sweeper.spaces import Sweep, apply_overrides, parse_overrides
+from sweeper.spaces import Sweep, apply_overrides, read_overrides
 
 __all__ = ["LOAD_TIMEOUT_ENV", "LOAD_TIMEOUT_S", "load_sweep"]
 
@@ -65,7 +65,14 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *,
     sweep = _the_sweep(path, module)
     if not sweep.question and isinstance(module.__doc__, str) and module.__doc__.strip():
         sweep = sweep.replace(question=module.__doc__.strip())
-    return apply_overrides(sweep, parse_overrides(overrides)), text
+    values, problems = read_overrides(overrides)
+    try:
+        sweep = apply_overrides(sweep, values)
+    except ConfigError as exc:  # with the malformed overrides' problems: every one at once
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return sweep, text
 
 
 def _read_space_file(path: Path) -> bytes:

@@ -16,20 +16,27 @@ def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0
                  epochs: int | None = None, device: str | None = None) -> TrialConfig:
     """The trial config ``sweeper debug`` runs: a sample of the file's space, or settings alone."""
     from sweeper.loading import load_sweep
-    from sweeper.spaces import parse_overrides, sample_config
+    from sweeper.spaces import read_overrides, sample_config
 
+    problems: list[str] = []
     if file is not None:
         sweep, _ = load_sweep(file, overrides)
         flat = sample_config(sweep, seed=sweep.seed + sample)
     else:
-        flat = parse_overrides(overrides)
+        flat, problems = read_overrides(overrides)
         if "max_epochs" in flat:  # the sweep-level name works here too
             flat["epochs"] = flat.pop("max_epochs")
     if epochs is not None:
         flat["epochs"] = epochs
     if device is not None:
         flat["device"] = device
-    return TrialConfig.from_flat(flat)
+    try:
+        config = TrialConfig.from_flat(flat)
+    except ConfigError as exc:  # with the malformed overrides' problems: every one at once
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,

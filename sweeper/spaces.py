@@ -41,6 +41,7 @@ __all__ = [
     "grid_cells",
     "grid_size",
     "parse_overrides",
+    "read_overrides",
     "run_space",
     "sample_config",
     "space_signature",
@@ -243,6 +244,15 @@ def _metric_problems(metric: Any, mode: Any) -> list[str]:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out, problems = read_overrides(items)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def read_overrides(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """(the well-formed overrides, the problems of the others): a caller that goes on to check the
+    values can report every problem at once, not the syntax first and the keys after a fix."""
     out: dict[str, Any] = {}
     given: dict[str, str] = {}  # key -> the item that set it
     problems = []
@@ -257,9 +267,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             problems.append(f"{key} is set twice, to different values ({given[key]}, {item}): keep one")
         given.setdefault(key, item)
         out.setdefault(key, parsed)
-    if problems:
-        raise ConfigError(problems)
-    return out
+    return out, problems
 
 
 def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:

@@ -95,6 +95,22 @@ def test_bad_override_syntax():
         parse_overrides(["epochs"])
 
 
+def test_malformed_and_unknown_overrides_are_reported_together(tmp_path):
+    """The malformed one alone was reported; the unknown keys only after it was fixed."""
+    from sweeper.local import debug_config
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep("search_spaces/vgg_depth.py", ["bogus=1", "model.bogus=2", "justaword"])
+    text = str(err.value)
+    assert "override 'justaword' is not key=value" in text
+    assert "bogus" in text.replace("'justaword'", "") and "model.bogus" in text
+    assert len(err.value.problems) >= 3, err.value.problems
+    with pytest.raises(ConfigError) as err:
+        debug_config(None, ["bogus=1", "=x"])
+    assert "override '=x' is not key=value" in str(err.value) and "bogus" in str(err.value).replace("=x", "")
+    assert len(err.value.problems) == 2, err.value.problems
+
+
 def test_a_key_set_twice_to_different_values_is_refused_not_last_wins():
     # lr is optim.lr's alias: the last of the two won, and the file's lr grid became 0.2 in silence.
     with pytest.raises(ConfigError, match=r"optim.lr is set twice, to different values \(lr=0.1, "
