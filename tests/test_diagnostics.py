@@ -329,15 +329,19 @@ def test_a_recorded_step_leaves_no_hooks_behind():
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
 
 
-@pytest.mark.parametrize("losses,collapsed", [
-    ((1.2, 0.6), True),
+@pytest.mark.parametrize("losses,final,collapsed", [
+    ((1.2, 0.6), math.log(10), True),
     # A He-init VGG-19 without BN reached 33% validation accuracy at loss 2.04 (ln 10 - 0.26) and fell
     # back to ln 10: it learned, by the counterfactuals' bar of ln C - 2 x stall_tolerance.
-    ((2.2, 2.04), True),
+    ((2.2, 2.04), math.log(10), True),
     # Never a whole tolerance past the chance band's edge (2.21 > ln 10 - 0.1): no learning to lose.
-    ((2.25, 2.21), False),
+    ((2.25, 2.21), math.log(10), False),
+    # Learned (1.98), then past chance: an lr-too-high blow-up ending at 2.96, val 12%, was "completed".
+    ((2.22, 1.98), 2.96, True),
+    # He init starts above ln C: no learning yet, so no collapse (and not a stall either).
+    ((2.45, 2.40), 2.35, False),
 ])
-def test_learn_then_collapse(losses, collapsed):
+def test_learn_then_collapse(losses, final, collapsed):
     model = _mlp()
     ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
     diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=3, counterfactuals=False))
@@ -345,7 +349,7 @@ def test_learn_then_collapse(losses, collapsed):
     for loss in losses:
         diag.on_epoch_end(ctx, {"train_loss": loss})
         ctx.history.append({"train_loss": loss})
-    out = diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
+    out = diag.on_epoch_end(ctx, {"train_loss": final})
     assert out.get("stall_reason") == ("learn_then_collapse" if collapsed else None)
     assert out["stalled"] == (1.0 if collapsed else 0.0)
 
