@@ -10,8 +10,9 @@ Outcomes (each trial has exactly one):
 - ``pruned``: cut by ASHA before its budget (rung, cutoff, peers and value are in ``prune``). Whether it
   sat at chance when cut is the separate field ``at_chance``, with its ``cause``: a pruned trial is
   never relabelled "stalled", because ASHA, not the trial, ended it.
-- ``stalled``: at chance through its last ``stall_epochs`` epochs (or learned, then fell back to chance:
-  cause ``learn_then_collapse``), having run its budget or been stopped for it.
+- ``stalled``: at chance through its last ``stall_epochs`` epochs (or learned, then fell back to chance
+  or past it: cause ``learn_then_collapse``, as the diagnostics label it), having run its budget or
+  been stopped for it.
 - ``late_start``: at chance for at least ``stall_epochs`` epochs in a row, then escaped and learned.
   He et al.'s delayed start of deep Xavier nets is a finding, not noise.
 - ``val_collapse``: training learned (loss well below ln C) while validation accuracy stayed at chance.
