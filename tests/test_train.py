@@ -1,6 +1,7 @@
 """The training loop: it learns, it stalls where the theory says, it resumes exactly, it never crashes
 a sweep on divergence. Narrow (width 1/8) VGGs on the embedded digits keep each test to seconds."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -376,3 +377,34 @@ def test_compile_reduce_overhead_asks_torch_for_cuda_graphs_with_static_shapes(m
     fit(_tiny(compile="reduce-overhead"))
     fit(_tiny(compile=True))
     assert calls == [{"mode": "reduce-overhead", "dynamic": False}, {}]
+
+
+def test_the_initial_loss_of_a_batchnorm_net_is_the_first_steps_not_its_plain_twins():
+    """In eval mode a fresh BN (running mean 0, variance 1) is an identity: a Xavier VGG-19 with BN
+    reported 2.3026 at step 0 -- its plain twin's loss -- while its first step saw 3.79."""
+    import copy
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)  # tiny pre-BN outputs: the plain path gives ~ln C, BN rescales them
+        model[5].weight.mul_(20.0)
+    x, y = torch.randn(16, 3, 8, 8), torch.arange(16) % 10
+    ctx = SimpleNamespace(model=model, criterion=torch.nn.CrossEntropyLoss(),
+                          cfg=SimpleNamespace(diagnostics=SimpleNamespace(probe_size=16)),
+                          data=SimpleNamespace(probe_batch=lambda n: (x[:n], y[:n])))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    loss = train_module._probe_loss(ctx, contextlib.nullcontext)
+
+    first_step = copy.deepcopy(model).train()
+    first_step[3].p = 0.0  # what the first step computes, less dropout's noise
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(first_step(x), y))
+        plain = float(torch.nn.functional.cross_entropy(copy.deepcopy(model).eval()(x), y))
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert abs(plain - loss) > 0.5  # the eval-mode number this replaces was another net's
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN buffers too
+    assert torch.equal(rng, torch.get_rng_state()) and model.training
