@@ -159,8 +159,8 @@ def plan_steps(*, epochs: int, steps_per_epoch: int, runs: int, max_steps: int, 
     per_run = min(max_steps, allowed // runs) if runs else 0
     if runs and per_run < min_steps:
         return 0, (f"{runs} runs x {min_steps} steps = {runs * min_steps} steps exceed "
-                   f"{fraction:.0%} of the trial's budget of {budget} steps ({epochs} epochs x "
-                   f"{steps_per_epoch} steps), {allowed} steps; diagnostics.counterfactual_budget "
+                   f"the {allowed} steps allowed, {fraction:.0%} of the trial's budget of {budget} steps "
+                   f"({epochs} epochs x {steps_per_epoch} steps); diagnostics.counterfactual_budget "
                    f"sets that share")
     return per_run, None
 

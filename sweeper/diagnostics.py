@@ -69,6 +69,7 @@ from torch import nn
 
 from sweeper.config import DiagnosticsConfig, ModelConfig
 from sweeper.inits import fans, weight_std
+from sweeper.outcomes import TRAINED_OVER_CHANCE
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
            "gradient_lr", "last_step", "maxpool_factor", "padding_fraction", "position_energy", "predicted_gain",
@@ -182,7 +183,13 @@ class Diagnostics:
         # the band or past it: the same net at another seed went 2.30, 2.22, 1.98, then 2.96 (val 12%),
         # above ln C, and was "completed". (Starting above ln C, as He init does, is no stall: a stall
         # stays the band alone.)
-        learned = self._min_loss < chance - 2 * self.cfg.stall_tolerance
+        # Learned also means validation accuracy past the report's "trains" bar (2x chance), where
+        # one was measured: an epoch's loss just past the band (2.19) in a noisy net near chance is
+        # no learning to lose, and naming it a collapse would spend the once-per-trial check on it.
+        vals = [v for v in (h.get("val_accuracy") for h in [*ctx.history, metrics])
+                if isinstance(v, (int, float)) and math.isfinite(v)]
+        learned = self._min_loss < chance - 2 * self.cfg.stall_tolerance and (
+            not vals or max(vals) > TRAINED_OVER_CHANCE / ctx.data.num_classes)
         collapsed = learned and math.isfinite(loss) and loss >= chance - self.cfg.stall_tolerance
         if stalled or collapsed:
             measured = "learn_then_collapse" if collapsed else classify_stall(
@@ -608,14 +615,12 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
 def gradient_lr(optimizer: Any, layers: list[LayerInfo]) -> float:
     """For plain SGD (torch.optim.SGD), the factor that turns a constant loss gradient into its
     steady-state step: lr (1 - dampening) / (1 - momentum), of the group holding the first main-path
-    layer's weight. nan for any other optimizer, or when that group is not found."""
+    weight the optimizer trains (a frozen backbone's are not in it). nan for any other optimizer, or
+    when no such weight is found."""
     if type(optimizer) is not torch.optim.SGD:
         return math.nan
-    main = [l for l in layers if not l.aux]
-    if not main:
-        return math.nan
-    weight = main[0].module.weight
-    group = next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
+    groups = (_group_of(optimizer, l.module.weight) for l in layers if not l.aux)
+    group = next((g for g in groups if g is not None), None)
     if group is None:
         return math.nan
     momentum = float(group.get("momentum", 0.0))
@@ -1000,7 +1005,7 @@ def last_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Te
                           inside m and v); decoupled decay (AdamW) also scales W_before by (1 - lr wd)
     The lr in the param group is the one that step used: schedulers step after the epoch's hooks.
     """
-    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    group = _group_of(optimizer, param)
     state = optimizer.state.get(param, {})
     if group is None:
         return None
@@ -1032,6 +1037,11 @@ def last_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Te
             return w - (w - adam) / (1 - lr * wd)
         return adam
     return None
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any] | None:
+    """The optimizer's param group holding ``param``; None if it does not train it."""
+    return next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
 
 
 def _last_updates(optimizer: torch.optim.Optimizer, layers: list[LayerInfo]) -> dict[str, float]:

@@ -221,8 +221,9 @@ def resolve_storage(name: str, storage: str | None) -> str | None:
     return index_lookup(name)
 
 
-def existing_record(name: str, storage: str | None, *, with_mirror: bool = False):
-    """The sweep's record, read from wherever it lives (a fresh local copy for a URI)."""
+def existing_record(name: str, storage: str | None, *, with_mirror: bool = False, read_meta: bool = True):
+    """The sweep's record, read from wherever it lives (a fresh local copy for a URI). ``read_meta``:
+    refuse a damaged sweep.json here, for every reader alike; ``stop`` needs only the driver's lease."""
     from sweeper.store import redacted_root
     from sweeper.tuner import open_sweep_record, storage_root
 
@@ -234,7 +235,8 @@ def existing_record(name: str, storage: str | None, *, with_mirror: bool = False
                                "file); restore it from a copy"])
         raise ConfigError([f"no sweep named {name!r} under {redacted_root(storage_root(storage))} "
                            "(pass --storage where it was launched)"])
-    record.meta()  # a damaged sweep.json is named here, for every verb alike (export did not read it)
+    if read_meta:
+        record.meta()  # a damaged sweep.json is named here, for every verb alike (export did not read it)
     return (record, mirror) if with_mirror else record
 
 

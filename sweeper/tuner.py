@@ -110,13 +110,29 @@ def _check_storage(root: str, *, multi_node: bool) -> list[str]:
 
 
 def local_storage_problems(sweep: Sweep) -> list[str]:
-    """What the launch's storage check refuses about a path on this machine, leaving nothing behind
-    (for ``--dry-run``, which a file or an unwritable folder as storage passed while the launch
-    refused it). A URI is not probed: that needs its server; the launch checks it."""
+    """What the launch's storage check refuses about a path on this machine (a plain path or a
+    file:// URI), leaving nothing behind: for ``--dry-run``, which a file or an unwritable folder as
+    storage passed while the launch refused it. Other URIs are not probed (that needs their server;
+    the launch checks them)."""
     root = storage_root(sweep.storage)
-    if "://" in root:
-        return []
-    created = _dirs_to_create(Path(root))
+    return _probe_storage(root) if _local_path(root) is not None else []
+
+
+def _local_path(root: str) -> Path | None:
+    if "://" not in root:
+        return Path(root)
+    if root.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(root).path))
+    return None
+
+
+def _probe_storage(root: str) -> list[str]:
+    """The storage write probe, removing the directories it made (a refusal writes nothing, and a
+    launch that fails later removes what it made with its record)."""
+    path = _local_path(root)
+    created = _dirs_to_create(path) if path is not None else []
     try:
         return _check_storage(root, multi_node=False)
     finally:
@@ -487,12 +503,8 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
     if local:  # the cluster is this machine: nothing needs it to have started
         capacity = _local_capacity(num_cpus)
         problems = _resource_problems(sweep, capacity, gpu_available=bool(capacity[0]["gpu"]))
-        created = [] if "://" in root else _dirs_to_create(Path(root))
-        problems += _check_storage(root, multi_node=False)
+        problems += _probe_storage(root)
         problems += _data_problems(sweep) + sources
-        # The storage probe made the directory: a refusal writes nothing, and a launch that fails
-        # later (e.g. the cluster's own check) removes it with the record it made.
-        _remove_created(created)
         if problems:
             raise ConfigError(problems)
 
@@ -822,7 +834,8 @@ def stop_sweep(name: str, storage: str | None) -> str:
     from sweeper.lease import STOP_FILE, read_lease, request_stop
     from sweeper.local import existing_record
 
-    record, mirror = existing_record(name, storage, with_mirror=True)
+    # A live driver can be asked to stop even where sweep.json was damaged after it started.
+    record, mirror = existing_record(name, storage, with_mirror=True, read_meta=False)
     info = read_lease(record.dir)
     if info is not None and info.alive:
         if mirror is not None:

@@ -86,6 +86,9 @@ def test_dry_run_refuses_the_storage_a_launch_refuses_and_leaves_nothing_behind(
                   "--storage", str(fresh))
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "new").exists()  # probed, then removed: a dry run writes nothing
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits",
+                  "--storage", afile.as_uri())  # a file:// URI is a path on this machine too
+    assert out.returncode == 2 and "is not writable" in out.stderr, out.stdout
 
 
 def test_dry_run_lists_at_most_100_grid_cells_and_counts_the_rest(tmp_path):

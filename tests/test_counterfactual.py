@@ -108,13 +108,15 @@ def test_the_counterfactuals_cost_at_most_10_percent_of_the_budget(lr_too_high):
                       fraction=0.1) == (30, None)
     steps, why = plan_steps(epochs=30, steps_per_epoch=20, runs=6, max_steps=200, min_steps=50,
                             fraction=0.1)
-    assert steps == 0 and "exceed 10% of the trial's budget of 600 steps" in why
+    assert steps == 0 and why == ("6 runs x 50 steps = 300 steps exceed the 60 steps allowed, 10% of the "
+                                  "trial's budget of 600 steps (30 epochs x 20 steps); "
+                                  "diagnostics.counterfactual_budget sets that share")
 
 
 def test_a_budget_too_small_skips_with_the_reason_and_keeps_the_measured_cause():
     cfg = _cfg(**{"model.init": "normal", "optim.lr": 0.1, "epochs": 3})  # 24 steps: 10% is 2
     last = _fit(cfg).history[-1]
-    assert "exceed 10% of the trial's budget of 24 steps" in last["cf_skipped"]
+    assert "exceed the 2 steps allowed, 10% of the trial's budget of 24 steps" in last["cf_skipped"]
     assert not any(k.startswith("cf/") and k != "cf/budget" for k in last)
     assert last["stall_reason"] == last["stall_reason_measured"]
 

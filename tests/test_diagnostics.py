@@ -190,6 +190,28 @@ def test_frozen_is_judged_by_the_loss_gradients_step_not_weight_decays_pull():
         pytest.approx(0.01)
     assert math.isnan(gradient_lr(torch.optim.Adam(params, lr=0.01), net))
     assert math.isnan(gradient_lr(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.01), net))
+    # model.freeze: a frozen first layer is not in the optimizer; the first trained one's group counts.
+    two = [*net, LayerInfo(1, "l01_conv", "1", nn.Conv2d(4, 4, 3), 1.0)]
+    trained = torch.optim.SGD(two[1].module.parameters(), lr=0.02, momentum=0.9)
+    assert gradient_lr(trained, two) == pytest.approx(0.2)
+
+
+def test_the_epoch_end_names_the_stall_with_the_optimizers_gradient_lr(monkeypatch):
+    seen = {}
+
+    def spy(metrics, layers, **kwargs):
+        seen.update(kwargs)
+        return "plateau"
+
+    monkeypatch.setattr("sweeper.diagnostics.classify_stall", spy)
+    model = _mlp()
+    ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
+    ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=1, counterfactuals=False))
+    diag.on_fit_start(ctx)
+    diag.on_epoch_end(ctx, {"train_loss": math.log(10)})
+    assert seen["gradient_lr"] == pytest.approx(0.1)
+    assert seen["initial_signal"] == pytest.approx(diag._initial_signal) and math.isfinite(seen["initial_signal"])
 
 
 def test_lr_too_high_vs_too_small_depends_on_the_first_steps():
@@ -329,27 +351,32 @@ def test_a_recorded_step_leaves_no_hooks_behind():
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
 
 
-@pytest.mark.parametrize("losses,final,collapsed", [
-    ((1.2, 0.6), math.log(10), True),
+@pytest.mark.parametrize("losses,final,collapsed,vals", [
+    ((1.2, 0.6), math.log(10), True, None),
     # A He-init VGG-19 without BN reached 33% validation accuracy at loss 2.04 (ln 10 - 0.26) and fell
     # back to ln 10: it learned, by the counterfactuals' bar of ln C - 2 x stall_tolerance.
-    ((2.2, 2.04), math.log(10), True),
+    ((2.2, 2.04), math.log(10), True, None),
     # Never a whole tolerance past the chance band's edge (2.21 > ln 10 - 0.1): no learning to lose.
-    ((2.25, 2.21), math.log(10), False),
+    ((2.25, 2.21), math.log(10), False, None),
     # Learned (1.98), then past chance: an lr-too-high blow-up ending at 2.96, val 12%, was "completed".
-    ((2.22, 1.98), 2.96, True),
+    ((2.22, 1.98), 2.96, True, None),
     # He init starts above ln C: no learning yet, so no collapse (and not a stall either).
-    ((2.45, 2.40), 2.35, False),
+    ((2.45, 2.40), 2.35, False, None),
+    # With validation accuracy: the He VGG-19 peaked at 33% (> 2x chance) -- it learned.
+    ((2.30, 2.22, 2.04), 2.33, True, (0.25, 0.19, 0.33)),
+    # A noisy net near chance: one epoch at 2.19 with validation at 15% learned nothing to lose.
+    ((2.30, 2.19), 2.26, False, (0.12, 0.15)),
 ])
-def test_learn_then_collapse(losses, final, collapsed):
+def test_learn_then_collapse(losses, final, collapsed, vals):
     model = _mlp()
     ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
     diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=3, counterfactuals=False))
     diag.on_fit_start(ctx)
-    for loss in losses:
-        diag.on_epoch_end(ctx, {"train_loss": loss})
-        ctx.history.append({"train_loss": loss})
-    out = diag.on_epoch_end(ctx, {"train_loss": final})
+    for i, loss in enumerate(losses):
+        metrics = {"train_loss": loss, **({"val_accuracy": vals[i]} if vals else {})}
+        diag.on_epoch_end(ctx, metrics)
+        ctx.history.append(metrics)
+    out = diag.on_epoch_end(ctx, {"train_loss": final, **({"val_accuracy": 0.1} if vals else {})})
     assert out.get("stall_reason") == ("learn_then_collapse" if collapsed else None)
     assert out["stalled"] == (1.0 if collapsed else 0.0)
 

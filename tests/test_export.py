@@ -333,3 +333,6 @@ def test_every_verb_refuses_a_damaged_sweep_json_alike(tmp_path, damage):
         assert "sweep.json: the sweep record's file is damaged" in " ".join(result.output.split()), result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+    if damage != "directory":  # stop needs only the driver's lease: "not running", not "damaged"
+        result = CliRunner().invoke(app, ["stop", "hurt", "--storage", str(tmp_path)])
+        assert "damaged" not in result.output and "not running" in " ".join(result.output.split()), result.output

@@ -221,8 +221,9 @@ def test_the_text_says_how_each_cause_was_checked_and_only_what_one_depth_and_on
     intervention checked its cause, and a trial that ran its budget below the bar is not "stalled"."""
     record = SweepRecord(tmp_path / "one_depth")
     record.create(_meta(name="one_depth", planned_trials=4), "SWEEP = ...\n")
-    skipped = ("no counterfactuals: 6 runs x 50 steps = 300 steps exceed 10% of the trial's budget of "
-               "33 steps (3 epochs x 11 steps), 3 steps; diagnostics.counterfactual_budget sets that share")
+    skipped = ("no counterfactuals: 6 runs x 50 steps = 300 steps exceed the 3 steps allowed, 10% of the "
+               "trial's budget of 33 steps (3 epochs x 11 steps); diagnostics.counterfactual_budget sets "
+               "that share")
     checked = "lr/10 escaped chance in 50 steps; lr x10 did not -> lr_too_high (measured: dead_relu)"
     _add_trial(record, 1, "vgg11", "normal", False, 0.01, "stalled", [0.1] * 3, FLAT, "vanishing_signal",
                last={"cf_evidence": skipped, "cf_skipped": skipped[len("no counterfactuals: "):]})
@@ -234,11 +235,11 @@ def test_the_text_says_how_each_cause_was_checked_and_only_what_one_depth_and_on
 
     assert "lr 0.01 throughout" in summary and "lr sampled" not in summary
     assert "every depth" not in summary
+    assert "normal stalls at its one depth (vgg11 (9 weight layers) in 1/1 seed: vanishing_signal)" in summary
     lines = summary.splitlines()
     line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'normal', False)}**: stalls"))
-    assert line.endswith("The cause is named from the measurements only: no intervention ran (6 runs x 50 "
-                         "steps = 300 steps exceed 10% of the trial's budget of 33 steps (3 epochs x 11 "
-                         "steps), 3 steps; diagnostics.counterfactual_budget sets that share).")
+    assert line.endswith(f"The cause is named from the measurements only: no intervention ran "
+                         f"({skipped[len('no counterfactuals: '):]}).")
     line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'he', False)}**: stalls"))
     assert line.endswith(f"Checked by intervention: {checked}.")
     line = next(l for l in lines if l.startswith(f"- **{_cell('vgg11', 'xavier', False)}**: stalls"))
@@ -253,6 +254,22 @@ def test_the_text_says_how_each_cause_was_checked_and_only_what_one_depth_and_on
     for n, lr in ((1, 0.01), (2, 0.05)):
         _add_trial(other, n, "vgg11", "he", False, lr, "completed", [0.4, 0.7, 0.9], FALLING)
     assert "; lr sampled within each)" in build_report(other, tmp_path / "out2").summary
+    # Without the depth x init x BN view (an lr axis) there is no "Stalled cells" section: the verdict
+    # line says how the cause was named (an lr sweep's report never did).
+    lrs = SweepRecord(tmp_path / "lr_axis")
+    lrs.create(_meta(name="lr_axis", planned_trials=2, space={"optim.lr": "grid_search([1e-05, 0.5])"}),
+               "SWEEP = ...\n")
+    _add_trial(lrs, 1, "vgg11", "he", False, 0.5, "stalled", [0.1] * 3, FLAT, "dead_relu",
+               last={"cf_evidence": skipped})
+    _add_trial(lrs, 2, "vgg11", "he", False, 1e-5, "completed", [0.09, 0.1, 0.12], [2.6, 2.5, 2.45])
+    summary = build_report(lrs, tmp_path / "out3").summary
+    assert "(grid axes: lr)" in summary and "## Stalled cells" not in summary
+    line = next(l for l in summary.splitlines() if l.startswith("- **lr=0.5** (n=1)"))
+    assert "stalls in 1/1 seed (dead_relu)" in line
+    assert line.endswith(f"The cause is named from the measurements only: no intervention ran "
+                         f"({skipped[len('no counterfactuals: '):]}).")
+    line = next(l for l in summary.splitlines() if l.startswith("- **lr=1e-05** (n=1)"))
+    assert "stays below the bar" in line and "intervention" not in line
 
 
 def test_empty_record_says_there_is_nothing_to_show(tmp_path):

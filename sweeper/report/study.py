@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sweeper.export import trial_row
-from sweeper.outcomes import NOT_TRAINED
+from sweeper.outcomes import NOT_TRAINED, TRAINED_OVER_CHANCE
 from sweeper.records import SweepRecord
 
 SIGNAL_FLOOR = 1e-6
 FLOOR_TEXT = "1e-6"
-TRAINED_OVER_CHANCE = 2.0  # a seed of a cell "trained" when a trial beat chance accuracy by this factor
 INIT_ORDER = ("normal", "default", "xavier", "he")  # from the problem to the fix, left to right
 LAYER_KEY = re.compile(r"^l(\d+)_(conv|fc)$")
 _KNOWN_DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}

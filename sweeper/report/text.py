@@ -126,7 +126,10 @@ def _unique_rows(cells: list[Cell]) -> list[Cell]:
 
 def verdict_lines(study: Study) -> list[str]:
     """One line per cell: its verdict with its count, its accuracies (best, final, test)."""
+    # Outside the depth x init x BN view there is no "Stalled cells" section: say here whether an
+    # intervention checked a stalled cell's cause (a lr sweep's report never said it).
     return [f"- **{cell_label(c, study.view)}** (n={c.n}): {c.verdict()}; {accuracy_text(c)}."
+            + ("" if study.view or not (c.stalled or c.mixed) else cause_check_text(c))
             for c in study.cells]
 
 
@@ -183,12 +186,12 @@ def by_init_lines(study: Study) -> list[str]:
             mixed = [c for c in own if c.mixed]
             run = [c for c in own if c.outcome == "running"]
             accs = join(f"{_where(c)}: {pct(c.stats('acc')[0])} in {seeds_text(c, 'trained')}" for c in ok)
-            every = "every depth" if len(own) > 1 else "its one depth"
+            every = "every depth" if len({c.model for c in own}) > 1 else "its one depth"
             if ok and not bad and not run and not mixed:
                 text = f"{init} trains at {every} ({accs})"
             elif bad and not ok and not run and not mixed:
-                text = (f"{init} stalls at {every} (" + join(f"{_where(c)} in {seeds_text(c, 'stalled')}"
-                                                             for c in bad) + ")")
+                text = (f"{init} stalls at {every} (" + join(f"{_where(c)} in {seeds_text(c, 'stalled')}: "
+                                                             f"{c.reason}" for c in bad) + ")")
             else:
                 bits = []
                 if ok:
@@ -198,7 +201,8 @@ def by_init_lines(study: Study) -> list[str]:
                         f"{_where(c)} (trains in {seeds_text(c, 'trained')}, stalls in "
                         f"{seeds_text(c, 'stalled')})" for c in mixed))
                 if bad:
-                    bits.append("stalls at " + join(f"{_where(c)} in {seeds_text(c, 'stalled')}" for c in bad))
+                    bits.append("stalls at " + join(f"{_where(c)} in {seeds_text(c, 'stalled')}: {c.reason}"
+                                                    for c in bad))
                 if run:
                     bits.append(f"is still running at {join(_where(c) for c in run)}")
                 text = f"{init} " + " but ".join(bits)
