@@ -47,8 +47,9 @@ epoch compares epochs on the same unaugmented images. Under ``compile`` every ep
 pass: a recorded step runs eagerly, and an eager step is not bit-identical to a compiled one.
 
 Stall detection: training loss within ``stall_tolerance`` of ln(num_classes) for ``stall_epochs``
-epochs, or a trial that learned (an epoch's loss below ln C - 2 x ``stall_tolerance``) back in that
-band or above it (``learn_then_collapse``); the cause is named from the measurements,
+epochs, or a trial that learned (an epoch's loss below ln C - 2 x ``stall_tolerance``, and validation
+accuracy past 2x chance where measured) back in that band or above it (``learn_then_collapse``); the
+cause is named from the measurements,
 then checked by intervention the first time a stall is named (:mod:`sweeper.counterfactual`: lr / 10,
 lr x 10, He init, BN in short runs): where the interventions decide it, the label carries their cause
 (``stall_reason``; the measured one stays in ``stall_reason_measured``, the evidence in ``cf_evidence``).
