@@ -73,9 +73,9 @@ from sweeper.inits import fans, weight_std
 from sweeper.outcomes import TRAINED_OVER_CHANCE
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
-           "gradient_lr", "last_step", "maxpool_factor", "padding_fraction", "position_energy", "predicted_gain",
-           "predicted_stds", "relu_correlation", "signal_cause", "signal_ratio", "spatial_correlation",
-           "trial_hooks"]
+           "gradient_lr", "last_step", "maxpool_factor", "padding_fraction", "position_energy",
+           "predicted_gain", "predicted_stds", "relu_correlation", "signal_cause", "signal_ratio",
+           "spatial_correlation", "trial_hooks"]
 
 STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradient", "lr_too_high",
                  "lr_too_small", "learn_then_collapse", "plateau")
@@ -180,13 +180,13 @@ class Diagnostics:
         # Learned = an epoch's loss a whole tolerance past the edge of the chance band, the bar a
         # counterfactual run must pass to have "escaped chance" (sweeper.counterfactual). It was
         # ln C - 0.5, which missed a He-init VGG-19 that reached 33% validation accuracy (loss 2.04,
-        # ln 10 - 0.26) and fell back to ln 10: the report then said it trained. Collapsed = back in
-        # the band or past it: the same net at another seed went 2.30, 2.22, 1.98, then 2.96 (val 12%),
-        # above ln C, and was "completed". (Starting above ln C, as He init does, is no stall: a stall
-        # stays the band alone.)
-        # Learned also means validation accuracy past the report's "trains" bar (2x chance), where
-        # one was measured: an epoch's loss just past the band (2.19) in a noisy net near chance is
-        # no learning to lose, and naming it a collapse would spend the once-per-trial check on it.
+        # ln 10 - 0.26) and fell back to ln 10: the report then said it trained. Learned also means
+        # validation accuracy past the report's "trains" bar (2x chance), where one was measured: one
+        # epoch just past the band (2.19) in a noisy net near chance is no learning to lose, and
+        # naming it a collapse would spend the once-per-trial check on it. Collapsed = back in the
+        # band or past it: the same VGG-19 under `sweeper debug` went 2.30, 2.22, 1.98, then 2.96
+        # (val 12%), above ln C, and was "completed". (Starting above ln C, as He init does, is no
+        # stall: a stall stays the band alone.)
         vals = [v for v in (h.get("val_accuracy") for h in [*ctx.history, metrics])
                 if isinstance(v, (int, float)) and math.isfinite(v)]
         learned = self._min_loss < chance - 2 * self.cfg.stall_tolerance and (

@@ -111,8 +111,9 @@ class SweepRecord:
         by_epoch: dict[int, dict[str, Any]] = {}
         for _, row in json_lines(self.trials_dir / f"{trial_id}.jsonl"):
             epoch = row.get("epoch")
-            epoch = int(epoch) if isinstance(epoch, (int, float)) and math.isfinite(epoch) else len(by_epoch) + 1
-            by_epoch.setdefault(epoch, row)
+            if not (isinstance(epoch, (int, float)) and math.isfinite(epoch)):
+                epoch = len(by_epoch) + 1
+            by_epoch.setdefault(int(epoch), row)
         return [by_epoch[e] for e in sorted(by_epoch)]
 
     def find_trial(self, ref: str) -> dict[str, Any]:
