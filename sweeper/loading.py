@@ -29,7 +29,7 @@ from typing import Sequence
 
 from sweeper.config import ConfigError
 
-from sweeper.spaces import Sweep, apply_overrides, read_overrides
+from sweeper.spaces import Sweep, apply_overrides, read_overrides, with_override_problems
 
 __all__ = ["LOAD_TIMEOUT_ENV", "LOAD_TIMEOUT_S", "load_sweep"]
 
@@ -66,13 +66,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *,
     if not sweep.question and isinstance(module.__doc__, str) and module.__doc__.strip():
         sweep = sweep.replace(question=module.__doc__.strip())
     values, problems = read_overrides(overrides)
-    try:
-        sweep = apply_overrides(sweep, values)
-    except ConfigError as exc:  # with the malformed overrides' problems: every one at once
-        raise ConfigError(problems + exc.problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return sweep, text
+    return with_override_problems(problems, lambda: apply_overrides(sweep, values)), text
 
 
 def _read_space_file(path: Path) -> bytes:

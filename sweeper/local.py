@@ -16,7 +16,7 @@ def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0
                  epochs: int | None = None, device: str | None = None) -> TrialConfig:
     """The trial config ``sweeper debug`` runs: a sample of the file's space, or settings alone."""
     from sweeper.loading import load_sweep
-    from sweeper.spaces import read_overrides, sample_config
+    from sweeper.spaces import read_overrides, sample_config, with_override_problems
 
     problems: list[str] = []
     if file is not None:
@@ -30,13 +30,7 @@ def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0
         flat["epochs"] = epochs
     if device is not None:
         flat["device"] = device
-    try:
-        config = TrialConfig.from_flat(flat)
-    except ConfigError as exc:  # with the malformed overrides' problems: every one at once
-        raise ConfigError(problems + exc.problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return with_override_problems(problems, lambda: TrialConfig.from_flat(flat))
 
 
 def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,

@@ -25,7 +25,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from sweeper.config import EPOCH_METRICS, MAX_SEED, ConfigError, TrialConfig, parse_value
 from sweeper.domains import (_domain, _domain_problems, _is_domain, _is_grid, describe_domain,
@@ -46,7 +46,10 @@ __all__ = [
     "sample_config",
     "space_signature",
     "trial_count",
+    "with_override_problems",
 ]
+
+T = TypeVar("T")
 
 # Short names for the settings people change most on the command line.
 ALIASES: dict[str, str] = {
@@ -268,6 +271,18 @@ def read_overrides(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
         given.setdefault(key, item)
         out.setdefault(key, parsed)
     return out, problems
+
+
+def with_override_problems(problems: Sequence[str], build: Callable[[], T]) -> T:
+    """``build()`` (which validates the well-formed overrides), refused with the malformed ones'
+    ``problems`` beside its own: a user sees every problem at once."""
+    try:
+        value = build()
+    except ConfigError as exc:
+        raise ConfigError([*problems, *exc.problems]) from None
+    if problems:
+        raise ConfigError(list(problems))
+    return value
 
 
 def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
