@@ -124,13 +124,20 @@ def debug(
 @app.command()
 @user_errors
 def validate(
-    files: List[Path] = typer.Argument(..., help="Search-space files."),
+    files: List[str] = typer.Argument(..., metavar="FILE... [KEY=VALUE]...",
+                                      help="Search-space files, and overrides as launch takes them."),
     overrides: List[str] = typer.Option([], "--set", "-s", help="KEY=VALUE override (repeatable)."),
 ) -> None:
     """Check search-space files (every problem at once) and dry-run one model of each on the CPU."""
     from sweeper.local import validate_files
 
-    if not validate_files(files, overrides):
+    # `validate FILE max_epochs=-1` as `launch FILE max_epochs=-1`: a KEY=VALUE that is no file is
+    # an override (it was reported as a missing file). Strings, not Paths: s3:// keeps its slashes.
+    given = [a for a in files if "=" in a and not Path(a).exists()]
+    paths = [Path(a) for a in files if a not in given]
+    if not paths:
+        raise ConfigError([f"validate needs a search-space file before the overrides {given}"])
+    if not validate_files(paths, [*given, *overrides]):
         raise typer.Exit(EXIT_USAGE)
 
 

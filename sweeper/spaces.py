@@ -119,7 +119,10 @@ class Sweep:
     def problems(self) -> list[str]:
         p: list[str] = []
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            p.append(f"name={self.name!r} must be 1-100 letters, digits, '_', '-' or '.', "
+            shown = repr(self.name)
+            if len(shown) > 60:  # a pasted paragraph is not echoed whole
+                shown = f"{shown[:40]}... ({len(self.name)} characters)"
+            p.append(f"name={shown} must be 1-100 letters, digits, '_', '-' or '.', "
                      "starting with a letter or digit")
         if not isinstance(self.space, Mapping):
             p.append(f"space must be a dict of 'section.name' -> value or tune domain, "
@@ -149,22 +152,25 @@ class Sweep:
             p.append(f"scheduler={self.scheduler!r} is not one of ['asha', 'fifo']")
         if self.search not in ("optuna", "random"):
             p.append(f"search={self.search!r} is not one of ['optuna', 'random']")
+        invalid = set()  # fields refused here: what depends on them is not checked again
         for key, lo in (("max_epochs", 1), ("grace_period", 1), ("num_samples", 1), ("seeds", 1),
                         ("max_failures", 0), ("keep_checkpoints", 1), ("seed", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 p.append(f"{key}={value!r} must be an integer >= {lo}")
+                invalid.add(key)
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
             p.append(f"reduction_factor={self.reduction_factor!r} must be an integer >= 2")
-        if isinstance(self.grace_period, int) and isinstance(self.max_epochs, int) \
-                and self.grace_period > self.max_epochs:
+        if not invalid & {"grace_period", "max_epochs"} and self.grace_period > self.max_epochs:
             p.append(f"grace_period={self.grace_period} must be <= max_epochs={self.max_epochs}")
         if self.max_concurrent is not None and (isinstance(self.max_concurrent, bool) or
                 not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
             p.append(f"max_concurrent={self.max_concurrent!r} must be None or an integer >= 1")
         if not callable(self.resources) and self.resources != AUTO:
             p.extend(_resource_problems("resources", self.resources))
-        p.extend(self._space_problems())
+        # The trials' epochs and seed are the Sweep's: one problem for a bad max_epochs, not three.
+        own = {"max_epochs": "epochs", "seed": "seed"}
+        p.extend(self._space_problems(skip=[own[k] for k in invalid if k in own]))
         if self.search == "optuna" and any(_is_grid(v) for v in self.space.values()):
             grid = [k for k, v in self.space.items() if _is_grid(v)]
             p.append(f"search='optuna' cannot expand grid axes {grid}: use search='random' for a "
@@ -183,13 +189,14 @@ class Sweep:
                      "tune.choice / tune.uniform instead of crossing grid_search axes")
         return p
 
-    def _space_problems(self) -> list[str]:
+    def _space_problems(self, skip: Sequence[str] = ()) -> list[str]:
+        """The space's problems; ``skip``: trial settings whose Sweep field was refused already."""
         p: list[str] = []
         if "epochs" in self.space:  # one budget for ASHA and the trials: the Sweep's
             p.append(f"space['epochs'] is set by the Sweep: use max_epochs={self.space['epochs']!r}")
         sweep_fields = {f.name for f in dataclasses.fields(Sweep)} - {"seed"}  # seed: both
         checked: dict[str, Any] = {}
-        wrong: list[str] = []  # keys whose domain is wrong
+        wrong: list[str] = list(skip)  # keys whose domain (or Sweep field) is wrong
         for key, value in self.space.items():
             if not isinstance(key, str):
                 p.append(f"space key {key!r} must be a string 'section.name' (e.g. 'optim.lr')")

@@ -65,6 +65,27 @@ def test_validate_reports_every_file(tmp_path):
     assert "model.init='kaiming2' is not one of" in out.stderr
 
 
+def test_validate_takes_overrides_as_launch_does():
+    """`validate FILE max_epochs=-1` said the file 'max_epochs=-1' does not exist."""
+    out = sweeper("validate", "search_spaces/vgg_depth.py", "max_epochs=-1")
+    assert out.returncode == 2
+    assert "max_epochs=-1 must be an integer >= 1" in out.stderr
+    assert "does not exist" not in out.stderr and out.stderr.count("  - ") == 1, out.stderr
+    out = sweeper("validate", "search_spaces/vgg_depth.py", "max_epochs=3", "--set", "seeds=2")
+    assert out.returncode == 0, out.stderr
+    assert "48 grid cell(s) x 3 sample(s) = 144 trials" in out.stdout  # both kinds applied
+    assert "max_epochs=3" in out.stdout
+    out = sweeper("validate", "max_epochs=3")
+    assert out.returncode == 2 and "validate needs a search-space file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_long_bad_name_is_not_echoed_whole():
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "--name", "x" * 5000)
+    assert out.returncode == 2
+    assert "(5000 characters) must be 1-100 letters" in out.stderr and len(out.stderr) < 400
+
+
 def test_launch_dry_run_prints_the_grid_without_starting_ray():
     out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits")
     assert out.returncode == 0, out.stderr

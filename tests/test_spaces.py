@@ -378,3 +378,20 @@ def test_integer_sweep_settings_take_an_integral_float_from_the_command_line():
         with pytest.raises(ConfigError) as info:
             apply_overrides(base, parse_overrides([bad]))
         assert message in str(info.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_epochs=-1", "max_epochs=-1 must be an integer >= 1"),
+    ("max_epochs=0", "max_epochs=0 must be an integer >= 1"),
+    ("seed=-1", "seed=-1 must be an integer >= 0"),
+])
+def test_a_refused_sweep_field_is_one_problem_not_one_per_check_that_reads_it(override, message):
+    """The trials' epochs and seed are the Sweep's: a bad max_epochs was also reported as
+    'grace_period=3 must be <= max_epochs=-1' and 'space: epochs=-1 must be >= 1'."""
+    from sweeper.config import ConfigError
+    from sweeper.spaces import apply_overrides
+
+    base = Sweep(name="one", space={"model.arch": "smallcnn", "optim.lr": 0.1}, grace_period=3)
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(base, parse_overrides([override]))
+    assert info.value.problems == [message]
