@@ -70,7 +70,7 @@ from torch import nn
 
 from sweeper.config import DiagnosticsConfig, ModelConfig
 from sweeper.inits import fans, weight_std
-from sweeper.outcomes import TRAINED_OVER_CHANCE
+from sweeper.outcomes import SIGNAL_COLLAPSE, TRAINED_OVER_CHANCE
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
            "gradient_lr", "last_step", "maxpool_factor", "padding_fraction", "position_energy",
@@ -88,7 +88,6 @@ FROZEN_UPDATE = 1e-5  # every layer's update ratio below this: nothing moves
 SLOW_UPDATE = 1e-3  # below this with a healthy signal: the lr is too small for the epochs given
 DEAD_DEEP = 0.3  # dead-unit fraction in the deep half that marks a dead-ReLU collapse
 INSENSITIVE = 0.05  # output std across examples / RMS below this: the input no longer matters
-SIGNAL_COLLAPSE = 1e-3  # last/first layer activation std below this: the forward signal died
 GRADIENT_COLLAPSE = 1e-3  # first/last layer grad norm below this: the backward signal died
 HUGE_LOGITS = 1e4
 
@@ -384,8 +383,8 @@ class Diagnostics:
         finally:
             for p, g in zip(model.parameters(), saved_grads):
                 p.grad = g
-        finite = [v for v in metrics.values() if isinstance(v, float)]
-        metrics["nonfinite"] = float(not all(math.isfinite(v) for v in finite))
+        metrics["nonfinite"] = float(not all(math.isfinite(v) for k, v in metrics.items()
+                                             if isinstance(v, float) and k.startswith(_MEASURED)))
         return metrics
 
     def _metrics(self, rec: "_Recorder", updates: dict[str, float], lr: float) -> dict[str, Any]:
@@ -540,6 +539,14 @@ class _Recorder:
                 self.updates = _last_updates(self.optimizer, self.layers)
             self.complete = True
         return False
+
+
+# What "nonfinite" (and so the cause `exploding`) reads: the net's own numbers. Not a ratio whose
+# denominator is a layer's input, which is 0 behind a fully dead layer: a VGG-16 at lr 0.5 with its
+# last conv 100% dead had gain_pred inf and gain_meas nan on the fc head, finite loss and logit std
+# 0.13-0.19, and was named exploding.
+_MEASURED = ("probe_loss", "loss_minus_chance", "logit_std", "act_mean/", "act_std/", "sensitivity/",
+             "weight_norm/", "grad_norm/", "out_grad_std/", "bn_running_var/", "bn_running_mean/")
 
 
 def signal_ratio(metrics: dict[str, Any], layers: list[LayerInfo]) -> float:

@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED", "TRAINED_OVER_CHANCE"]
+__all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED", "SIGNAL_COLLAPSE", "TRAINED_OVER_CHANCE"]
 
 OUTCOMES = ("completed", "pruned", "stalled", "late_start", "val_collapse", "diverged", "failed",
             "stopped")
@@ -39,6 +39,9 @@ NOT_TRAINED = frozenset({"stalled", "val_collapse", "diverged", "failed"})
 # A trial "trained" when its validation accuracy beat chance (1/C) by this factor: the report's bar for
 # "trains", and the diagnostics' for having learned something a collapse then lost.
 TRAINED_OVER_CHANCE = 2.0
+# The smallest main-path activation std over the first layer's below this: the forward signal died
+# (the diagnostics' cause vanishing_signal, and the report's account of it).
+SIGNAL_COLLAPSE = 1e-3
 # Training loss this far below ln C is "learning" (validation collapse needs it).
 _LEARNED_MARGIN = 0.5
 # Validation accuracy within this many points of 1/C is "at chance" for validation collapse.

@@ -86,6 +86,26 @@ def test_dead_units_are_channels_zero_everywhere():
     assert metrics["dead_frac/l00_conv"] == pytest.approx(4 / 16)
 
 
+def test_a_fully_dead_layer_is_not_a_nonfinite_net():
+    """Behind a layer whose every unit is dead, the next layer's input is all zeros and its gain a
+    ratio over zero (inf, nan): a VGG-16 at lr 0.5 in that state, with a finite loss and small
+    logits, was named `exploding`. The net's own numbers are finite; the dead units are the cause."""
+    torch.manual_seed(0)
+    model = _mlp()
+    with torch.no_grad():
+        model.conv2.bias[:] = -100.0  # every channel of conv2 dead: the head sees zeros
+    ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8))
+    metrics = diag.on_fit_start(ctx)
+    assert metrics["dead_frac/l01_conv"] == 1.0
+    assert not math.isfinite(metrics["gain_meas/l02_fc"])  # the ratio over a zero input
+    assert metrics["nonfinite"] == 0.0
+    assert classify_stall(metrics, diag.layers) != "exploding"
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.inf  # a weight that did overflow still counts
+    assert diag.on_fit_start(ctx)["nonfinite"] == 1.0
+
+
 def test_the_probe_leaves_training_state_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
                           nn.Flatten(), nn.Linear(4 * 36, 10))
