@@ -12,7 +12,7 @@ from sweeper.report import Report, build_report
 
 LN10 = math.log(10)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-LAYERS = {"vgg11": 9, "vgg13": 11}  # 8 / 10 convs + the compact head's linear layer
+LAYERS = {"vgg11": 9, "vgg13": 11, "smallcnn": 5}  # 8 / 10 convs + the compact head's linear layer
 # The report's depth is the weight layers the model really has. These records use the compact head
 # (global pool + ONE linear), so vgg11/vgg13 have 9/11 layers, not the 11/13 the paper counts with
 # its 3-FC head: the old tests asserted 11/13 (weight_depth added 3 FC layers regardless of head).
@@ -341,3 +341,45 @@ def test_a_location_valued_axis_is_named_by_its_source_not_its_whole_path():
     where = "s3://bucket/team/sweeps/vgg_a/vgg11-he-plain-lr0.0035-1e4b8_00001/checkpoint_000005?endpoint_override=h:9"
     assert axis_value(where) == ".../vgg_a/vgg11-he-plain-lr0.0035-1e4b8_00001/checkpoint_000005"
     assert axis_value(None) == "None" and axis_value("he") == "he" and axis_value(0.5) == "0.5"
+
+
+def test_verdicts_agree_with_the_outcomes_export_gives(tmp_path):
+    """A trial that ran its budget and ended at chance with no stall named (outcome completed) is
+    not "stalls (at_chance)"; one over the bar once that ended at chance is not "trains" alone."""
+    from sweeper.export import trial_rows
+
+    record = SweepRecord(tmp_path / "ends")
+    record.create(_meta(name="ends", planned_trials=3,
+                        space={"optim.lr": "grid_search([0.001, 0.01, 0.1])"}), "SWEEP = ...\n")
+    # At chance at the last epoch only (the loss came down to ln C late): no stall run, completed.
+    at_end = {"chance_loss": LN10}
+    _add_trial(record, 1, "vgg11", "he", False, 0.001, "completed", [0.09, 0.1, 0.1], FLAT, last=at_end)
+    _add_trial(record, 2, "vgg11", "he", False, 0.01, "completed", [0.23, 0.19, 0.1], FLAT, last=at_end)
+    _add_trial(record, 3, "vgg11", "he", False, 0.1, "stalled", [0.1] * 3, FLAT, "dead_relu")
+    rows = {r["trial_id"]: r for r in trial_rows(record)}
+    assert [(rows[t]["outcome"], rows[t]["at_chance"]) for t in ("t_00001", "t_00002")] == [
+        ("completed", True), ("completed", True)]
+    lines = build_report(record, tmp_path / "out").summary.splitlines()
+    line = next(l for l in lines if l.startswith("- **lr=0.001** (n=1)"))
+    assert "ends at chance in 1/1 seed (no stall named)" in line and "stalls" not in line
+    line = next(l for l in lines if l.startswith("- **lr=0.01** (n=1)"))
+    assert "trains in 1/1 seed, then ends at chance in 1;" in line
+    line = next(l for l in lines if l.startswith("- **lr=0.1** (n=1)"))
+    assert "stalls in 1/1 seed (dead_relu)" in line
+
+
+def test_one_init_and_one_fix_are_said_as_such_and_a_sweep_without_vggs_skips_the_depth_figure(tmp_path):
+    record = SweepRecord(tmp_path / "bn_only")
+    record.create(_meta(name="bn_only", planned_trials=2), "SWEEP = ...\n")
+    _add_trial(record, 1, "vgg11", "normal", False, 0.01, "stalled", [0.1] * 3, FLAT, "vanishing_signal")
+    _add_trial(record, 2, "vgg11", "normal", True, 0.01, "completed", [0.4, 0.7, 0.9], FALLING)
+    summary = build_report(record, tmp_path / "out").summary
+    assert ("BatchNorm trains normal init at the sweep's one depth" in summary
+            and "every init" not in summary)
+    assert "it fixed the one stalled plain cell it was tested on." in summary
+    cnn = SweepRecord(tmp_path / "cnn")
+    cnn.create(_meta(name="cnn", planned_trials=1), "SWEEP = ...\n")
+    _add_trial(cnn, 1, "smallcnn", "he", False, 0.05, "completed", [0.4, 0.7, 0.9], FALLING)
+    summary = build_report(cnn, tmp_path / "out2").summary
+    assert "the sweep has no VGG: this figure compares layers along a VGG's depth" in summary
+    assert "no trial of a VGG has" not in summary

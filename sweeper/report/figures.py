@@ -197,7 +197,9 @@ def fig_layers(study: Study, path: Path) -> tuple[Path, str]:
     rows = [(bn, deepest(study.cells, bn)) for bn in (False, True)]
     rows = [(bn, cs) for bn, cs in rows if cs]
     if not rows:
-        raise Skip("no trial of a VGG has per-layer diagnostics")
+        has_vgg = any(c.is_vgg for c in study.cells)
+        raise Skip("no trial of a VGG has per-layer diagnostics" if has_vgg else
+                   "the sweep has no VGG: this figure compares layers along a VGG's depth")
     inits = sorted({c.init for _, cs in rows for c in cs}, key=init_sort)
     fig = _new_figure(11, 3.6 * len(rows))
     axes = fig.subplots(len(rows), 2, squeeze=False)

@@ -335,13 +335,28 @@ class Cell:
         trained, stalled, running = self.count("trained"), self.count("stalled"), self.count("running")
         if trained:
             parts.append(f"trains in {trained}/{n} seed{'s' if n > 1 else ''}")
+            # Over the bar once, at chance at the end (export's at_chance): "trains" alone hid it.
+            fell = sum(r.verdict == "trained" and r.best is not None and r.best.at_chance
+                       for r in self.replicates)
+            if fell:
+                parts[-1] += f", then ends at chance in {fell}"
         if stalled:
             causes = Counter(r.reason for r in self.replicates if r.verdict == "stalled")
+            # Trials that ran their whole budget (outcome completed) are not stalls, which the
+            # outcome counts beside this line would contradict: "slow" ones stayed below the bar,
+            # "at_chance" ones ended at chance with no stall named in their epochs.
+            unstalled = not any(t.outcome == "stalled" for r in self.replicates
+                                if r.verdict == "stalled" for t in r.trials)
+            if unstalled and set(causes) == {"slow"}:
+                verb = "stays below the bar"
+            elif unstalled and set(causes) <= {"slow", "at_chance"}:
+                verb = "ends at chance"
+                causes = Counter({("no stall named" if c == "at_chance" else c): k
+                                  for c, k in causes.items()})
+            else:
+                verb = "stalls"
             why = ", ".join(f"{c} ×{k}" if k > 1 and len(causes) > 1 else c
                             for c, k in causes.most_common())
-            # "slow" alone: its trials ran their budget (outcome completed) below the bar, without
-            # sitting at chance -- not a stall, which the outcome counts beside it would contradict.
-            verb = "stays below the bar" if set(causes) == {"slow"} else "stalls"
             parts.append(f"{verb} in {stalled}/{n} seed{'s' if n > 1 else ''} ({why})")
         if running:
             parts.append(f"still running in {running}/{n}")

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from sweeper.outcomes import NOT_TRAINED, OUTCOMES
+from sweeper.outcomes import NOT_TRAINED, OUTCOMES, SIGNAL_COLLAPSE
 from sweeper.report.study import (
     DERIVED,
     FLOOR_TEXT,
@@ -152,7 +152,9 @@ def stalled_lines(study: Study) -> list[str]:
             elif math.isfinite(c.signal_low) and c.signal_low > 0:
                 line += (f" {when.capitalize()} the activation std stays above {FLOOR_TEXT} of l00's; its "
                          f"lowest is {sci(c.signal_low)} of it at `{c.signal_low_layer}`"
-                         + (f" (a {sci(1 / c.signal_low)}-fold loss; {measured})." if c.signal_low < 1e-3
+                         + (f" (a {sci(1 / c.signal_low)}-fold loss, past the {f'{SIGNAL_COLLAPSE:.0e}'.replace('e-0', 'e-')} at "
+                            f"which the diagnostics call the signal vanished; {measured})."
+                            if c.signal_low < SIGNAL_COLLAPSE
                             else f" ({measured})."))
         lines.append(line + cause_check_text(c))
     return lines
@@ -267,9 +269,13 @@ def fix_lines(study: Study) -> list[str]:
         every_init = all((r.model, i, True) in by_key for r in plain_rows for i in inits)
         if not still and every_init and all(b.trained for b in bn_cells):
             every = "every depth" if len(plain_rows) > 1 else "the sweep's one depth"
-            lines.append(f"- **BatchNorm trains every init at {every}** ({join(inits)}; "
-                         f"{join(_where(r) for r in plain_rows)}; in {_each(bn_cells)}): it fixed all "
-                         f"{len(fixed)} stalled plain cells it was tested on.")
+            which = "every init" if len(inits) > 1 else f"{inits[0]} init"  # one init: no "every"
+            lines.append(f"- **BatchNorm trains {which} at {every}** ({join(inits)}; "
+                         f"{join(_where(r) for r in plain_rows)}; in {_each(bn_cells)})"
+                         + (f": it fixed all {len(fixed)} stalled plain cells it was tested on."
+                            if len(fixed) > 1 else
+                            ": it fixed the one stalled plain cell it was tested on." if fixed
+                            else "."))
         elif tested:
             lines.append(f"- BatchNorm made {len(fixed)} of {len(tested)} stalled plain cells train in every "
                          "seed" + (f" ({'; '.join(cell_label(s) for s in fixed)})" if fixed else "") + ".")
