@@ -44,6 +44,9 @@ def join(items: Iterable[Any]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+COLLAPSE_TEXT = f"{SIGNAL_COLLAPSE:.0e}".replace("e-0", "e-")  # 1e-3, as the science notes write it
+
+
 def sci(x: float) -> str:
     """1.6e-5 rather than 1.6e-05: the way the science notes write small numbers."""
     if not math.isfinite(x) or x == 0:
@@ -152,7 +155,7 @@ def stalled_lines(study: Study) -> list[str]:
             elif math.isfinite(c.signal_low) and c.signal_low > 0:
                 line += (f" {when.capitalize()} the activation std stays above {FLOOR_TEXT} of l00's; its "
                          f"lowest is {sci(c.signal_low)} of it at `{c.signal_low_layer}`"
-                         + (f" (a {sci(1 / c.signal_low)}-fold loss, past the {f'{SIGNAL_COLLAPSE:.0e}'.replace('e-0', 'e-')} at "
+                         + (f" (a {sci(1 / c.signal_low)}-fold loss, past the {COLLAPSE_TEXT} at "
                             f"which the diagnostics call the signal vanished; {measured})."
                             if c.signal_low < SIGNAL_COLLAPSE
                             else f" ({measured})."))
