@@ -135,16 +135,53 @@ def check_tracking_uri(uri: str | None, *, option: str = "--tracking-uri") -> No
 
     if not uri:
         return
-    scheme = urlsplit(uri).scheme.lower()
-    if len(scheme) <= 1 or scheme.split("+", 1)[0] in _URI_SCHEMES:  # "" or a Windows drive: a path
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    shown = f"{option} {redact(uri)!r}"
+    if uri.strip().lower() in ("databricks", "databricks-uc", "uc"):  # MLflow's own names
+        return
+    if len(scheme) <= 1 or scheme == "file":  # "" or a Windows drive: a path, MLflow's file store
+        # MLflow 3 refuses its file store unless told to (every call raised, so a sweep trained and
+        # then retried delivery for minutes, as if a server were down).
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+            raise ConfigError([f"{shown}: MLflow 3 keeps its file store (a path or file: URI) in "
+                               "maintenance mode and refuses it; use sqlite:///PATH/mlflow.db (the "
+                               "default: SQLite beside the sweeps), a server's http(s): URI, or set "
+                               "MLFLOW_ALLOW_FILE_STORE=true"])
+        return
+    if scheme in ("http", "https") and not parts.hostname:
+        raise ConfigError([f"{shown}: no host (e.g. http://127.0.0.1:5000)"])
+    if scheme == "sqlite" and (db := _sqlite_path(uri)) is not None and "?" not in uri \
+            and not str(db).startswith("file:"):
+        problem = _unwritable_directory(db.parent)
+        if problem:
+            raise ConfigError([f"{shown}: the database's directory {problem}"])
+    if scheme.split("+", 1)[0] in _URI_SCHEMES:
         return
     from importlib.metadata import entry_points
 
     if scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
         return
     raise ConfigError([f"{option} {redact(uri)!r}: MLflow has no tracking store for the scheme "
-                       f"{scheme!r}; use a path, or a file:, sqlite:, postgresql:, mysql:, mssql:, "
-                       "http: or https: URI (or a scheme an installed MLflow plugin adds)"])
+                       f"{scheme!r}; use a sqlite:, postgresql:, mysql:, mssql:, http: or https: "
+                       "URI (or a scheme an installed MLflow plugin adds)"])
+
+
+def _unwritable_directory(directory: Path) -> str | None:
+    """Why a store cannot be made in ``directory`` (made on first use where it is missing), or None:
+    its nearest existing ancestor must be a directory this user may write to."""
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{directory} cannot be made: {existing} is not a directory"
+    try:  # a real write (root passes os.access checks on /proc and read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".sweeper-probe-", dir=existing))
+    except OSError as exc:
+        what = "is not writable" if existing == Path(os.path.abspath(directory)) else \
+            f"cannot be made in {existing}"
+        return f"{directory} {what} ({exc.strerror or exc})"
+    return None
 
 
 def _truncate(text: str, limit: int) -> str:

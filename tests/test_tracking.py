@@ -555,14 +555,46 @@ def test_a_parent_run_found_again_by_tag_gets_the_params_and_texts_it_lacks(tmp_
     assert [a.path for a in client.list_artifacts(orphan)] == ["sweep_file.py"]
 
 
-@pytest.mark.parametrize("uri", [None, "", "mlruns", "/tmp/x/mlruns", "file:///tmp/mlruns",
-                                 "sqlite:////tmp/x/mlflow.db", "postgresql+psycopg2://u:p@db/mlflow",
+@pytest.mark.parametrize("uri", [None, "", "sqlite:////tmp/x/mlflow.db", "postgresql+psycopg2://u:p@db/mlflow",
                                  "mysql://db/mlflow", "http://127.0.0.1:5000", "HTTPS://host",
-                                 "databricks", r"C:\runs\mlruns"])
+                                 "databricks"])
 def test_tracking_uris_mlflow_has_a_store_for_pass(uri):
     from sweeper.tracking import check_tracking_uri
 
     check_tracking_uri(uri)
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "/tmp/x/mlruns", "file:///tmp/mlruns", r"C:\runs\mlruns"])
+def test_mlflows_file_store_is_refused_up_front_unless_mlflow_is_told_to_allow_it(uri, monkeypatch):
+    """MLflow 3 raises on every call to its file store: a sweep trained, then retried delivery for
+    two minutes and exited 4 as if a server were down."""
+    from sweeper.config import ConfigError
+    from sweeper.tracking import check_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError) as err:
+        check_tracking_uri(uri)
+    (problem,) = err.value.problems
+    assert "file store" in problem and "sqlite:///PATH/mlflow.db" in problem
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in problem
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_tracking_uri(uri)
+
+
+def test_a_tracking_uri_that_cannot_work_is_refused_before_the_sweep(tmp_path):
+    from sweeper.config import ConfigError
+    from sweeper.tracking import check_tracking_uri
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for uri, message in (("http://", "no host"), ("https:///api", "no host"),
+                         (f"sqlite:///{afile}/x.db", f"{afile} is not a directory"),
+                         ("sqlite:////proc/nope/x.db", "/proc/nope cannot be made in /proc")):
+        with pytest.raises(ConfigError) as err:
+            check_tracking_uri(uri)
+        assert message in err.value.problems[0], (uri, err.value.problems)
+    check_tracking_uri(f"sqlite:///{tmp_path}/new/dir/mlflow.db")  # made on first use
+    assert not (tmp_path / "new").exists()  # the check itself leaves nothing behind
 
 
 def test_a_tracking_uri_without_a_store_names_the_scheme_without_its_password():
@@ -573,7 +605,7 @@ def test_a_tracking_uri_without_a_store_names_the_scheme_without_its_password():
         check_tracking_uri("s3://key:secret@bucket/mlflow", option="--tracking-uri")
     assert err.value.problems == [
         "--tracking-uri 's3://***@bucket/mlflow': MLflow has no tracking store for the scheme "
-        "'s3'; use a path, or a file:, sqlite:, postgresql:, mysql:, mssql:, http: or https: URI "
+        "'s3'; use a sqlite:, postgresql:, mysql:, mssql:, http: or https: URI "
         "(or a scheme an installed MLflow plugin adds)"]
 
 
