@@ -53,7 +53,31 @@ def file_in_the_way(option: str, path) -> list[str]:
     blocked = next((p for p in (path, *path.parents) if p.exists()), None)
     if blocked is not None and not blocked.is_dir():
         return [f"{option} {path}: {blocked} is a file, not a directory"]
+    if (problem := unwritable_directory(path)) is not None:
+        return [f"{option} {problem}"]
     return []
+
+
+def unwritable_directory(directory) -> str | None:
+    """Why files cannot be written in ``directory`` (made on first use where it is missing), or
+    None. Its nearest existing ancestor is probed by a real write: root passes ``os.access`` checks
+    on /proc, /sys and read-only mounts, and the write then failed with a traceback."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    given = Path(os.path.abspath(directory))
+    existing = given
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{directory} cannot be made: {existing} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sweeper-probe-", dir=existing))
+    except OSError as exc:
+        what = "is not writable" if existing == given else f"cannot be made in {existing}"
+        return f"{directory} {what} ({exc.strerror or exc})"
+    return None
 
 
 @dataclass(frozen=True)

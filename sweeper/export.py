@@ -187,9 +187,13 @@ def export(record: SweepRecord, out: Path, *, fmt: str = "parquet", epochs: bool
     tables = {"trials": trial_rows(record)}
     if epochs:
         tables["epochs"] = epoch_rows(record)
+    paths = {name: out.with_name(f"{stem}.{name}.{fmt}" if epochs else f"{stem}.{fmt}")
+             for name in tables}
+    if taken := [str(p) for p in paths.values() if p.is_dir()]:
+        raise ConfigError([f"--out {out}: {', '.join(taken)} is a directory, not a file"])
     written = []
     for name, rows in tables.items():
-        path = out.with_name(f"{stem}.{name}.{fmt}" if epochs else f"{stem}.{fmt}")
+        path = paths[name]
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(_uniform(rows))
         _write(table, path, fmt)

@@ -153,7 +153,9 @@ def check_tracking_uri(uri: str | None, *, option: str = "--tracking-uri") -> No
         raise ConfigError([f"{shown}: no host (e.g. http://127.0.0.1:5000)"])
     if scheme == "sqlite" and (db := _sqlite_path(uri)) is not None and "?" not in uri \
             and not str(db).startswith("file:"):
-        problem = _unwritable_directory(db.parent)
+        from sweeper.config import unwritable_directory
+
+        problem = unwritable_directory(db.parent)
         if problem:
             raise ConfigError([f"{shown}: the database's directory {problem}"])
     if scheme.split("+", 1)[0] in _URI_SCHEMES:
@@ -166,22 +168,6 @@ def check_tracking_uri(uri: str | None, *, option: str = "--tracking-uri") -> No
                        f"{scheme!r}; use a sqlite:, postgresql:, mysql:, mssql:, http: or https: "
                        "URI (or a scheme an installed MLflow plugin adds)"])
 
-
-def _unwritable_directory(directory: Path) -> str | None:
-    """Why a store cannot be made in ``directory`` (made on first use where it is missing), or None:
-    its nearest existing ancestor must be a directory this user may write to."""
-    existing = Path(os.path.abspath(directory))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{directory} cannot be made: {existing} is not a directory"
-    try:  # a real write (root passes os.access checks on /proc and read-only mounts)
-        os.rmdir(tempfile.mkdtemp(prefix=".sweeper-probe-", dir=existing))
-    except OSError as exc:
-        what = "is not writable" if existing == Path(os.path.abspath(directory)) else \
-            f"cannot be made in {existing}"
-        return f"{directory} {what} ({exc.strerror or exc})"
-    return None
 
 
 def _truncate(text: str, limit: int) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -270,6 +271,25 @@ def test_export_paths_keep_the_stem_and_go_into_a_folder(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="afile is a file, not a directory"):
         export(record, tmp_path / "afile" / "x", fmt="csv")
+    # Where nothing can be written (root passes os.access there) or a directory holds the name:
+    # a ConfigError (exit 2), not a FileNotFoundError / PermissionError / pyarrow traceback.
+    with pytest.raises(ConfigError, match=r"/proc/nope cannot be made in /proc \("):
+        export(record, Path("/proc/nope/x"), fmt="csv")
+    (out / "taken.csv").mkdir()
+    with pytest.raises(ConfigError, match="taken.csv is a directory, not a file"):
+        export(record, out / "taken", fmt="csv")
+    assert not list(Path("/proc").glob(".sweeper-probe-*"))
+
+
+def test_report_to_a_place_nothing_can_be_written_is_exit_2(tmp_path):
+    from conftest import run_sweeper
+
+    record = SweepRecord(tmp_path / "rep")
+    record.create({"name": "rep"}, "")
+    out = run_sweeper("report", "rep", "--storage", str(tmp_path), "--out", "/proc/nope/report")
+    assert out.returncode == 2, out.stderr
+    assert "--out /proc/nope/report cannot be made in /proc" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("text,why", [("{\"trial_id\": ", "not JSON"), ("[1, 2]", "a JSON list")])
