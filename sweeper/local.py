@@ -218,9 +218,12 @@ def resolve_storage(name: str, storage: str | None) -> str | None:
 def existing_record(name: str, storage: str | None, *, with_mirror: bool = False, read_meta: bool = True):
     """The sweep's record, read from wherever it lives (a fresh local copy for a URI). ``read_meta``:
     refuse a damaged sweep.json here, for every reader alike; ``stop`` needs only the driver's lease."""
+    from sweeper.spaces import name_problem
     from sweeper.store import redacted_root
     from sweeper.tuner import open_sweep_record, storage_root
 
+    if (problem := name_problem(name)) is not None:  # a path would reach outside the storage
+        raise ConfigError([problem])
     storage = resolve_storage(name, storage)
     record, mirror = open_sweep_record(name, storage)
     if not record.exists():

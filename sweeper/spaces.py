@@ -40,6 +40,7 @@ __all__ = [
     "dry_run",
     "grid_cells",
     "grid_size",
+    "name_problem",
     "parse_overrides",
     "read_overrides",
     "run_space",
@@ -118,12 +119,8 @@ class Sweep:
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            shown = repr(self.name)
-            if len(shown) > 60:  # a pasted paragraph is not echoed whole
-                shown = f"{shown[:40]}... ({len(self.name)} characters)"
-            p.append(f"name={shown} must be 1-100 letters, digits, '_', '-' or '.', "
-                     "starting with a letter or digit")
+        if (problem := name_problem(self.name)) is not None:
+            p.append(problem)
         if not isinstance(self.space, Mapping):
             p.append(f"space must be a dict of 'section.name' -> value or tune domain, "
                      f"not {type(self.space).__name__}")
@@ -258,6 +255,22 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` is no sweep name (it names a directory under the storage), or None."""
+    if isinstance(name, str) and _NAME_RE.match(name):
+        return None
+    shown = repr(name)
+    if len(shown) > 60:  # a pasted paragraph is not echoed whole
+        shown = f"{shown[:40]}... ({len(name)} characters)"
+    problem = (f"name={shown} must be 1-100 letters, digits, '_', '-' or '.', starting with a letter "
+               "or digit")
+    if isinstance(name, str) and "/" in name.rstrip("/"):  # a path where a name goes
+        path = name.rstrip("/")
+        parent, _, last = path.rpartition("/")
+        problem += f"; for the sweep in {path}, give its name and storage: {last} --storage {parent or '/'}"
+    return problem
 
 
 def read_overrides(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:

@@ -184,3 +184,13 @@ def test_sweepers_own_gcs_access_gives_up_within_gcs_retry_s(monkeypatch, tmp_pa
     assert "Traceback" not in result.output
     if not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):  # the usual case off Google Cloud
         assert "no Google credentials on this machine (set GOOGLE_APPLICATION_CREDENTIALS" in result.output
+
+
+@pytest.mark.parametrize("verb", ["status", "report", "export", "stop", "sync"])
+def test_a_path_where_a_sweep_name_goes_is_refused_with_the_name_and_storage_to_give(verb, tmp_path):
+    """`status ../store/gpu1` read another directory's sweep, and `export` wrote into it."""
+    out = sweeper(verb, "../store/gpu1", "--storage", str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert "name='../store/gpu1' must be 1-100 letters" in out.stderr
+    assert "give its name and storage: gpu1 --storage ../store" in out.stderr
+    assert "Traceback" not in out.stderr
