@@ -174,6 +174,7 @@ class Sweep:
                      "factorial grid, or tune.choice for Optuna to pick from")
         if p:  # the checks below read the fields as the ones above validated them
             return p
+        p.extend(_grid_duplicates(self, self.space))
         if self.seed + self.seeds - 1 > MAX_SEED:
             p.append(f"seeds={self.seeds} from seed={self.seed} reach seed {self.seed + self.seeds - 1}: "
                      f"seeds go up to {MAX_SEED} (2**62)")
@@ -403,6 +404,27 @@ def _corner_problems(sweep: Sweep, space: Mapping[str, Any] | None = None) -> li
         for candidate in candidates[1:]:
             results.append(_config_problems({**base, key: candidate}))
     return results
+
+
+def _grid_duplicates(sweep: Sweep, space: Mapping[str, Any]) -> list[str]:
+    """Grid values that are one setting once read as the trial reads them (True, 'yes' and 1; 0.125
+    and '1/8'; 0.1 twice): each would be a cell of its own, with its own ASHA rungs and report line."""
+    corners = {k: c for k, c in ((k, corner_values(v)) for k, v in space.items()) if c}
+    base = base_config(sweep, {k: c[0] for k, c in corners.items()})
+    problems = []
+    for key, value in space.items():
+        if not _is_grid(value):
+            continue
+        read: dict[str, list[Any]] = {}
+        for candidate in value["grid_search"]:
+            setting = TrialConfig.from_flat({**base, key: candidate}).to_flat()[key]
+            read.setdefault(repr(setting), []).append(candidate)
+        for setting, same in read.items():
+            if len(same) > 1:
+                listed = ", ".join(repr(v) for v in same[:-1]) + f" and {same[-1]!r}"
+                problems.append(f"{key}: grid_search values {listed} are one setting ({setting}): "
+                                "each would be a cell of its own; list it once")
+    return problems
 
 
 def _config_problems(flat: Mapping[str, Any]) -> list[str]:

@@ -395,3 +395,21 @@ def test_a_refused_sweep_field_is_one_problem_not_one_per_check_that_reads_it(ov
     with pytest.raises(ConfigError) as info:
         apply_overrides(base, parse_overrides([override]))
     assert info.value.problems == [message]
+
+
+def test_grid_values_that_are_one_setting_are_refused():
+    from ray import tune
+
+    from sweeper.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Sweep(name="dup", space={"model.arch": "vgg11",
+                                 "model.batch_norm": tune.grid_search([True, "yes", 1, False]),
+                                 "model.width": tune.grid_search([0.125, "1/8"]),
+                                 "optim.lr": tune.grid_search([0.1, 0.01])})
+    assert info.value.problems == [
+        "model.batch_norm: grid_search values True, 'yes' and 1 are one setting (True): each would "
+        "be a cell of its own; list it once",
+        "model.width: grid_search values 0.125 and '1/8' are one setting (0.125): each would be a "
+        "cell of its own; list it once"]
+    Sweep(name="fine", space={"model.arch": "vgg11", "model.batch_norm": tune.grid_search([True, False])})
