@@ -177,7 +177,7 @@ def launch(
     build_once(sweep)
     from sweeper.tuner import check_launch_options, launch as run_sweep, local_storage_problems
 
-    check_launch_options(address=address, local=local, num_cpus=num_cpus)
+    check_launch_options(address=address, local=local, num_cpus=num_cpus, tracking_uri=tracking_uri)
     if dry_run:
         problems = local_storage_problems(sweep)
         if problems:

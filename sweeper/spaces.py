@@ -156,6 +156,9 @@ class Sweep:
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 p.append(f"{key}={value!r} must be an integer >= {lo}")
                 invalid.add(key)
+        if "seed" not in invalid and self.seed > MAX_SEED:  # the Sweep's, not the space's
+            p.append(f"seed={self.seed} must be an integer in [0, {MAX_SEED}] (2**62)")
+            invalid.add("seed")
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
             p.append(f"reduction_factor={self.reduction_factor!r} must be an integer >= 2")
         if not invalid & {"grace_period", "max_epochs"} and self.grace_period > self.max_epochs:
@@ -320,7 +323,13 @@ def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
     space.update({k: v for k, v in overrides.items() if k not in fields})
     if "storage" in changes and changes["storage"] is not None:
         changes["storage"] = str(changes["storage"])
-    return sweep.replace(space=space, **changes)
+    try:
+        return sweep.replace(space=space, **changes)
+    except ConfigError as exc:
+        # A setting the command line gave is not the space file's to blame ("space: device='tpu'").
+        given = tuple(f"space: {k}=" for k in overrides if k not in fields)
+        raise ConfigError([p[len("space: "):] if p.startswith(given) else p
+                           for p in exc.problems]) from None
 
 
 # ---- sampling -----------------------------------------------------------------------------------------

@@ -509,15 +509,20 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
             raise ConfigError(problems)
 
 
-def check_launch_options(*, address: str | None, local: bool, num_cpus: int | None) -> None:
-    """The command line's options that contradict each other or name no machine: refused before
-    anything else, `launch --dry-run` included."""
+def check_launch_options(*, address: str | None, local: bool, num_cpus: int | None,
+                         tracking_uri: str | None = None) -> None:
+    """The command line's options that contradict each other, name no machine or a tracking store
+    that cannot work: refused before anything else, `launch --dry-run` included."""
     if local and address:
         raise ConfigError([f"--local starts a fresh Ray on this machine and --address {address} "
                            "connects to a cluster: pass one of them"])
     if num_cpus is not None and num_cpus < 1:
         raise ConfigError([f"--num-cpus {num_cpus}: the local Ray needs at least 1 CPU "
                            "(leave it out to use all of this machine's)"])
+    if tracking_uri:  # MLFLOW_TRACKING_URI is used only without it (see _run)
+        check_tracking_uri(tracking_uri)
+    else:
+        check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), option="MLFLOW_TRACKING_URI")
 
 
 def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
@@ -537,11 +542,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     from sweeper.trial import train_trial
     from sweeper.transfer import resolve_sweep
 
-    check_launch_options(address=address, local=local, num_cpus=num_cpus)
-    if tracking_uri:  # MLFLOW_TRACKING_URI is used only without it (see _run)
-        check_tracking_uri(tracking_uri)
-    else:
-        check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), option="MLFLOW_TRACKING_URI")
+    check_launch_options(address=address, local=local, num_cpus=num_cpus, tracking_uri=tracking_uri)
     # model.init_from='sweep:NAME/REF' -> that trial's checkpoint location, in the trials' configs
     # (and so in their params): resolved once, here, so that every node reads the same checkpoint.
     sweep, resolved = resolve_sweep(sweep)

@@ -413,3 +413,19 @@ def test_grid_values_that_are_one_setting_are_refused():
         "model.width: grid_search values 0.125 and '1/8' are one setting (0.125): each would be a "
         "cell of its own; list it once"]
     Sweep(name="fine", space={"model.arch": "vgg11", "model.batch_norm": tune.grid_search([True, False])})
+
+
+def test_a_command_line_setting_is_not_blamed_on_the_space_and_a_huge_seed_is_the_sweeps():
+    from sweeper.config import ConfigError
+    from sweeper.spaces import apply_overrides
+
+    base = Sweep(name="blame", space={"model.arch": "smallcnn", "optim.lr": 0.1})
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(base, parse_overrides(["device=tpu"]))
+    assert info.value.problems == ["device='tpu' is not one of ['auto', 'cpu', 'cuda', 'cuda:N']"]
+    with pytest.raises(ConfigError) as info:
+        Sweep(name="blame", space={"model.arch": "smallcnn", "device": "tpu"})
+    assert info.value.problems == ["space: device='tpu' is not one of ['auto', 'cpu', 'cuda', 'cuda:N']"]
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(base, parse_overrides([f"seed={2**80}"]))
+    assert info.value.problems == [f"seed={2**80} must be an integer in [0, {2**62}] (2**62)"]
