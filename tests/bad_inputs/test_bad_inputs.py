@@ -126,6 +126,7 @@ CASES = [
     ("init_from_missing_checkpoint", "launch {S}/good.py --local model.init_from=/nonexistent-sweeper/checkpoint_000001", "model.init_from='/nonexistent-sweeper/checkpoint_000001': no such file or checkpoint"),
     ("init_from_bad_reference", "validate {S}/good.py --set model.init_from=sweep:/best", "model.init_from='sweep:/best' is not a sweep reference 'sweep:NAME/REF'"),
     ("init_from_unknown_sweep", "launch {S}/good.py --local model.init_from=sweep:no_such_sweep/best", "model.init_from='sweep:no_such_sweep/best': no sweep named 'no_such_sweep' under"),
+    ("tracking_uri_file_store_dry_run", "launch {S}/good.py --dry-run --tracking-uri file:///tmp/mlruns", "--tracking-uri 'file:///tmp/mlruns': MLflow 3 keeps its file store (a path or file: URI) in maintenance mode and refuses it"),
     ("tracking_uri_bad_scheme", "launch {S}/good.py --local --tracking-uri ftp://user:pw@host/mlflow", "--tracking-uri 'ftp://***@host/mlflow': MLflow has no tracking store for the scheme 'ftp'; use a sqlite:, postgresql:, mysql:, mssql:, http: or https: URI"),
     ("tracking_uri_env_bad_scheme", "MLFLOW_TRACKING_URI=htp://host:5000 launch {S}/good.py --local", "MLFLOW_TRACKING_URI 'htp://host:5000': MLflow has no tracking store for the scheme 'htp'"),
     ("sync_wait_nan", "sync some_sweep --wait nan", "--wait nan: seconds to keep retrying must be a number >= 0"),
