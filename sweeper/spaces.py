@@ -402,12 +402,15 @@ def corner_values(value: Any) -> list[Any]:
     return [value]
 
 
+def _corners(sweep: Sweep, space: Mapping[str, Any]) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """(each key's corner values, the base config of their first ones): what validation varies."""
+    corners = {k: c for k, c in ((k, corner_values(v)) for k, v in space.items()) if c}
+    return corners, base_config(sweep, {k: c[0] for k, c in corners.items()})
+
+
 def _corner_problems(sweep: Sweep, space: Mapping[str, Any] | None = None) -> list[list[str]]:
     """Validate a base config, then each corner value of each key on top of it."""
-    space = sweep.space if space is None else space
-    corners = {k: corner_values(v) for k, v in space.items()}
-    corners = {k: c for k, c in corners.items() if c}
-    base = base_config(sweep, {k: c[0] for k, c in corners.items()})
+    corners, base = _corners(sweep, sweep.space if space is None else space)
     results = [_config_problems(base)]
     for key, candidates in corners.items():
         for candidate in candidates[1:]:
@@ -418,8 +421,7 @@ def _corner_problems(sweep: Sweep, space: Mapping[str, Any] | None = None) -> li
 def _grid_duplicates(sweep: Sweep, space: Mapping[str, Any]) -> list[str]:
     """Grid values that are one setting once read as the trial reads them (True, 'yes' and 1; 0.125
     and '1/8'; 0.1 twice): each would be a cell of its own, with its own ASHA rungs and report line."""
-    corners = {k: c for k, c in ((k, corner_values(v)) for k, v in space.items()) if c}
-    base = base_config(sweep, {k: c[0] for k, c in corners.items()})
+    _, base = _corners(sweep, space)
     problems = []
     for key, value in space.items():
         if not _is_grid(value):
