@@ -87,6 +87,14 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a plain ``sqlite:`` URI, which sweeper may create; None for anything
+    else. A URI with options (``?mode=ro``, ``sqlite:///file:...?uri=true``) is SQLite's own URI
+    form: what it opens, and how, is the user's to say."""
+    path = _sqlite_path(uri)
+    return None if path is None or "?" in uri or str(path).startswith("file:") else path
+
+
 def _create_sqlite_in_wal_mode(uri: str) -> None:
     """A SQLite store this process is about to create starts in write-ahead-log mode.
 
@@ -104,10 +112,8 @@ def _create_sqlite_in_wal_mode(uri: str) -> None:
     creates them too, so before putting a copy on read-only media, run
     ``sqlite3 mlflow.db 'PRAGMA journal_mode=DELETE'`` on it (with nothing else holding it open).
     """
-    path = _sqlite_path(uri)
-    # A URI with options (``?mode=ro``, ``sqlite:///file:...?uri=true``) is SQLite's own URI form:
-    # what it opens, and how, is the user's to say.
-    if path is None or "?" in uri or str(path).startswith("file:") or path.exists():
+    path = _sqlite_file(uri)
+    if path is None or path.exists():
         return
     import sqlite3
 
@@ -151,8 +157,7 @@ def check_tracking_uri(uri: str | None, *, option: str = "--tracking-uri") -> No
         return
     if scheme in ("http", "https") and not parts.hostname:
         raise ConfigError([f"{shown}: no host (e.g. http://127.0.0.1:5000)"])
-    if scheme == "sqlite" and (db := _sqlite_path(uri)) is not None and "?" not in uri \
-            and not str(db).startswith("file:"):
+    if scheme == "sqlite" and (db := _sqlite_file(uri)) is not None:
         from sweeper.config import unwritable_directory
 
         problem = unwritable_directory(db.parent)
