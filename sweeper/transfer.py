@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from sweeper.config import ConfigError
+from sweeper.spaces import name_problem
 
 if TYPE_CHECKING:
     from sweeper.config import ModelConfig, TrialConfig
@@ -85,7 +86,6 @@ log = logging.getLogger(__name__)
 INIT_LAYERS = ("all", "backbone", "none", "vgg_paper")
 SWEEP_PREFIX = "sweep:"
 _FREEZE_RE = re.compile(r"^all_but_last:(\d+)$")
-_SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # as sweeper.spaces names sweeps
 _VGG_PAPER_CONVS = 4  # "the first four convolutional layers and the last three fully-connected layers"
 # torchvision's arch names for ours (VGGs by BatchNorm); the others have no torchvision weights.
 _TV_ARCHS = {"resnet18": "resnet18", "resnet34": "resnet34", "googlenet": "googlenet",
@@ -156,7 +156,7 @@ def config_problems(m: "ModelConfig") -> list[str]:
         return p
     if m.init_from is not None and m.init_from.startswith(SWEEP_PREFIX):
         name, _, ref = m.init_from[len(SWEEP_PREFIX):].partition("/")
-        if not _SWEEP_NAME_RE.match(name) or (ref == "" and "/" in m.init_from):
+        if name_problem(name) is not None or (ref == "" and "/" in m.init_from):
             p.append(f"model.init_from={m.init_from!r} is not a sweep reference 'sweep:NAME/REF' "
                      "(REF: 'best', a trial id or a trial name), nor a checkpoint path")
     source = m.pretrained if m.pretrained is not None else m.init_from
