@@ -421,7 +421,7 @@ _SYNONYMS: dict[str, str] = {
     "bn": "batch_norm", "batchnorm": "batch_norm", "batch_normalization": "batch_norm",
     "batch_normalisation": "batch_norm", "use_bn": "batch_norm",
     "wd": "weight_decay", "l2": "weight_decay", "decay": "weight_decay",
-    "bs": "batch_size", "batchsize": "batch_size",
+    "bs": "batch_size", "batchsize": "batch_size", "batch": "batch_size",
     "architecture": "arch", "model": "arch", "network": "arch", "net": "arch",
     "initialization": "init", "initialisation": "init", "initializer": "init", "initialiser": "init",
     "optimizer": "name", "optimiser": "name", "dataset": "name",

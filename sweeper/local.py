@@ -51,10 +51,11 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
     cfg = debug_config(file, overrides, sample=sample, epochs=epochs, device=device)
     if not diagnostics:
         cfg = cfg.replace(**{"diagnostics.enabled": False})
+    device_used = resolve_device(cfg.device)  # before the table: a refused device is the whole answer
     defaults = TrialConfig().to_flat()
     console.print(config_table(cfg.to_flat(), title=f"trial config (sample {sample})",
                                defaults=defaults))
-    console.print(f"device: {resolve_device(cfg.device)}")
+    console.print(f"device: {device_used}")
     transfer = _transfer_line(cfg)
     if transfer:
         console.print(transfer)

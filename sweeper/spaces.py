@@ -327,7 +327,8 @@ def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
         return sweep.replace(space=space, **changes)
     except ConfigError as exc:
         # A setting the command line gave is not the space file's to blame ("space: device='tpu'").
-        given = tuple(f"space: {k}=" for k in overrides if k not in fields)
+        given = tuple(form for k in overrides if k not in fields
+                      for form in (f"space: {k}=", f"space: unknown setting {k!r}"))
         raise ConfigError([p[len("space: "):] if p.startswith(given) else p
                            for p in exc.problems]) from None
 

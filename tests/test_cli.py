@@ -28,6 +28,15 @@ def test_bad_input_is_one_clear_message_and_exit_2(setting, message):
     assert out.stderr.count("error:") == 1
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_debug_refuses_a_missing_gpu_before_printing_the_config():
+    """The 60-line config table used to come first, pushing the one line that matters off screen."""
+    out = sweeper("debug", "device=cuda", "epochs=1")
+    assert out.returncode == 2, out.stderr
+    assert "device='cuda' was asked for, but torch sees no CUDA device" in out.stderr
+    assert out.stdout == "", out.stdout
+
+
 def test_several_bad_settings_are_reported_together():
     out = sweeper("debug", "model.arch=vgg99", "model.init=kaiming2", "optim.lr=0")
     assert out.returncode == 2

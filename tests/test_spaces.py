@@ -429,3 +429,7 @@ def test_a_command_line_setting_is_not_blamed_on_the_space_and_a_huge_seed_is_th
     with pytest.raises(ConfigError) as info:
         apply_overrides(base, parse_overrides([f"seed={2**80}"]))
     assert info.value.problems == [f"seed={2**80} must be an integer in [0, {2**62}] (2**62)"]
+    with pytest.raises(ConfigError) as info:  # a misspelt setting typed on the command line
+        apply_overrides(base, parse_overrides(["batch=64"]))
+    assert info.value.problems == ["unknown setting 'batch'; did you mean 'data.batch_size'? "
+                                   "(settings are 'section.name', e.g. 'model.arch', 'optim.lr')"]

@@ -87,7 +87,7 @@ CASES = [
     ("object_choice_optuna", "validate {S}/object_choice_optuna.py", "object_choice_optuna.py: space['model.init']=choice(['he', ('normal', 0.01)]): search='optuna' can store only None, bool, int, float or str choices, not tuple"),
     # ---- settings ---------------------------------------------------------------------------------------
     ("unknown_setting", "validate {S}/unknown_setting.py", "unknown_setting.py: space: unknown setting 'optim.learning_rate'; did you mean 'optim.lr'?"),
-    ("unknown_setting_override", "launch {S}/good.py --dry-run model.bn=true", "space: unknown setting 'model.bn'; did you mean 'model.batch_norm'?"),
+    ("unknown_setting_override", "launch {S}/good.py --dry-run model.bn=true", "unknown setting 'model.bn'; did you mean 'model.batch_norm'?"),
     ("sweep_field_in_space", "validate {S}/sweep_field_in_space.py", "sweep_field_in_space.py: space['max_epochs'] is a Sweep setting, not a trial setting"),
     ("space_not_a_dict", "validate {S}/space_not_a_dict.py", "space_not_a_dict.py: space must be a dict of 'section.name' -> value or tune domain, not list"),
     ("bad_values", "validate {S}/bad_values.py", "bad_values.py: space: model.init='kaiming2' is not one of ['default', 'he', 'normal', 'xavier']"),
