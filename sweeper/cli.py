@@ -175,11 +175,11 @@ def launch(
     if name is not None:
         sweep = sweep.replace(name=name)
     build_once(sweep)
-    from sweeper.tuner import check_launch_options, launch as run_sweep, local_storage_problems
+    from sweeper.tuner import check_launch_options, dry_run_problems, launch as run_sweep
 
     check_launch_options(address=address, local=local, num_cpus=num_cpus, tracking_uri=tracking_uri)
     if dry_run:
-        problems = local_storage_problems(sweep)
+        problems = dry_run_problems(sweep, local=local, num_cpus=num_cpus)
         if problems:
             raise ConfigError(problems)
         print_plan(sweep)

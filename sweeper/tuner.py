@@ -41,7 +41,7 @@ from sweeper.store import DEFAULT_STORAGE, Mirror, filesystem, index_remember, j
 from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_launch_options", "experiment_dir", "launch",
-           "local_storage_problems", "stop_sweep"]
+           "dry_run_problems", "stop_sweep"]
 
 _TUNE_ENV = {
     # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
@@ -109,13 +109,20 @@ def _check_storage(root: str, *, multi_node: bool) -> list[str]:
     return problems
 
 
-def local_storage_problems(sweep: Sweep) -> list[str]:
-    """What the launch's storage check refuses about a path on this machine (a plain path or a
-    file:// URI), leaving nothing behind: for ``--dry-run``, which a file or an unwritable folder as
-    storage passed while the launch refused it. Other URIs are not probed (that needs their server;
-    the launch checks them)."""
+def dry_run_problems(sweep: Sweep, *, local: bool, num_cpus: int | None) -> list[str]:
+    """What the launch would refuse before Ray starts, asked without starting or leaving anything:
+    for ``--dry-run``, which once printed a plan for storage that was a file, for 100 CPUs on a
+    2-core machine or for a dataset that was not there.
+
+    Storage is probed where it is a path on this machine (a plain path or a file:// URI); other URIs
+    need their server, which the launch reaches. The trials' CPUs/GPUs and datasets are this
+    machine's to check only with ``--local``: a cluster's are checked on its nodes at launch.
+    Weight files (model.pretrained / init_from) are not read, so that a study can be planned before
+    the sweep it fine-tunes from has run.
+    """
     root = storage_root(sweep.storage)
-    return _probe_storage(root) if _local_path(root) is not None else []
+    problems = _machine_problems(sweep, num_cpus) if local else []
+    return problems + (_probe_storage(root) if _local_path(root) is not None else [])
 
 
 def _local_path(root: str) -> Path | None:
@@ -501,12 +508,16 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
     if sources and not local:
         raise ConfigError(sources)
     if local:  # the cluster is this machine: nothing needs it to have started
-        capacity = _local_capacity(num_cpus)
-        problems = _resource_problems(sweep, capacity, gpu_available=bool(capacity[0]["gpu"]))
-        problems += _probe_storage(root)
-        problems += _data_problems(sweep) + sources
+        problems = _machine_problems(sweep, num_cpus) + _probe_storage(root) + sources
         if problems:
             raise ConfigError(problems)
+
+
+def _machine_problems(sweep: Sweep, num_cpus: int | None) -> list[str]:
+    """A local launch's trials that this machine could never place, and datasets it lacks."""
+    capacity = _local_capacity(num_cpus)
+    return (_resource_problems(sweep, capacity, gpu_available=bool(capacity[0]["gpu"]))
+            + _data_problems(sweep))
 
 
 def check_launch_options(*, address: str | None, local: bool, num_cpus: int | None,

@@ -100,6 +100,12 @@ def test_launch_dry_run_prints_the_grid_without_starting_ray():
     assert out.returncode == 0, out.stderr
     assert "24 grid cell(s) x 3 sample(s) = 72 trials" in out.stdout
     assert "optim.lr" in out.stdout
+    # --local checks this machine's CPUs and datasets as the launch would, but reads no weight file:
+    # a fine-tuning study is planned before the sweep it starts from has run.
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "--local", "dataset=digits",
+                  "model.init_from=sweep:not_run_yet/best")
+    assert out.returncode == 0, out.stderr
+    assert "72 trials" in out.stdout
 
 
 def test_dry_run_refuses_the_storage_a_launch_refuses_and_leaves_nothing_behind(tmp_path):

@@ -109,6 +109,9 @@ CASES = [
     ("unwritable_storage", "launch {S}/good.py --local --storage /proc/sweeper-no-such-dir", "storage='/proc/sweeper-no-such-dir' is not writable"),
     ("missing_dataset", "launch {S}/good.py --local dataset=cifar10 data_dir=/nonexistent-sweeper-data", "dataset 'cifar10' not found in /nonexistent-sweeper-data"),
     ("impossible_resources", "launch {S}/too_many_cpus.py --local", "resources: a trial of smallcnn asks for 4096 CPU and 0 GPU, but no node has that much"),
+    # --dry-run --local asks what the launch would about this machine (it printed a plan for these)
+    ("dry_run_missing_dataset", "launch {S}/good.py --local --dry-run dataset=cifar10 data_dir=/nonexistent-sweeper-data", "dataset 'cifar10' not found in /nonexistent-sweeper-data"),
+    ("dry_run_impossible_resources", "launch {S}/too_many_cpus.py --local --dry-run", "resources: a trial of smallcnn asks for 4096 CPU and 0 GPU, but no node has that much"),
     ("no_cluster_given", "launch {S}/good.py", "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS)"),
     ("ray_client_address", "launch {S}/good.py --address ray://head.example:10001", "--address ray://head.example:10001: Ray Client (ray://) would run the sweep's controller on the head"),
     ("ray_client_env", "RAY_ADDRESS=ray://10.0.0.1:10001 launch {S}/good.py", "Ray Client (ray://) would run the sweep's controller on the head (10.0.0.1)"),
