@@ -175,7 +175,7 @@ def launch(
     if name is not None:
         sweep = sweep.replace(name=name)
     build_once(sweep)
-    from sweeper.tuner import check_launch_options, dry_run_problems, launch as run_sweep
+    from sweeper.preflight import check_launch_options, dry_run_problems
 
     check_launch_options(address=address, local=local, num_cpus=num_cpus, tracking_uri=tracking_uri)
     if dry_run:
@@ -184,6 +184,7 @@ def launch(
             raise ConfigError(problems)
         print_plan(sweep)
         return
+    from sweeper.tuner import launch as run_sweep
 
     result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
                        overrides=parse_overrides(overrides), restore=not fresh,

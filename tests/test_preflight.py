@@ -7,7 +7,7 @@ from ray import tune
 from ray.cluster_utils import Cluster
 
 from sweeper.spaces import Sweep
-from sweeper.tuner import preflight
+from sweeper.preflight import preflight
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts real (multi-node) Ray clusters
 

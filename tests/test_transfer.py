@@ -438,12 +438,12 @@ def test_a_target_sweep_starts_from_the_best_trial_of_a_source_sweep(tmp_path):
 
 def test_each_node_is_asked_for_the_sources_its_trials_will_read(tmp_path, monkeypatch):
     """On a cluster a weights file on the launching machine's disk is not on the workers: the
-    per-node check (sweeper.tuner.check_node, run on every node before trials) names it."""
+    per-node check (sweeper.preflight.check_node, run on every node before trials) names it."""
     from ray import tune
 
     from sweeper.spaces import Sweep
     from sweeper.transfer import source_files
-    from sweeper.tuner import check_node
+    from sweeper.preflight import check_node
 
     here = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, here)

@@ -18,7 +18,8 @@ from sweeper.records import SweepRecord
 from sweeper.schedulers import (CellASHA, FinishingFIFO, PrunedAwareOptunaSearch, launch_order,
                                 make_scheduler, make_searcher, milestones)
 from sweeper.spaces import Sweep, trial_count
-from sweeper.tuner import _cell_keys, _check_storage
+from sweeper.preflight import _check_storage
+from sweeper.tuner import _cell_keys
 
 
 def _asha(tmp_path, cell_keys=(), max_t=9, mode="max", metric="val_accuracy"):
@@ -255,7 +256,7 @@ def test_a_cluster_address_is_checked_by_a_tcp_connection_before_ray(monkeypatch
     import socket
 
     from sweeper.config import ConfigError
-    from sweeper.tuner import _check_reachable
+    from sweeper.preflight import _check_reachable
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -314,7 +315,7 @@ def test_a_port_that_answers_but_not_as_a_gcs_is_refused(reply, refused):
     import threading
 
     from sweeper.config import ConfigError
-    from sweeper.tuner import _check_reachable
+    from sweeper.preflight import _check_reachable
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
