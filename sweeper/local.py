@@ -144,6 +144,7 @@ def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
     from rich.markup import escape
 
     from sweeper.loading import load_sweep
+    from sweeper.preflight import dry_run_problems
     from sweeper.spaces import dry_run, grid_size, trial_count
 
     ok = True
@@ -151,7 +152,9 @@ def validate_files(files: Sequence[Path], overrides: Sequence[str]) -> bool:
         try:
             sweep, _ = load_sweep(file, overrides)
             cfg = dry_run(sweep)
-            problems = []
+            # A storage the file names is probed as launch would (a path here; removed again): it
+            # passed validate and was refused at launch. The default ./sweeps is the cwd's, not the file's.
+            problems = dry_run_problems(sweep, local=False, num_cpus=None) if sweep.storage else []
         except ConfigError as exc:
             problems = exc.problems
         except Exception as exc:  # noqa: BLE001 -- report it with this file; the rest still get checked

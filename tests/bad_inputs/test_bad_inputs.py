@@ -109,6 +109,7 @@ CASES = [
     ("unwritable_storage", "launch {S}/good.py --local --storage /proc/sweeper-no-such-dir", "storage='/proc/sweeper-no-such-dir' is not writable"),
     ("missing_dataset", "launch {S}/good.py --local dataset=cifar10 data_dir=/nonexistent-sweeper-data", "dataset 'cifar10' not found in /nonexistent-sweeper-data"),
     ("impossible_resources", "launch {S}/too_many_cpus.py --local", "resources: a trial of smallcnn asks for 4096 CPU and 0 GPU, but no node has that much"),
+    ("validate_unwritable_storage", "validate {S}/good.py storage=/proc/sweeper-nope", "storage='/proc/sweeper-nope' is not writable"),
     # --dry-run --local asks what the launch would about this machine (it printed a plan for these)
     ("dry_run_missing_dataset", "launch {S}/good.py --local --dry-run dataset=cifar10 data_dir=/nonexistent-sweeper-data", "dataset 'cifar10' not found in /nonexistent-sweeper-data"),
     ("dry_run_impossible_resources", "launch {S}/too_many_cpus.py --local --dry-run", "resources: a trial of smallcnn asks for 4096 CPU and 0 GPU, but no node has that much"),
