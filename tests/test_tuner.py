@@ -278,6 +278,8 @@ def test_a_cluster_address_is_checked_by_a_tcp_connection_before_ray(monkeypatch
         _check_reachable("local")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_launch_refused_after_ray_started_leaves_no_directory_behind(tmp_path):
     """The cluster's own check (preflight) runs after Ray starts; a refusal there exits 2 and takes
     back what the launch made -- ./sweeps included, which the storage probe before Ray had made."""
