@@ -120,13 +120,19 @@ def layer_table(initial: dict, last: dict):
     from rich.table import Table
 
     keys = [k.split("/", 1)[1] for k in last if k.startswith("act_std/")]
-    table = Table(title=f"layers at init -> after epoch {last.get('epoch')}", title_justify="left")
+    title = f"layers at init -> after epoch {last.get('epoch')}"
+    if not keys:  # a diverged epoch measures no layer: the init's figures still say where it blew up
+        keys = [k.split("/", 1)[1] for k in initial if k.startswith("act_std/")]
+        title = f"layers at init (not measured after epoch {last.get('epoch')}: the loss was not finite)"
+    table = Table(title=title, title_justify="left")
     for col in ("layer", "module", "act_std", "grad_norm", "update_ratio", "dead_frac", "gain pred/meas"):
         table.add_column(col, justify="right" if col not in ("layer", "module") else "left")
 
     def pair(name: str, key: str) -> str:
         a, b = initial.get(f"{name}/{key}"), last.get(f"{name}/{key}")
-        return "-" if b is None else f"{fmt(a)} -> {fmt(b)}" if a is not None else fmt(b)
+        if b is None:
+            return "-" if a is None else f"{fmt(a)} -> -"
+        return f"{fmt(a)} -> {fmt(b)}" if a is not None else fmt(b)
 
     for key in keys:
         table.add_row(key, str(initial.get(f"layer/{key}", "")), pair("act_std", key),

@@ -209,3 +209,23 @@ def test_a_path_where_a_sweep_name_goes_is_refused_with_the_name_and_storage_to_
     assert "name='../store/gpu1' must be 1-100 letters" in out.stderr
     assert "give its name and storage: gpu1 --storage ../store" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_diverged_debug_run_still_shows_the_layers_at_init():
+    """A non-finite epoch measures no layer; the table was empty just when the init's gains (20x per
+    layer for N(0, 0.1) at full width) say where the loss blew up."""
+    from rich.console import Console
+
+    from sweeper.local import layer_table
+
+    initial = {"layer/l00_conv": "features.0", "act_std/l00_conv": 0.49, "grad_norm/l00_conv": 2.5e4,
+               "gain_pred/l00_conv": 20.6, "gain_meas/l00_conv": 20.7}
+    console = Console(width=200, record=True)
+    console.print(layer_table(initial, {"epoch": 1}))
+    text = console.export_text()
+    assert "layers at init (not measured after epoch 1: the loss was not finite)" in text
+    assert "l00_conv" in text and "0.49 -> -" in text and "20.6 / 20.7" in text
+    console = Console(width=200, record=True)
+    console.print(layer_table(initial, {"epoch": 2, "act_std/l00_conv": 0.7}))
+    text = console.export_text()
+    assert "layers at init -> after epoch 2" in text and "0.49 -> 0.7" in text
