@@ -198,7 +198,8 @@ class DiagnosticsConfig:
     # each epoch, about one training step's cost, for epochs compared on identical inputs. Step 0
     # always uses the fixed probe; so does 'training_step' when a batch is smaller than probe_size.
     epoch_probe: str = "training_step"
-    # Stall = training loss within `stall_tolerance` of ln(num_classes) for `stall_epochs` epochs.
+    # Stall = `stall_epochs` epochs in a row whose training loss is not below ln(num_classes) -
+    # `stall_tolerance` (and validation not past 2x chance): sweeper.outcomes.no_better_than_chance.
     stall_tolerance: float = 0.05
     stall_epochs: int = 3
     stop_on_stall: bool = False

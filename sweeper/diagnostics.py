@@ -46,8 +46,9 @@ that step ran with; ``weight_norm`` and ``rel_change`` are the weights at the ep
 epoch compares epochs on the same unaugmented images. Under ``compile`` every epoch uses the probe
 pass: a recorded step runs eagerly, and an eager step is not bit-identical to a compiled one.
 
-Stall detection: training loss within ``stall_tolerance`` of ln(num_classes) for ``stall_epochs``
-epochs, or a trial that learned (an epoch's loss below ln C - 2 x ``stall_tolerance``, and validation
+Stall detection: ``stall_epochs`` epochs in a row no better than chance (training loss not below
+ln(num_classes) - ``stall_tolerance``, validation accuracy not past 2x chance where measured:
+:func:`sweeper.outcomes.no_better_than_chance`), or a trial that learned (an epoch's loss below ln C - 2 x ``stall_tolerance``, and validation
 accuracy past 2x chance where measured) back in that band or above it (``learn_then_collapse``); the
 cause is named from the measurements,
 then checked by intervention the first time a stall is named (:mod:`sweeper.counterfactual`: lr / 10,
@@ -70,7 +71,7 @@ from torch import nn
 
 from sweeper.config import DiagnosticsConfig, ModelConfig
 from sweeper.inits import fans, weight_std
-from sweeper.outcomes import SIGNAL_COLLAPSE, TRAINED_OVER_CHANCE
+from sweeper.outcomes import SIGNAL_COLLAPSE, TRAINED_OVER_CHANCE, no_better_than_chance
 
 __all__ = ["STALL_REASONS", "Diagnostics", "LayerInfo", "chain_second_moments", "classify_stall",
            "gradient_lr", "last_step", "maxpool_factor", "padding_fraction", "position_energy",
@@ -172,10 +173,13 @@ class Diagnostics:
         chance = math.log(ctx.data.num_classes)
         loss = metrics["train_loss"]
         self._min_loss = min(self._min_loss, loss)
-        history = [h["train_loss"] for h in ctx.history] + [loss]
-        recent = history[-self.cfg.stall_epochs:]
-        at_chance = lambda v: math.isfinite(v) and abs(v - chance) <= self.cfg.stall_tolerance  # noqa
-        stalled = len(recent) >= self.cfg.stall_epochs and all(at_chance(v) for v in recent)
+        # A stall: stall_epochs epochs in a row that show no learning (sweeper.outcomes, whose
+        # "at chance" this is): the loss not below the chance band (above it is worse than guessing),
+        # validation not past the "trains" bar.
+        recent = [*ctx.history, metrics][-self.cfg.stall_epochs:]
+        stalled = len(recent) >= self.cfg.stall_epochs and all(
+            no_better_than_chance(h["train_loss"], chance, self.cfg.stall_tolerance, h.get("val_accuracy"))
+            for h in recent)
         # Learned = an epoch's loss a whole tolerance past the edge of the chance band, the bar a
         # counterfactual run must pass to have "escaped chance" (sweeper.counterfactual). It was
         # ln C - 0.5, which missed a He-init VGG-19 that reached 33% validation accuracy (loss 2.04,
@@ -185,7 +189,7 @@ class Diagnostics:
         # naming it a collapse would spend the once-per-trial check on it. Collapsed = back in the
         # band or past it: the same VGG-19 under `sweeper debug` went 2.30, 2.22, 1.98, then 2.96
         # (val 12%), above ln C, and was "completed". (Starting above ln C, as He init does, is no
-        # stall: a stall stays the band alone.)
+        # collapse: nothing was learned to lose.)
         vals = [v for v in (h.get("val_accuracy") for h in [*ctx.history, metrics])
                 if isinstance(v, (int, float)) and math.isfinite(v)]
         learned = self._min_loss < chance - 2 * self.cfg.stall_tolerance and (

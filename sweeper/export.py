@@ -6,7 +6,8 @@ Export schema, one row per trial (``trials`` table):
     outcome (string)        how it ended, exactly as recorded (= MLflow tag sweeper.outcome): completed,
                             pruned, stalled, late_start, val_collapse, diverged, failed, stopped
     reason (string)         the one-sentence stop reason (= sweeper.stop_reason)
-    at_chance (bool)        training loss at ln C at its last epoch (= sweeper.at_chance); a pruned
+    at_chance (bool)        no better than chance at its last epoch: training loss not below ln C - tol,
+                            validation not past 2x chance (= sweeper.at_chance); a pruned
                             trial keeps outcome "pruned" and says it was at chance here
     cause (string)          why it sat at chance: vanishing_signal, dead_relu, ... (= sweeper.cause)
     chance_epochs (int64)   epochs at chance in total

@@ -20,8 +20,12 @@ Outcomes (each trial has exactly one):
 - ``failed``: it raised after its retries.
 - ``stopped``: the sweep was interrupted before this trial ended (it resumes with the sweep).
 
-"At chance" is the training loss within ``stall_tolerance`` of ln C (C classes), as the diagnostics
-define a stall; ln C comes from each epoch's ``chance_loss``.
+"At chance" means no better than chance (:func:`no_better_than_chance`, which the diagnostics' stall
+test uses too): the training loss not below ln C - ``stall_tolerance`` (C classes; ln C comes from each
+epoch's ``chance_loss``), and validation accuracy, where measured, not past the report's "trains" bar.
+A loss above ln C is worse than guessing, not learning: a dead VGG-19 that went 2.296, 2.444, 2.308,
+2.303 (validation 11.8%) was "completed" while the band was two-sided. Validation past the bar is
+learning whatever the training loss says: a VGG-16 at loss 2.27-2.31 reached 28.5% and was "stalled".
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED", "SIGNAL_COLLAPSE", "TRAINED_OVER_CHANCE"]
+__all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED", "SIGNAL_COLLAPSE", "TRAINED_OVER_CHANCE",
+           "no_better_than_chance"]
 
 OUTCOMES = ("completed", "pruned", "stalled", "late_start", "val_collapse", "diverged", "failed",
             "stopped")
@@ -52,7 +57,7 @@ _VAL_CHANCE_MARGIN = 0.05
 class Outcome:
     outcome: str
     reason: str | None  # one sentence, for people (status table, MLflow description)
-    at_chance: bool  # training loss at ln C at the trial's last epoch
+    at_chance: bool  # no better than chance at the trial's last epoch (see no_better_than_chance)
     cause: str | None  # why it sat at chance (vanishing_signal, dead_relu, lr_too_high, ...)
     chance_epochs: int  # epochs at chance in total
 
@@ -120,11 +125,21 @@ def _chance(epoch: Mapping[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
+def no_better_than_chance(train_loss: float, chance_loss: float, tolerance: float,
+                          val_accuracy: Any = None) -> bool:
+    """An epoch that shows no learning: its training loss (finite) not below ln C - tolerance, and its
+    validation accuracy, where measured, not past TRAINED_OVER_CHANCE x chance (1/C = exp(-ln C))."""
+    if not math.isfinite(train_loss) or train_loss < chance_loss - tolerance:
+        return False
+    return not (isinstance(val_accuracy, (int, float)) and math.isfinite(val_accuracy)
+                and val_accuracy > TRAINED_OVER_CHANCE * math.exp(-chance_loss))
+
+
 def _at_chance(epoch: Mapping[str, Any], tolerance: float) -> bool:
     chance, loss = _chance(epoch), epoch.get("train_loss")
     if chance is None or not isinstance(loss, (int, float)) or not math.isfinite(loss):
         return bool(epoch.get("stalled"))  # no ln C recorded: trust the trial's own verdict
-    return abs(loss - chance) <= tolerance
+    return no_better_than_chance(float(loss), chance, tolerance, epoch.get("val_accuracy"))
 
 
 def _nonfinite(value: Any) -> bool:

@@ -1,7 +1,7 @@
 """sweeper.outcomes.classify on synthetic epoch histories: one outcome per trial, at_chance and cause apart.
 
-ln 10 = 2.302585 is the loss of a 10-class net that has learned nothing; a training loss within the
-stall tolerance (0.05) of it is "at chance".
+ln 10 = 2.302585 is the loss of a 10-class net that has learned nothing; a training loss not below it
+by more than the stall tolerance (0.05), with validation accuracy not past 2x chance, is "at chance".
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def test_old_rows_without_chance_loss_trust_the_trials_stall_flag():
 
 
 def test_tolerance_and_stall_epochs_are_the_trials_settings():
-    rows = history([LN10 + 0.08] * 3)
-    assert classify(rows).outcome == "completed"  # 0.08 from ln C is outside the default 0.05
+    rows = history([LN10 - 0.08] * 3, [0.15] * 3)
+    assert classify(rows).outcome == "completed"  # 0.08 below ln C is past the default 0.05
     assert classify(rows, stall_tolerance=0.1).outcome == "stalled"
     assert classify(history([AT, AT, 1.0]), stall_epochs=2).outcome == "late_start"
 
@@ -147,3 +147,17 @@ def test_tolerance_and_stall_epochs_are_the_trials_settings():
 def test_late_starter_whose_validation_collapses_is_val_collapse():
     r = classify(history([AT, AT, AT, 1.0, 0.5], [0.1, 0.1, 0.1, 0.1, 0.1]))
     assert r.outcome == "val_collapse"
+
+
+def test_a_loss_above_chance_is_no_learning_and_validation_past_the_bar_is_learning():
+    """Seen in a seeds study (VGG, digits, width 1/8, 4 epochs). A dead He VGG-19 at lr 0.05 went 2.296,
+    2.444, 2.308, 2.303 (validation 11.8% at best, deep units 75-98% dead): the epoch above the band
+    broke a two-sided band's run, and it was "completed" with no cause. A VGG-16 whose training loss
+    stayed near ln 10 while validation rose to 28.5% was "stalled (plateau)"."""
+    dead = classify(history([2.296, 2.444, 2.308, 2.303], [0.10, 0.118, 0.104, 0.111],
+                            reasons=[None, "dead_relu", "dead_relu", "dead_relu"]))
+    assert (dead.outcome, dead.at_chance, dead.cause, dead.chance_epochs) == ("stalled", True, "dead_relu", 4)
+    rising = classify(history([2.30, 2.29, 2.28, 2.29], [0.111, 0.125, 0.132, 0.285]))
+    assert (rising.outcome, rising.at_chance, rising.chance_epochs) == ("late_start", False, 3)
+    # The bar is 2x chance (20% for ten classes): 19% is not past it.
+    assert classify(history([AT, AT, AT], [0.1, 0.15, 0.19])).outcome == "stalled"

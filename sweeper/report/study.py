@@ -355,6 +355,10 @@ class Cell:
                                   for c, k in causes.items()})
             else:
                 verb = "stalls"
+                # A seed that ended at chance with no stall named beside seeds that stalled: say so,
+                # not the raw flag as if it were a cause.
+                causes = Counter({("at chance, no stall named" if c == "at_chance" else c): k
+                                  for c, k in causes.items()})
             why = ", ".join(f"{c} ×{k}" if k > 1 and len(causes) > 1 else c
                             for c, k in causes.most_common())
             parts.append(f"{verb} in {stalled}/{n} seed{'s' if n > 1 else ''} ({why})")
