@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,10 +16,16 @@ __all__ = ["debug_config", "run_debug", "validate_files"]
 def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
                  epochs: int | None = None, device: str | None = None) -> TrialConfig:
     """The trial config ``sweeper debug`` runs: a sample of the file's space, or settings alone."""
+    return _debug_sweep_and_config(file, overrides, sample=sample, epochs=epochs, device=device)[1]
+
+
+def _debug_sweep_and_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
+                            epochs: int | None = None, device: str | None = None):
     from sweeper.loading import load_sweep
     from sweeper.spaces import read_overrides, sample_config, with_override_problems
 
     problems: list[str] = []
+    sweep = None
     if file is not None:
         sweep, _ = load_sweep(file, overrides)
         flat = sample_config(sweep, seed=sweep.seed + sample)
@@ -30,7 +37,25 @@ def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0
         flat["epochs"] = epochs
     if device is not None:
         flat["device"] = device
-    return with_override_problems(problems, lambda: TrialConfig.from_flat(flat))
+    return sweep, with_override_problems(problems, lambda: TrialConfig.from_flat(flat))
+
+
+def _trial_threads(sweep, cfg: TrialConfig) -> tuple[int, str] | None:
+    """The CPU threads the sweep's trial of cfg trains with, and why, for a CPU run of a space file.
+
+    Ray sets a trial worker's OMP_NUM_THREADS to its CPUs (floor, at least 1; ray 2.60
+    ``_private.utils.set_omp_num_threads_if_unset``), and torch takes its thread count from it. A
+    float sum over 1 thread and over all cores rounds differently, and a net near chance follows the
+    difference: debug's VGG-19 stalled where the sweep's same config and seed completed. An
+    OMP_NUM_THREADS the user set wins, in the sweep and here."""
+    import math
+
+    from sweeper.spaces import trial_resources
+
+    if sweep is None or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = trial_resources(sweep, cfg).get("cpu", 1)
+    return max(math.floor(cpus), 1), f"as the sweep's trials (resources cpu={fmt(cpus)})"
 
 
 def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
@@ -48,14 +73,22 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
         problems += file_in_the_way("--checkpoint-dir", checkpoint_dir)
     if problems:
         raise ConfigError(problems)
-    cfg = debug_config(file, overrides, sample=sample, epochs=epochs, device=device)
+    sweep, cfg = _debug_sweep_and_config(file, overrides, sample=sample, epochs=epochs, device=device)
     if not diagnostics:
         cfg = cfg.replace(**{"diagnostics.enabled": False})
     device_used = resolve_device(cfg.device)  # before the table: a refused device is the whole answer
     defaults = TrialConfig().to_flat()
     console.print(config_table(cfg.to_flat(), title=f"trial config (sample {sample})",
                                defaults=defaults))
-    console.print(f"device: {device_used}")
+    threads = _trial_threads(sweep, cfg) if str(device_used) == "cpu" else None
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads[0])
+        console.print(f"device: {device_used}, {threads[0]} thread(s) {threads[1]}; "
+                      "OMP_NUM_THREADS=N sets another count")
+    else:
+        console.print(f"device: {device_used}")
     transfer = _transfer_line(cfg)
     if transfer:
         console.print(transfer)

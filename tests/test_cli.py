@@ -229,3 +229,24 @@ def test_a_diverged_debug_run_still_shows_the_layers_at_init():
     console.print(layer_table(initial, {"epoch": 2, "act_std/l00_conv": 0.7}))
     text = console.export_text()
     assert "layers at init -> after epoch 2" in text and "0.49 -> 0.7" in text
+
+
+def test_debug_of_a_space_file_trains_with_the_threads_a_sweep_trial_gets(tmp_path, monkeypatch):
+    """Ray sets a trial's OMP_NUM_THREADS to its CPUs; debug used every core, so a net near chance
+    followed other roundings and debug's VGG-19 stalled where the sweep's same config completed."""
+    from sweeper.local import _debug_sweep_and_config, _trial_threads
+
+    space = tmp_path / "space.py"
+    space.write_text('"""q"""\nfrom sweeper.spaces import Sweep\n'
+                     'SWEEP = Sweep(name="t", space={"model.arch": "smallcnn", "data.name": "digits"},\n'
+                     '              resources=lambda cfg: {"cpu": 2.5, "gpu": 0})\n')
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    sweep, cfg = _debug_sweep_and_config(space, [])
+    assert _trial_threads(sweep, cfg) == (2, "as the sweep's trials (resources cpu=2.5)")
+    assert _trial_threads(None, cfg) is None  # settings alone: no sweep to match
+    out = sweeper("debug", "search_spaces/vgg_depth.py", "dataset=digits", "width=1/8", "model.arch=vgg11",
+                  "--epochs", "1", "--no-diagnostics", "data.limit=64")
+    assert out.returncode in (0, 1), out.stderr
+    assert "device: cpu, 1 thread(s) as the sweep's trials (resources cpu=1)" in out.stdout
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's count wins, as it does in Ray's workers
+    assert _trial_threads(sweep, cfg) is None
