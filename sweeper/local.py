@@ -20,7 +20,9 @@ def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0
 
 
 def _debug_sweep_and_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
-                            epochs: int | None = None, device: str | None = None):
+                            epochs: int | None = None, device: str | None = None,
+                            base: dict | None = None):
+    """(the sweep or None, the config); ``base``: settings under the overrides when there is no file."""
     from sweeper.loading import load_sweep
     from sweeper.spaces import read_overrides, sample_config, with_override_problems
 
@@ -31,6 +33,7 @@ def _debug_sweep_and_config(file: Path | None, overrides: Sequence[str], *, samp
         flat = sample_config(sweep, seed=sweep.seed + sample)
     else:
         flat, problems = read_overrides(overrides)
+        flat = {**(base or {}), **flat}
         if "max_epochs" in flat:  # the sweep-level name works here too
             flat["epochs"] = flat.pop("max_epochs")
     if epochs is not None:
@@ -38,6 +41,43 @@ def _debug_sweep_and_config(file: Path | None, overrides: Sequence[str], *, samp
     if device is not None:
         flat["device"] = device
     return sweep, with_override_problems(problems, lambda: TrialConfig.from_flat(flat))
+
+
+# What a resumed run may change: how long, where, where the data lives, what is measured.
+_RESUME_MAY_CHANGE = ("epochs", "device", "data.dir", "diagnostics.")
+
+
+def _checkpoint_config(resume: Path) -> dict | None:
+    """The flat trial config a checkpoint was trained with (None in one written before it was kept)."""
+    import torch
+
+    from sweeper.train import CHECKPOINT_FILE
+
+    try:
+        state = torch.load(resume / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file: the user's to know
+        raise ConfigError([f"--resume {resume}: its {CHECKPOINT_FILE} cannot be read "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"]) from None
+    config = state.get("config") if isinstance(state, dict) else None
+    return dict(config) if isinstance(config, dict) else None
+
+
+def _check_resumable(resume: Path, saved: dict, cfg: TrialConfig, *, from_file: bool) -> None:
+    """A checkpoint continues only the config it was trained with: another model's weights raised a
+    state_dict traceback, and another lr or batch size would silently not be the trial it was."""
+    now = cfg.to_flat()
+    keys = sorted(k for k in set(saved) | set(now)
+                  if not k.startswith(_RESUME_MAY_CHANGE) and saved.get(k) != now.get(k))
+    if not keys:
+        return
+    shown = "; ".join(f"{k}={saved.get(k)!r} there, {now.get(k)!r} here" for k in keys[:6])
+    more = f" (and {len(keys) - 6} more)" if len(keys) > 6 else ""
+    how = ("leave out the space file to take the checkpoint's own config (settings given after "
+           "--resume still apply), or draw the same sample (--sample N)" if from_file else
+           "leave out those settings: without a space file the checkpoint's own config is used")
+    raise ConfigError([f"--resume {resume}: the checkpoint was trained with another config: "
+                       f"{shown}{more}. Only epochs, device, data.dir and diagnostics may change on "
+                       f"resume: {how}"])
 
 
 def _trial_threads(sweep, cfg: TrialConfig) -> tuple[int, str] | None:
@@ -73,7 +113,11 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
         problems += file_in_the_way("--checkpoint-dir", checkpoint_dir)
     if problems:
         raise ConfigError(problems)
-    sweep, cfg = _debug_sweep_and_config(file, overrides, sample=sample, epochs=epochs, device=device)
+    saved = _checkpoint_config(resume) if resume is not None else None
+    sweep, cfg = _debug_sweep_and_config(file, overrides, sample=sample, epochs=epochs, device=device,
+                                         base=saved)
+    if saved is not None:
+        _check_resumable(resume, saved, cfg, from_file=file is not None)
     if not diagnostics:
         cfg = cfg.replace(**{"diagnostics.enabled": False})
     device_used = resolve_device(cfg.device)  # before the table: a refused device is the whole answer

@@ -250,3 +250,21 @@ def test_debug_of_a_space_file_trains_with_the_threads_a_sweep_trial_gets(tmp_pa
     assert "device: cpu, 1 thread(s) as the sweep's trials (resources cpu=1)" in out.stdout
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's count wins, as it does in Ray's workers
     assert _trial_threads(sweep, cfg) is None
+
+
+def test_debug_resumes_a_checkpoint_with_its_own_config_and_refuses_another_model(tmp_path):
+    """`debug FILE --resume DIR` rebuilt the model from the file's sample: a checkpoint of another
+    trial ended in a state_dict traceback (exit 1). Without a file the checkpoint's config is used."""
+    ck = tmp_path / "ck"
+    base = ["model.arch=smallcnn", "dataset=digits", "width=1/8", "data.limit=64", "--no-diagnostics"]
+    out = sweeper("debug", *base, "--epochs", "1", "--checkpoint-dir", str(ck))
+    assert out.returncode == 0, out.stderr
+    out = sweeper("debug", "--resume", str(ck), "model.arch=vgg11", "--epochs", "2")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert ("the checkpoint was trained with another config: model.arch='smallcnn' there, 'vgg11' here"
+            in " ".join(out.stderr.split()))
+    out = sweeper("debug", "--resume", str(ck), "--epochs", "2", "--no-diagnostics")
+    assert out.returncode == 0, out.stderr
+    rows = [l.split() for l in out.stdout.splitlines() if l.strip().startswith(("1 ", "2 "))]
+    assert [r[0] for r in rows] == ["2"], out.stdout  # continued: only epoch 2 trained
+    assert "smallcnn" in out.stdout
