@@ -368,7 +368,9 @@ def _print_summary(result) -> None:
     console.print(f"sweep {result.name!r}: {result.trials} trials ({outcomes}); "
                   f"{result.epochs} epochs run; results in {result.experiment_dir}")
     if result.interrupted:
-        console.print(f"stopped before its end: `sweeper resume {result.name}` (or the same "
+        from sweeper.store import resume_command
+
+        console.print(f"stopped before its end: {resume_command(result.name, result.storage)} (or the same "
                       "launch command) continues it", style="yellow")
     if result.best:
         console.print(f"best: {result.best['name']} "

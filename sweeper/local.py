@@ -354,7 +354,7 @@ def print_status(name: str, storage: str | None) -> None:
     meta = record.meta()
     trials = record.trials()
     metric = meta.get("metric", "val_accuracy")
-    state, live = _driver_state(record, name)
+    state, live = _driver_state(record, name, resolve_storage(name, storage))
     if not live:  # a trial left "running" by a driver that is gone is not running
         trials = [{**t, "status": "interrupted"} if t.get("status") == "running" else t
                   for t in trials]
@@ -399,9 +399,10 @@ def print_status(name: str, storage: str | None) -> None:
     console.print(table)
 
 
-def _driver_state(record, name: str) -> tuple[str, bool]:
+def _driver_state(record, name: str, storage: str | None) -> tuple[str, bool]:
     """('running (pid ... on host, heartbeat 2s ago)', True), or why it is not running."""
     from sweeper.lease import LEASE_FILE, read_lease
+    from sweeper.store import resume_command
 
     info = read_lease(record.dir)
     if info is not None and info.alive:
@@ -409,7 +410,7 @@ def _driver_state(record, name: str) -> tuple[str, bool]:
     if info is not None or (record.dir / LEASE_FILE).exists():
         who = info.describe() if info else "an older driver"
         return (f"not running: its driver ({who}) died without finishing; "
-                f"`sweeper resume {name}` continues it"), False
+                f"{resume_command(name, storage)} continues it"), False
     return "not running", False
 
 

@@ -38,7 +38,8 @@ from sweeper.lease import STOP_FILE  # the request `sweeper stop` leaves beside 
 from sweeper.records import SweepRecord
 
 __all__ = ["DEFAULT_STORAGE", "GCS_RETRY_S", "Mirror", "filesystem", "index_lookup", "index_remember",
-           "is_uri", "join_uri", "open_record", "storage_error", "storage_problems", "storage_root"]
+           "is_uri", "join_uri", "open_record", "resume_command", "storage_error", "storage_problems",
+           "storage_root"]
 
 PUSH_S = 3.0  # how stale another machine's view of a running sweep may be (plus the heartbeat's 2 s)
 LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
@@ -270,6 +271,17 @@ def index_lookup(name: str) -> str | None:
     except (OSError, ValueError):
         return None
     return entry.get("storage") if isinstance(entry, dict) else None
+
+
+def resume_command(name: str, storage: str | None) -> str:
+    """`sweeper resume NAME`, with ``--storage`` unless the sweep lives in this directory's ./sweeps:
+    the bare hint, printed for a sweep on another storage, resumed a finished namesake in ./sweeps."""
+    import shlex
+
+    root = storage_root(storage)
+    if root == storage_root(DEFAULT_STORAGE):
+        return f"`sweeper resume {name}`"
+    return f"`sweeper resume {name} --storage {shlex.quote(redacted_root(root))}`"
 
 
 def redacted_root(root: str) -> str:

@@ -58,6 +58,7 @@ _TUNE_ENV = {
 class LaunchResult:
     name: str
     experiment_dir: str
+    storage: str | None = None  # as the sweep gave it (None: ./sweeps)
     outcomes: dict[str, int] = field(default_factory=dict)
     trials: int = 0
     epochs: int = 0
@@ -465,7 +466,7 @@ def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: boo
     if finished:
         sign = 1 if sweep.mode == "max" else -1
         best = max(finished, key=lambda t: sign * t["best"][sweep.metric])
-    return LaunchResult(name=sweep.name, experiment_dir=exp_dir, outcomes=outcomes,
+    return LaunchResult(name=sweep.name, experiment_dir=exp_dir, storage=sweep.storage, outcomes=outcomes,
                         trials=len(trials), epochs=sum(int(t.get("epochs", 0)) for t in trials),
                         restored=restored, best=best,
                         interrupted=sum(1 for t in trials if t.get("status") == "finished")
@@ -483,7 +484,8 @@ def stop_sweep(name: str, storage: str | None) -> str:
     after a crash is never hit, and it works from any machine that can write the storage.
     """
     from sweeper.lease import STOP_FILE, read_lease, request_stop
-    from sweeper.local import existing_record
+    from sweeper.local import existing_record, resolve_storage
+    from sweeper.store import resume_command
 
     # A live driver can be asked to stop even where sweep.json was damaged after it started.
     record, mirror = existing_record(name, storage, with_mirror=True, read_meta=False)
@@ -494,9 +496,9 @@ def stop_sweep(name: str, storage: str | None) -> str:
         else:
             request_stop(record.dir)
         return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
-                f"`sweeper launch` or `sweeper resume {name}` continues it")
+                f"`sweeper launch` or {resume_command(name, resolve_storage(name, storage))} continues it")
     if info is not None or (record.dir / "driver.json").exists():
         who = info.describe() if info else "an older driver"
         return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
-                f"`sweeper resume {name}` continues it")
+                f"{resume_command(name, resolve_storage(name, storage))} continues it")
     return f"sweep {name!r} is not running"

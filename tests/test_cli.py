@@ -268,3 +268,18 @@ def test_debug_resumes_a_checkpoint_with_its_own_config_and_refuses_another_mode
     rows = [l.split() for l in out.stdout.splitlines() if l.strip().startswith(("1 ", "2 "))]
     assert [r[0] for r in rows] == ["2"], out.stdout  # continued: only epoch 2 trained
     assert "smallcnn" in out.stdout
+
+
+def test_the_resume_hint_names_the_storage_unless_it_is_this_directorys(tmp_path, monkeypatch):
+    """After an interrupt on --storage elsewhere, the hint said `sweeper resume tiny`; following it
+    resumed a finished namesake in ./sweeps and left the interrupted sweep stopped."""
+    from sweeper.store import resume_command
+
+    monkeypatch.chdir(tmp_path)
+    assert resume_command("tiny", None) == "`sweeper resume tiny`"
+    assert resume_command("tiny", "sweeps") == "`sweeper resume tiny`"
+    other = tmp_path / "my sweeps"
+    assert resume_command("tiny", str(other)) == f"`sweeper resume tiny --storage '{other}'`"
+    # A URI's query (endpoints, keys) stays out of what is printed.
+    assert resume_command("tiny", "s3://bucket/p?endpoint_override=h:9000") == \
+        "`sweeper resume tiny --storage s3://bucket/p`"
