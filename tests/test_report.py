@@ -383,3 +383,18 @@ def test_one_init_and_one_fix_are_said_as_such_and_a_sweep_without_vggs_skips_th
     summary = build_report(cnn, tmp_path / "out2").summary
     assert "the sweep has no VGG: this figure compares layers along a VGG's depth" in summary
     assert "no trial of a VGG has" not in summary
+
+
+def test_a_trial_of_an_interrupted_sweep_is_stopped_not_still_running(tmp_path):
+    """After `sweeper stop`, the report said "still running in 1/1" beside "1 stopped"."""
+    record = SweepRecord(tmp_path / "halted")
+    record.create(_meta(name="halted", planned_trials=2,
+                        space={"optim.lr": "grid_search([0.01, 0.05])"}), "SWEEP = ...\n")
+    _add_trial(record, 1, "vgg11", "he", False, 0.01, "completed", [0.4, 0.7, 0.9], FALLING)
+    tid = _add_trial(record, 2, "vgg11", "he", False, 0.05, "stopped", [0.15], [2.2])
+    record.write_trial(tid, {**next(t for t in record.trials() if t["trial_id"] == tid),
+                             "status": "running", "epochs": 1})
+    summary = build_report(record, tmp_path / "out").summary
+    line = next(l for l in summary.splitlines() if l.startswith("- **lr=0.05** (n=1)"))
+    assert "stopped before its end in 1/1 (the sweep was interrupted)" in line, line
+    assert "still running" not in summary

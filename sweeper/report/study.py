@@ -363,7 +363,14 @@ class Cell:
                             for c, k in causes.most_common())
             parts.append(f"{verb} in {stalled}/{n} seed{'s' if n > 1 else ''} ({why})")
         if running:
-            parts.append(f"still running in {running}/{n}")
+            # A trial of an interrupted sweep is "stopped" (its outcome), not running: the report said
+            # "still running" beside the outcome line's "1 stopped" and status's "not running".
+            stopped = sum(r.verdict == "running" and all(t.outcome == "stopped" for t in r.trials)
+                          for r in self.replicates)
+            if running - stopped:
+                parts.append(f"still running in {running - stopped}/{n}")
+            if stopped:
+                parts.append(f"stopped before its end in {stopped}/{n} (the sweep was interrupted)")
         return "; ".join(parts) or "no data"
 
 
