@@ -398,3 +398,22 @@ def test_a_trial_of_an_interrupted_sweep_is_stopped_not_still_running(tmp_path):
     line = next(l for l in summary.splitlines() if l.startswith("- **lr=0.05** (n=1)"))
     assert "stopped before its end in 1/1 (the sweep was interrupted)" in line, line
     assert "still running" not in summary
+
+
+def test_a_depth_where_one_seed_trained_is_not_a_depth_where_nothing_trained(tmp_path):
+    """He VGG-16 trained in 1 of 2 seeds (a mixed cell) while normal init stalled: the report said both
+    "trains in 1/2 seeds" and "Nothing in the sweep trained at: vgg16"."""
+    record = SweepRecord(tmp_path / "seeds")
+    record.create(_meta(name="seeds", planned_trials=4, space={
+        "model.init": "grid_search(['normal', 'he'])", "seed": "grid_search([0, 1])"}), "SWEEP = ...\n")
+    runs = [("normal", 0, "stalled"), ("normal", 1, "stalled"), ("he", 0, "completed"), ("he", 1, "stalled")]
+    for n, (init, seed, outcome) in enumerate(runs, start=1):
+        trained = outcome == "completed"
+        tid = _add_trial(record, n, "vgg13", init, False, 0.01, outcome,
+                         [0.4, 0.7, 0.8] if trained else [0.1] * 3, FALLING if trained else FLAT,
+                         None if trained else "vanishing_signal" if init == "normal" else "dead_relu")
+        row = next(t for t in record.trials() if t["trial_id"] == tid)
+        record.write_trial(tid, {**row, "config": {**row["config"], "seed": seed}})
+    summary = build_report(record, tmp_path / "out").summary
+    assert "trains in 1/2 seeds" in summary
+    assert "Nothing in the sweep trained at" not in summary, summary
