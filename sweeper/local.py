@@ -376,10 +376,14 @@ def print_status(name: str, storage: str | None) -> None:
     if "sweep_uid" in meta:
         tracker = _tracker_for(record, storage, None)
         pending = tracker.pending()
-        if pending:
+        if pending and live:  # the driver delivers them itself, in the background
+            console.print(f"MLflow: {pending} operation(s) on their way to {meta.get('tracking_uri')} "
+                          "(the running driver delivers them)")
+        elif pending:
+            error = tracker.last_error()
             error_console.print(f"[yellow]MLflow: {pending} operation(s) not yet delivered to "
-                                f"{meta.get('tracking_uri')} ({tracker.last_error()}); "
-                                f"`sweeper sync {name}` retries[/yellow]")
+                                f"{meta.get('tracking_uri')}{f' ({error})' if error else ''}; "
+                                f"`sweeper sync {name}` delivers them[/yellow]")
         else:
             console.print(f"MLflow: all delivered to {meta.get('tracking_uri')}")
     varying = _varying_keys([t.get("config", {}) for t in trials])

@@ -356,3 +356,37 @@ def test_every_verb_refuses_a_damaged_sweep_json_alike(tmp_path, damage):
     if damage != "directory":  # stop needs only the driver's lease: "not running", not "damaged"
         result = CliRunner().invoke(app, ["stop", "hurt", "--storage", str(tmp_path)])
         assert "damaged" not in result.output and "not running" in " ".join(result.output.split()), result.output
+
+
+def test_status_says_who_delivers_what_tracking_has_not_received(built, capsys, monkeypatch):
+    """A running sweep's status read "5 operation(s) not yet delivered ... (None); `sweeper sync`
+    retries": an empty reason, and the wrong tool while the live driver is delivering them."""
+    import sweeper.local as local
+    from sweeper.records import SweepRecord as Record
+
+    class Pending:
+        def __init__(self, error):
+            self.error = error
+
+        def pending(self):
+            return 5
+
+        def last_error(self):
+            return self.error
+
+    _, _, _, tmp_path = built
+    meta = Record.meta
+    monkeypatch.setattr(Record, "meta", lambda self: {**meta(self), "sweep_uid": "u1",
+                                                      "tracking_uri": "sqlite:///m.db"})
+    for live, error, expected in [
+            (True, None, "MLflow: 5 operation(s) on their way to sqlite:///m.db (the running driver delivers them)"),
+            (False, None, "MLflow: 5 operation(s) not yet delivered to sqlite:///m.db; `sweeper sync toy_seeds` "
+                          "delivers them"),
+            (False, "server down", "not yet delivered to sqlite:///m.db (server down); `sweeper sync")]:
+        monkeypatch.setattr(local, "_tracker_for", lambda *a, e=error: Pending(e))
+        monkeypatch.setattr(local, "_driver_state", lambda *a, l=live: ("running" if l else "not running", l))
+        print_status = local.print_status
+        print_status("toy_seeds", str(tmp_path))
+        captured = capsys.readouterr()
+        text = " ".join((captured.out + captured.err).split())
+        assert expected in text and "(None)" not in text, text
