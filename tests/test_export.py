@@ -379,9 +379,10 @@ def test_status_says_who_delivers_what_tracking_has_not_received(built, capsys, 
     monkeypatch.setattr(Record, "meta", lambda self: {**meta(self), "sweep_uid": "u1",
                                                       "tracking_uri": "sqlite:///m.db"})
     for live, error, expected in [
-            (True, None, "MLflow: 5 operation(s) on their way to sqlite:///m.db (the running driver delivers them)"),
-            (False, None, "MLflow: 5 operation(s) not yet delivered to sqlite:///m.db; `sweeper sync toy_seeds` "
-                          "delivers them"),
+            (True, None, "MLflow: 5 operation(s) on their way to sqlite:///m.db "
+                         "(the running driver delivers them)"),
+            (False, None, "MLflow: 5 operation(s) not yet delivered to sqlite:///m.db; "
+                          "`sweeper sync toy_seeds` delivers them"),
             (False, "server down", "not yet delivered to sqlite:///m.db (server down); `sweeper sync")]:
         monkeypatch.setattr(local, "_tracker_for", lambda *a, e=error: Pending(e))
         monkeypatch.setattr(local, "_driver_state", lambda *a, l=live: ("running" if l else "not running", l))
