@@ -238,6 +238,12 @@ def test_lr_too_high_vs_too_small_depends_on_the_first_steps():
     metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[2e-4] * 4)
     assert classify_stall(metrics, layers, initial_max_update=1e-2) == "lr_too_high"
     assert classify_stall(metrics, layers, initial_max_update=3e-4) == "lr_too_small"
+    # Seen: a He VGG-19 at lr 0.02, updates 4.5e-3 at step 0 and 5.6e-4 at its stall (8x), was
+    # lr_too_small beside lr 0.01 and 0.002 training. Large first steps rule "too small" out.
+    metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[5.6e-4] * 4)
+    assert classify_stall(metrics, layers, initial_max_update=4.5e-3) == "lr_too_high"
+    metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[9e-4] * 4)
+    assert classify_stall(metrics, layers, initial_max_update=1.2e-3) == "plateau"
 
 
 def test_stall_labels_after_n_epochs_at_chance_and_can_stop():
