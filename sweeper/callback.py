@@ -157,8 +157,9 @@ class SweepCallback(Callback):
                     meta = self._record.meta()
                 except (OSError, ValueError):  # no sweep.json (a bare record): no code tags
                     meta = {}
-                self._code_tags = {"sweeper.git_sha": meta.get("git_sha"),
-                                   "sweeper.git_dirty": meta.get("git_dirty")}
+                self._code_tags = {k: meta[m] for k, m in (("sweeper.git_sha", "git_sha"),
+                                                           ("sweeper.git_dirty", "git_dirty"))
+                                   if meta.get(m) is not None}
             self.tracker.start_trial(trial.trial_id, run_name=trial_label(trial.config),
                                      config=trial.config, tags=self._code_tags)
             self.opened.add(trial.trial_id)

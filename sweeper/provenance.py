@@ -27,19 +27,27 @@ def git_state(path: str | Path = ".") -> dict[str, Any]:
 
     sha = git("rev-parse", "HEAD")
     if sha is None:
-        return {"git_sha": None, "git_dirty": None}
-    return {"git_sha": sha, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"git_sha": None, "git_dirty": None, "git_repo": None}
+    return {"git_sha": sha, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "git_repo": git("rev-parse", "--show-toplevel")}
 
 
 def provenance(path: str | Path = ".") -> dict[str, Any]:
+    """The launch's provenance. The git state is the working directory's checkout (the project the
+    sweep was launched from), else the checkout sweeper itself runs from: a launch outside any
+    checkout recorded git_sha None (MLflow's tag read 'None') though the code that ran had one.
+    ``git_repo`` says which it was."""
     versions = {}
     for pkg in ("sweeper", "torch", "torchvision", "ray", "mlflow", "optuna"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
+    state = git_state(path)
+    if state["git_sha"] is None:
+        state = git_state(Path(__file__).resolve().parent)
     return {
-        **git_state(path),
+        **state,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "host": socket.gethostname(),
         "python": platform.python_version(),

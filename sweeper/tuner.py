@@ -283,9 +283,11 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                       style="yellow")
     tracker.start_sweep(
         run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(meta['created']))}",
-        tags={"sweeper.sweep": sweep.name, "sweeper.git_sha": meta.get("git_sha"),
-              "sweeper.git_dirty": meta.get("git_dirty"), "sweeper.command": meta.get("command"),
-              "mlflow.note.content": sweep.question},
+        tags={k: v for k, v in {  # an unknown value is left out, not tagged 'None'
+            "sweeper.sweep": sweep.name, "sweeper.git_sha": meta.get("git_sha"),
+            "sweeper.git_dirty": meta.get("git_dirty"), "sweeper.git_repo": meta.get("git_repo"),
+            "sweeper.command": meta.get("command"), "mlflow.note.content": sweep.question}.items()
+            if v is not None},
         params={"metric": sweep.metric, "mode": sweep.mode, "max_epochs": sweep.max_epochs,
                 "scheduler": sweep.scheduler, "search": sweep.search,
                 "num_samples": sweep.num_samples, "seeds": sweep.seeds,
