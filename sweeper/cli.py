@@ -175,16 +175,18 @@ def launch(
     if name is not None:
         sweep = sweep.replace(name=name)
     build_once(sweep)
-    from sweeper.preflight import check_launch_options, dry_run_problems
+    from sweeper.preflight import check_launch_options
 
     check_launch_options(address=address, local=local, num_cpus=num_cpus, tracking_uri=tracking_uri)
+    from sweeper.tuner import check_plan, launch as run_sweep
+
     if dry_run:
-        problems = dry_run_problems(sweep, local=local, num_cpus=num_cpus)
-        if problems:
-            raise ConfigError(problems)
+        recorded = check_plan(sweep, local=local, num_cpus=num_cpus, address=address, restore=not fresh)
         print_plan(sweep)
+        if recorded is not None:
+            console.print(f"the launch would resume sweep {sweep.name!r}, which records {recorded} "
+                          "trial(s) already (--fresh refuses, --name starts another)")
         return
-    from sweeper.tuner import launch as run_sweep
 
     result = run_sweep(sweep, text, address=address, local=local, num_cpus=num_cpus, quiet=quiet,
                        overrides=parse_overrides(overrides), restore=not fresh,

@@ -19,7 +19,7 @@ from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import fmt
 from sweeper.records import SweepRecord
 from sweeper.spaces import Sweep, grid_cells, trial_resources
-from sweeper.store import filesystem, storage_error, storage_root
+from sweeper.store import filesystem, resume_command, storage_error, storage_root
 from sweeper.tracking import check_tracking_uri
 
 __all__ = ["check_launch_options", "check_node", "dry_run_problems", "preflight"]
@@ -331,7 +331,7 @@ def _check_space_unchanged(sweep: Sweep, record: SweepRecord) -> None:
         f"sweep {sweep.name!r} already exists with a different space, and a relaunch would "
         "resume the old one without running the new trials:\n" + "\n".join(lines) + "\n"
         f"  Launch the new space under another name (--name {sweep.name}-v2), "
-        f"or continue the old one as launched (`sweeper resume {sweep.name}`)"])
+        f"or continue the old one as launched ({resume_command(sweep.name, sweep.storage)})"])
 
 
 def _refuse_a_second_sweep_of_the_name(name: str, root: str) -> None:

@@ -33,7 +33,7 @@ from sweeper.console import console, error_console
 from sweeper.outcomes import OUTCOMES
 from sweeper.preflight import _check_reachable, _check_space_unchanged, _configs_to_check, _dirs_to_create, \
     _machine_problems, _probe_storage, _refuse_a_second_sweep_of_the_name, _refuse_ray_client, \
-    _remove_created, check_launch_options, preflight
+    _remove_created, check_launch_options, dry_run_problems, preflight
 from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
@@ -42,7 +42,7 @@ from sweeper.store import DEFAULT_STORAGE, Mirror, index_remember, join_uri, ope
     redacted_root, storage_error, storage_root
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
-__all__ = ["DEFAULT_STORAGE", "LaunchResult", "experiment_dir", "launch", "stop_sweep"]
+__all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_plan", "experiment_dir", "launch", "stop_sweep"]
 
 _TUNE_ENV = {
     # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
@@ -146,10 +146,31 @@ def _token_available() -> bool:
     return os.path.isfile(path)
 
 
+def _running_message(name: str, info) -> str:
+    return (f"sweep {name!r} is already running (driver {info.describe()}): one driver per sweep. "
+            f"`sweeper stop {name}` stops it; `sweeper status {name}` shows it")
+
+
+def check_plan(sweep: Sweep, *, local: bool, num_cpus: int | None, address: str | None,
+               restore: bool) -> int | None:
+    """``launch --dry-run``: what the launch would refuse before Ray starts, starting and leaving
+    nothing (the dry run printed plans for a changed space under an existing name, a sweep already
+    running, a name that lives in another storage, no cluster given). Returns the number of trials
+    the sweep already records when the launch would resume it, else None."""
+    record, _ = open_sweep_record(sweep.name, sweep.storage)
+    _prepare(sweep, record, local=local, num_cpus=num_cpus, restore=restore, address=address,
+             dry_run=True)
+    return len(record.trials()) if record.exists() else None
+
+
 def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | None,
-             restore: bool, address: str | None = None) -> None:
-    """Every check that needs no cluster, before Ray starts: bad input exits with nothing started."""
-    if not local:
+             restore: bool, address: str | None = None, dry_run: bool = False) -> None:
+    """Every check that needs no cluster, before Ray starts: bad input exits with nothing started.
+    ``dry_run``: the same, but weight files are not read (a study is planned before its source
+    runs), a live driver is refused here rather than by its lease, and nothing is left behind."""
+    # A dry run without --local or --address plans the sweep wherever it will run: only a cluster it
+    # names is checked.
+    if not local and (address or os.environ.get("RAY_ADDRESS") or not dry_run):
         if not (address or os.environ.get("RAY_ADDRESS")):
             raise ConfigError([
                 "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS) to use a cluster, "
@@ -163,8 +184,19 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
                                f"{experiment_dir(sweep.name, sweep.storage)}: launch without "
                                "--fresh to resume it, or pick another --name"])
         _check_space_unchanged(sweep, record)
+        if dry_run:
+            from sweeper.lease import read_lease
+
+            info = read_lease(record.dir)
+            if info is not None and info.alive:
+                raise ConfigError([_running_message(sweep.name, info)])
     elif sweep.storage is None:  # before the storage probe below makes ./sweeps
         _refuse_a_second_sweep_of_the_name(sweep.name, root)
+    if dry_run:
+        problems = dry_run_problems(sweep, local=local, num_cpus=num_cpus)
+        if problems:
+            raise ConfigError(problems)
+        return
     from sweeper.transfer import source_problems
 
     sources = source_problems(sweep)  # model.pretrained / init_from: readable here, fitting their models
@@ -209,9 +241,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     try:
         lease.claim()
     except LeaseHeld as held:
-        raise ConfigError([f"sweep {sweep.name!r} is already running (driver {held.info.describe()}): "
-                           f"one driver per sweep. `sweeper stop {sweep.name}` stops it; "
-                           f"`sweeper status {sweep.name}` shows it"]) from None
+        raise ConfigError([_running_message(sweep.name, held.info)]) from None
     started = False
     try:  # from here on, a failure undoes what this launch started and created
         if lease.previous is not None:

@@ -162,11 +162,12 @@ def test_a_name_this_machine_launched_elsewhere_is_not_taken_over_without_storag
                      'SWEEP = Sweep(name="taken", space={"model.arch": "smallcnn", "data.name": "digits"})\n')
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    out = run_sweeper("launch", str(space), "--local", cwd=cwd, timeout=120)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert f"a sweep named 'taken' already lives in {first}" in out.stderr
-    assert f"pass --storage {first} to resume it" in out.stderr
-    assert list(cwd.iterdir()) == []  # refused before anything was written
+    for dry in ([], ["--dry-run"]):  # the dry run printed a plan for it
+        out = run_sweeper("launch", str(space), "--local", *dry, cwd=cwd, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"a sweep named 'taken' already lives in {first}" in out.stderr
+        assert f"pass --storage {first} to resume it" in out.stderr
+        assert list(cwd.iterdir()) == []  # refused before anything was written
 
 
 def test_sweepers_own_gcs_access_gives_up_within_gcs_retry_s(monkeypatch, tmp_path):

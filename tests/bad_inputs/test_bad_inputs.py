@@ -288,25 +288,40 @@ def _existing_sweep(tmp_path: Path, *, signature_of: str = "good.py") -> Path:
     return storage
 
 
-def test_a_changed_space_under_an_existing_name_is_refused_with_the_difference(tmp_path,
-                                                                                monkeypatch):
+# --dry-run printed a plan (exit 0) for each of these, which the launch then refused.
+DRY = pytest.mark.parametrize("dry", ["", " --dry-run"])
+
+
+@DRY
+def test_a_changed_space_under_an_existing_name_is_refused_with_the_difference(tmp_path, monkeypatch,
+                                                                                dry):
     storage = _existing_sweep(tmp_path)
     result, problems = run_cli(f"launch {{S}}/good.py --local --storage {storage} max_epochs=3 "
-                               "model.width=0.25", tmp_path, monkeypatch)
-    text = result.stderr
+                               f"model.width=0.25{dry}", tmp_path, monkeypatch)
+    text = " ".join(result.stderr.split())
     assert "sweep 'good' already exists with a different space" in problems[0]
     assert "~ model.width: 0.125 -> 0.25" in text and "~ sweep.max_epochs: 2 -> 3" in text
-    assert "--name good-v2" in text and "`sweeper resume good`" in text
+    assert "--name good-v2" in text and f"`sweeper resume good --storage {storage}`" in text
 
 
-def test_fresh_on_an_existing_name_is_refused(tmp_path, monkeypatch):
+@DRY
+def test_fresh_on_an_existing_name_is_refused(tmp_path, monkeypatch, dry):
     storage = _existing_sweep(tmp_path)
-    result, problems = run_cli(f"launch {{S}}/good.py --local --fresh --storage {storage}",
+    result, problems = run_cli(f"launch {{S}}/good.py --local --fresh --storage {storage}{dry}",
                                tmp_path, monkeypatch)
     assert "sweep 'good' already exists in" in problems[0] and "--name" in problems[0]
 
 
-def test_a_second_driver_is_refused_and_the_record_is_left_as_it_was(tmp_path, monkeypatch):
+def test_a_dry_run_of_an_existing_sweep_says_the_launch_would_resume_it(tmp_path, monkeypatch):
+    storage = _existing_sweep(tmp_path)
+    result = CliRunner().invoke(app, shlex.split(f"launch {SPACES}/good.py --dry-run --storage {storage}"))
+    assert result.exit_code == 0, result.output
+    assert "the launch would resume sweep 'good', which records 0 trial(s) already" in " ".join(
+        result.output.split())
+
+
+@DRY
+def test_a_second_driver_is_refused_and_the_record_is_left_as_it_was(tmp_path, monkeypatch, dry):
     import json
     import socket
 
@@ -318,7 +333,7 @@ def test_a_second_driver_is_refused_and_the_record_is_left_as_it_was(tmp_path, m
                                  "start_time": process_start_time(os.getpid()),
                                  "started": 1.0, "heartbeat": 2.0, "session_dir": None}))
     before = sorted(p.name for p in (storage / "good" / "sweeper").iterdir())
-    result, problems = run_cli(f"launch {{S}}/good.py --local --storage {storage}", tmp_path,
+    result, problems = run_cli(f"launch {{S}}/good.py --local --storage {storage}{dry}", tmp_path,
                                monkeypatch)
     assert f"sweep 'good' is already running (driver pid {os.getpid()} on" in problems[0]
     assert "one driver per sweep" in problems[0]
