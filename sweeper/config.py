@@ -75,8 +75,12 @@ def unwritable_directory(directory) -> str | None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".sweeper-probe-", dir=existing))
     except OSError as exc:
+        import errno
+
         what = "is not writable" if existing == given else f"cannot be made in {existing}"
-        return f"{directory} {what} ({exc.strerror or exc})"
+        # /proc answers "No such file or directory" for a directory that exists: say what it means.
+        why = "files cannot be created there" if exc.errno == errno.ENOENT else exc.strerror or exc
+        return f"{directory} {what} ({why})"
     return None
 
 

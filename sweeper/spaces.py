@@ -311,6 +311,10 @@ def with_override_problems(problems: Sequence[str], build: Callable[[], T]) -> T
 
 def apply_overrides(sweep: Sweep, overrides: Mapping[str, Any]) -> Sweep:
     """Sweep fields by name (max_epochs=6); anything else is a fixed trial setting (data.name=digits)."""
+    file_only = sorted(k for k in overrides if k in _FILE_ONLY)
+    if file_only:  # it read "space['resources'] is a Sweep setting": the command line gave it
+        raise ConfigError([f"{k}={overrides[k]!r}: {k} is set in the search-space file only "
+                           f"(Sweep({k}=...)), not on the command line" for k in file_only])
     fields = {f.name: f for f in dataclasses.fields(Sweep) if f.name not in _FILE_ONLY}
     changes = {k: v for k, v in overrides.items() if k in fields}
     for key, value in changes.items():

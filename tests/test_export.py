@@ -273,8 +273,11 @@ def test_export_paths_keep_the_stem_and_go_into_a_folder(tmp_path):
         export(record, tmp_path / "afile" / "x", fmt="csv")
     # Where nothing can be written (root passes os.access there) or a directory holds the name:
     # a ConfigError (exit 2), not a FileNotFoundError / PermissionError / pyarrow traceback.
-    with pytest.raises(ConfigError, match=r"/proc/nope cannot be made in /proc \("):
+    with pytest.raises(ConfigError, match=r"/proc/nope cannot be made in /proc \(files cannot be created"):
         export(record, Path("/proc/nope/x"), fmt="csv")
+    # /proc exists: "No such file or directory" was the wrong reason to give for it.
+    with pytest.raises(ConfigError, match=r"/proc is not writable \(files cannot be created there\)"):
+        export(record, Path("/proc/x"), fmt="csv")
     (out / "taken.csv").mkdir()
     with pytest.raises(ConfigError, match="taken.csv is a directory, not a file"):
         export(record, out / "taken", fmt="csv")

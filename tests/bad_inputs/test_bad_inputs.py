@@ -156,7 +156,7 @@ CASES = [
     ("num_cpus_zero", "launch {S}/good.py --local --num-cpus 0", "--num-cpus 0: the local Ray needs at least 1 CPU"),
     ("num_cpus_zero_dry_run", "launch {S}/good.py --dry-run --num-cpus 0", "--num-cpus 0: the local Ray needs at least 1 CPU"),
     ("num_cpus_negative", "launch {S}/good.py --local --num-cpus -1", "--num-cpus -1: the local Ray needs at least 1 CPU"),
-    ("resources_on_the_command_line", "launch {S}/good.py --dry-run resources=2", "space['resources'] is a Sweep setting, not a trial setting: pass Sweep(resources=...) in the search-space file"),
+    ("resources_on_the_command_line", "launch {S}/good.py --dry-run resources=2", "resources=2: resources is set in the search-space file only (Sweep(resources=...)), not on the command line"),
     ("seed_overflow", "debug seed=1e20 epochs=1", "seed=100000000000000000000 must be in [0, 4611686018427387904]"),
     ("seeds_past_the_largest_seed", "validate {S}/good.py -s seeds=3 -s seed=4611686018427387903", "seeds=3 from seed=4611686018427387903 reach seed 4611686018427387905"),
     ("num_samples_beyond_float_integers", "validate {S}/good.py -s num_samples=1e300", "num_samples=1e+300 must be an integer >= 1"),
