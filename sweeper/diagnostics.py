@@ -48,9 +48,9 @@ pass: a recorded step runs eagerly, and an eager step is not bit-identical to a 
 
 Stall detection: ``stall_epochs`` epochs in a row no better than chance (training loss not below
 ln(num_classes) - ``stall_tolerance``, validation accuracy not past 2x chance where measured:
-:func:`sweeper.outcomes.no_better_than_chance`), or a trial that learned (an epoch's loss below ln C - 2 x ``stall_tolerance``, and validation
-accuracy past 2x chance where measured) back in that band or above it (``learn_then_collapse``); the
-cause is named from the measurements,
+:func:`sweeper.outcomes.no_better_than_chance`), or a trial that learned (an epoch's loss below
+ln C - 2 x ``stall_tolerance``, and validation accuracy past 2x chance where measured) back in that
+band or above it (``learn_then_collapse``); the cause is named from the measurements,
 then checked by intervention the first time a stall is named (:mod:`sweeper.counterfactual`: lr / 10,
 lr x 10, He init, BN in short runs): where the interventions decide it, the label carries their cause
 (``stall_reason``; the measured one stays in ``stall_reason_measured``, the evidence in ``cf_evidence``).
@@ -177,10 +177,11 @@ class Diagnostics:
         # A stall: stall_epochs epochs in a row that show no learning (sweeper.outcomes, whose
         # "at chance" this is): the loss not below the chance band (above it is worse than guessing),
         # validation not past the "trains" bar.
-        recent = [*ctx.history, metrics][-self.cfg.stall_epochs:]
-        stalled = len(recent) >= self.cfg.stall_epochs and all(
-            no_better_than_chance(h["train_loss"], chance, self.cfg.stall_tolerance, h.get("val_accuracy"))
-            for h in recent)
+        rows = [*ctx.history, metrics]
+        flags = [no_better_than_chance(h["train_loss"], chance, self.cfg.stall_tolerance,
+                                       h.get("val_accuracy"), rows[i - 1]["train_loss"] if i else None)
+                 for i, h in enumerate(rows)]
+        stalled = len(flags) >= self.cfg.stall_epochs and all(flags[-self.cfg.stall_epochs:])
         # Learned = an epoch's loss a whole tolerance past the edge of the chance band, the bar a
         # counterfactual run must pass to have "escaped chance" (sweeper.counterfactual). It was
         # ln C - 0.5, which missed a He-init VGG-19 that reached 33% validation accuracy (loss 2.04,

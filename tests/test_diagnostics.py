@@ -387,8 +387,11 @@ def test_a_recorded_step_leaves_no_hooks_behind():
     # Learned (1.98), then past chance: an lr-too-high blow-up ending at 2.96, val 12%, was "completed".
     ((2.22, 1.98), 2.96, True, None),
     # He init starts above ln C: no learning yet, so no collapse -- but three epochs no better than
-    # chance are a stall (a dead He VGG-19 went 2.30, 2.44, 2.31 and was "completed").
-    ((2.45, 2.40), 2.35, "stall", None),
+    # chance, not on their way down, are a stall (a dead He VGG-19 went 2.30, 2.44, 2.31 and was
+    # "completed")...
+    ((2.45, 2.43), 2.40, "stall", None),
+    # ... while a loss falling by more than the tolerance each epoch is on its way to learning.
+    ((3.2, 2.9), 2.6, False, None),
     # With validation accuracy: the He VGG-19 peaked at 33% (> 2x chance) -- it learned.
     ((2.30, 2.22, 2.04), 2.33, True, (0.25, 0.19, 0.33)),
     # A noisy net near chance: one epoch at 2.19 with validation at 15% learned nothing to lose.

@@ -159,5 +159,9 @@ def test_a_loss_above_chance_is_no_learning_and_validation_past_the_bar_is_learn
     assert (dead.outcome, dead.at_chance, dead.cause, dead.chance_epochs) == ("stalled", True, "dead_relu", 4)
     rising = classify(history([2.30, 2.29, 2.28, 2.29], [0.111, 0.125, 0.132, 0.285]))
     assert (rising.outcome, rising.at_chance, rising.chance_epochs) == ("late_start", False, 3)
+    # Above the band, a loss falling by more than the tolerance is on its way down: a net recovering
+    # from a huge first epoch (20.8, 2.69, 2.34 in a 3-epoch budget) ran out of epochs, it did not stall.
+    recovering = classify(history([20.8, 2.689, 2.342], [0.104, 0.083, 0.125]))
+    assert (recovering.outcome, recovering.at_chance, recovering.chance_epochs) == ("completed", True, 2)
     # The bar is 2x chance (20% for ten classes): 19% is not past it.
     assert classify(history([AT, AT, AT], [0.1, 0.15, 0.19])).outcome == "stalled"
