@@ -52,6 +52,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 _SHOW_TRACEBACK = {"on": False}
 
+# What a command may need that a machine kept for training may lack (a GPU box with torch alone),
+# and what works there anyway.
+_ENGINES = {
+    "ray": "Without Ray, `sweeper debug FILE` trains one trial and `sweeper validate FILE` checks a "
+           "space (their `tune` domains are read by sweeper's stand-in).",
+    "mlflow": "Without MLflow, `sweeper debug FILE` still trains one trial.",
+    "optuna": "Without Optuna, a space with search=\"random\" needs none.",
+}
+
 
 @app.callback()
 def _options(traceback: bool = typer.Option(
@@ -77,6 +86,15 @@ def user_errors(func: Callable) -> Callable:
         except KeyboardInterrupt:
             error_console.print("interrupted", style="yellow")
             raise typer.Exit(EXIT_INTERRUPTED)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").partition(".")[0]
+            if missing not in _ENGINES or _SHOW_TRACEBACK["on"]:
+                raise
+            command = func.__name__.strip("_").replace("_", "-")
+            error_console.print(f"[red]error:[/red] sweeper {command} needs {escape(missing)}, which is not "
+                                f"installed in this Python ({escape(sys.executable)}); install sweeper "
+                                f"with its dependencies (pip install -e . in its checkout). "
+                                f"{_ENGINES[missing]}", highlight=False)
         except Exception as exc:
             from sweeper.data import DatasetUnavailable  # lazy: torch is slow to import
 

@@ -8,7 +8,9 @@ of the failing statement in the file. Then it finds the one ``Sweep`` and applie
 overrides; :class:`sweeper.spaces.Sweep` checks the rest.
 
 Ray's and torch's slow first imports happen before the timer starts, so they never count against a
-file's limit (an alarm inside a half-finished import of torch crashed the process).
+file's limit (an alarm inside a half-finished import of torch crashed the process). Where Ray is not
+installed, the file's ``from ray import tune`` gets :mod:`sweeper.tune_standin` for the time it
+loads, so ``debug`` and ``validate`` work beside torch alone.
 """
 
 from __future__ import annotations
@@ -132,17 +134,18 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
     # Slow first imports are not the file's time: what Sweep(...) validation imports (torch, via the
     # model and dataset registries) and, if the file imports it, Ray.
     warm = ["sweeper.data", "sweeper.inits", "sweeper.models"]
-    if re.search(rb"^\s*(from|import)\s+ray\b", data, re.MULTILINE):
-        warm.append("ray.tune")
     for name in warm:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 -- Sweep validation or the file's import will say what is wrong
             pass
+    standin = _ray_standin() if re.search(rb"^\s*(from|import)\s+ray\b", data, re.MULTILINE) else {}
     module = types.ModuleType(module_name)
     module.__file__ = filename
     timer = _AlarmTimer(limit)
     sys.modules[module_name] = module  # dataclasses and pickling look a class's module up here
+    shadowed = {name: sys.modules.get(name, _ABSENT) for name in standin}
+    sys.modules.update(standin)
     try:
         try:
             timer.start()
@@ -160,10 +163,36 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
     finally:
         timer.stop()  # again: the alarm may have interrupted the first stop
         sys.modules.pop(module_name, None)
+        for name, before in shadowed.items():  # the stand-in never outlives the file's loading
+            if before is _ABSENT:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = before
     if timer.fired:  # the file caught our timeout and went on
         raise ConfigError([f"{path}: TimeoutError: took longer than {limit:g} s to load (an endless "
                            f"loop at import?); {LOAD_TIMEOUT_ENV}=SECONDS allows more"])
     return module
+
+
+_ABSENT = object()
+
+
+def _ray_standin() -> dict[str, types.ModuleType]:
+    """Nothing where Ray imports; else the ``ray``/``ray.tune`` stand-ins for the file's loading.
+
+    Importing ``ray.tune`` here is also the slow first import the file's time limit must not count.
+    Only a Ray that is not there calls for the stand-in: one that is installed but broken (a missing
+    dependency of its own) fails again in the file's own import, which names its line.
+    """
+    try:
+        importlib.import_module("ray.tune")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("ray", "ray.tune"):  # not installed (or import blocked: None in sys.modules)
+            from sweeper import tune_standin
+            return tune_standin.ray_modules()
+    except Exception:  # noqa: BLE001 -- a broken Ray: the file's import says what is wrong
+        pass
+    return {}
 
 
 class _AlarmTimer:

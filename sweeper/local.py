@@ -9,6 +9,7 @@ from typing import Sequence
 from sweeper.config import ConfigError, TrialConfig, file_in_the_way
 from sweeper.console import EpochPrinter, config_table, console, error_console, fmt
 from sweeper.records import SweepRecord
+from sweeper.tune_standin import standin_sampled
 
 __all__ = ["debug_config", "run_debug", "validate_files"]
 
@@ -133,6 +134,9 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
                       "OMP_NUM_THREADS=N sets another count")
     else:
         console.print(f"device: {device_used}")
+    if sweep is not None and standin_sampled(sweep.space):
+        console.print("Ray is not installed here: the space's tune domains were drawn by sweeper's "
+                      "stand-in for ray.tune, which draws what Ray 2.60 draws for the same --sample")
     transfer = _transfer_line(cfg)
     if transfer:
         console.print(transfer)

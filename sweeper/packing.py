@@ -61,6 +61,10 @@ def gpu_fraction(n_per_gpu: int) -> float:
 def measure_peak_bytes(flat: Mapping[str, Any], device: str = "cuda") -> dict[str, Any]:
     """Peak memory of one training step of this config on ``device`` (a CUDA device).
 
+    Call it in a fresh process, as the tuner does (a one-GPU Ray task whose worker exits after it):
+    what CUDA libraries allocate lazily on a process's first step (cuBLAS's workspaces) is part of a
+    trial's memory, and in a process that already ran a step it exists before the probe starts.
+
     Returns {"peak_bytes" (step + data), "step_bytes", "data_bytes", "total_bytes", "device_name",
     "seconds"}. Random data of the trial's shape (its crop, if any): memory does not depend on the
     values; the trial's own splits on the device are added from the node's decoded copy.

@@ -1,13 +1,14 @@
 """resources='auto': GPU shares from a measured training step, cached per GPU kind and config shape."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from sweeper.config import ConfigError
-from sweeper.packing import (CONTEXT_BYTES, PackingPlan, gpu_fraction, measure_peak_bytes,
-                             memory_key, trials_per_gpu)
+from sweeper.packing import CONTEXT_BYTES, PackingPlan, gpu_fraction, memory_key, trials_per_gpu
 from sweeper.spaces import Sweep, trial_resources
 from sweeper.config import TrialConfig
 
@@ -63,8 +64,21 @@ def test_auto_resources_is_a_valid_sweep_setting_and_a_typo_is_named():
     assert "or 'auto' (GPU shares from a measured memory probe)" in err.value.problems[0]
 
 
+def _probe_in_a_fresh_process(flat):
+    # As the tuner runs it: a Ray task whose worker exits after it (max_calls=1). In a process that
+    # already trained, cuBLAS's workspaces (32 MiB under CUBLAS_WORKSPACE_CONFIG=:4096:8) exist
+    # before the probe and go uncounted: on an H200 a second in-process probe at batch 128 read less
+    # (219 MB) than a first one at batch 32 (227 MB).
+    code = ("import json, sys; from sweeper.packing import measure_peak_bytes; "
+            "print('RESULT ' + json.dumps(measure_peak_bytes(json.loads(sys.argv[1]))))")
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(flat)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.split("RESULT ")[-1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_real_probe_on_a_gpu_grows_with_the_batch():
-    small = measure_peak_bytes({"model.arch": "vgg11", "data.batch_size": 32})
-    large = measure_peak_bytes({"model.arch": "vgg11", "data.batch_size": 128})
+    small = _probe_in_a_fresh_process({"model.arch": "vgg11", "data.batch_size": 32})
+    large = _probe_in_a_fresh_process({"model.arch": "vgg11", "data.batch_size": 512})
     assert 0 < small["peak_bytes"] < large["peak_bytes"] < large["total_bytes"]
