@@ -159,7 +159,7 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
     except ConfigError as exc:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
     except BaseException as exc:  # noqa: B036 -- SystemExit, KeyboardInterrupt: the file's, not ours
-        raise ConfigError([_raised_problem(path, exc)]) from None
+        raise ConfigError([_raised_problem(path, exc, ray_missing=bool(standin))]) from None
     finally:
         timer.stop()  # again: the alarm may have interrupted the first stop
         sys.modules.pop(module_name, None)
@@ -273,7 +273,7 @@ def _syntax_problem(path: Path, exc: SyntaxError) -> str:
     return f"{exc.filename}:{exc.lineno}: {name}: {exc.msg}"
 
 
-def _raised_problem(path: Path, exc: BaseException) -> str:
+def _raised_problem(path: Path, exc: BaseException, *, ray_missing: bool = False) -> str:
     """'{path}:{line}: {ErrorType}: {message}' for whatever a space file raised while loading."""
     where = _where(path, _line_in(exc.__traceback__, str(path)))
     name = type(exc).__name__
@@ -292,7 +292,13 @@ def _raised_problem(path: Path, exc: BaseException) -> str:
             close = difflib.get_close_matches(match.group(1), fields, n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             message += f"{hint} (Sweep's settings: {', '.join(fields)})"
-    if isinstance(exc, ModuleNotFoundError):
+    if ray_missing and isinstance(exc, ImportError) and (exc.name or "").partition(".")[0] == "ray":
+        # `from ray.tune import Tuner` hides the stand-in's own AttributeError behind "cannot import"
+        from sweeper.tune_standin import SAMPLING
+
+        message += (f" (Ray is not installed in this Python, {sys.executable}: without it a search-space "
+                    f"file may use only ray.tune's {', '.join(SAMPLING)})")
+    elif isinstance(exc, ModuleNotFoundError):
         message += f" (is it installed in this Python, {sys.executable}?)"
     return f"{where}{name}: {message}" if message else f"{where}{name}"
 

@@ -83,9 +83,11 @@ def test_bounds_ray_refuses_are_refused_alike(name, args):
 
 
 def _without_ray(monkeypatch):
-    # None in sys.modules: `import ray` fails as where Ray is not installed
-    for name in ("ray", "ray.tune"):
-        monkeypatch.setitem(sys.modules, name, None)
+    # As where Ray is not installed: `import ray` fails (None in sys.modules), and none of its
+    # submodules this process imported is there to be found
+    monkeypatch.setitem(sys.modules, "ray", None)
+    for name in [n for n in sys.modules if n.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
@@ -94,7 +96,7 @@ def test_every_shipped_space_loads_without_ray_to_the_same_sweep_and_draws(path,
     _without_ray(monkeypatch)
     lite, lite_text = load_sweep(path)
     assert lite_text == text
-    assert sys.modules["ray"] is None and sys.modules["ray.tune"] is None  # put back as they were
+    assert sys.modules["ray"] is None and "ray.tune" not in sys.modules  # put back as they were
     assert space_signature(lite) == space_signature(real)
     assert lite.problems() == real.problems() == []
     for seed in range(12):
@@ -115,6 +117,18 @@ def test_a_file_asking_ray_for_more_than_sampling_is_told_it_needs_ray(tmp_path,
     (problem,) = err.value.problems
     assert f"{path}:3: AttributeError: ray.tune.stopper needs Ray, which is not installed" in problem
     assert "loguniform" in problem and "pip install 'ray[tune]'" in problem
+
+
+@pytest.mark.parametrize("line", ["from ray.tune import Tuner", "import ray.train"])
+def test_importing_more_of_ray_than_sampling_is_told_it_needs_ray(tmp_path, monkeypatch, line):
+    path = tmp_path / "space.py"
+    path.write_text(f"{line}\nfrom sweeper.spaces import Sweep\nSWEEP = Sweep(name='s', space={{}})\n")
+    _without_ray(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    (problem,) = err.value.problems
+    assert problem.startswith(f"{path}:1: ")
+    assert "Ray is not installed in this Python" in problem and "grid_search" in problem
 
 
 def test_import_forms_a_space_file_may_use_all_resolve_to_the_stand_in(tmp_path, monkeypatch):
