@@ -296,14 +296,27 @@ def print_plan(sweep) -> None:
 
 
 def resolve_storage(name: str, storage: str | None) -> str | None:
-    """--storage if given; else ./sweeps if the sweep is there; else where this machine launched it."""
-    from sweeper.store import DEFAULT_STORAGE, index_lookup, storage_root
+    """--storage if given; else ./sweeps if the sweep is there; else where this machine launched it.
+
+    A name in ./sweeps that this machine last launched on another storage is two sweeps: which one
+    `resume NAME` continues (or `status`, `report` read) must not be a guess, so the user is asked.
+    A URI in the index is not opened to see whether the sweep is still there (a network round trip
+    for every local status): its name is reason enough to ask."""
+    from sweeper.store import DEFAULT_STORAGE, index_lookup, is_uri, redacted_root, storage_root
 
     if storage is not None:
         return storage
-    if SweepRecord(Path(storage_root(DEFAULT_STORAGE)) / name).exists():
-        return None
-    return index_lookup(name)
+    here = Path(storage_root(DEFAULT_STORAGE))
+    elsewhere = index_lookup(name)
+    if not SweepRecord(here / name).exists():
+        return elsewhere
+    if elsewhere and (is_uri(elsewhere) or (Path(elsewhere) != here
+                                            and SweepRecord(Path(elsewhere) / name).exists())):
+        shown = redacted_root(elsewhere)
+        raise ConfigError([f"two sweeps are named {name!r}: one in {here} (this directory's ./sweeps) "
+                           f"and one in {shown} (where this machine last launched {name!r}); pass "
+                           f"--storage {DEFAULT_STORAGE} or --storage {shown} to say which"])
+    return None
 
 
 def existing_record(name: str, storage: str | None, *, with_mirror: bool = False, read_meta: bool = True):

@@ -170,6 +170,41 @@ def test_a_name_this_machine_launched_elsewhere_is_not_taken_over_without_storag
         assert list(cwd.iterdir()) == []  # refused before anything was written
 
 
+def test_a_name_in_two_storages_is_not_guessed_by_resume_status_or_report(tmp_path, monkeypatch):
+    """./sweeps holds 'taken' and this machine last launched 'taken' on another storage: `resume
+    taken` continued the ./sweeps one (a finished namesake) without a word. Now every verb asks."""
+    from conftest import run_sweeper
+    from sweeper.config import ConfigError
+    from sweeper.local import resolve_storage
+    from sweeper.records import SweepRecord
+    from sweeper.store import index_remember
+
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
+    first, cwd = tmp_path / "first", tmp_path / "cwd"
+    SweepRecord(first / "taken").create({"name": "taken"}, "")
+    SweepRecord(cwd / "sweeps" / "taken").create({"name": "taken"}, "")
+    index_remember("taken", str(first))
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError) as err:
+        resolve_storage("taken", None)
+    assert err.value.problems == [
+        f"two sweeps are named 'taken': one in {cwd / 'sweeps'} (this directory's ./sweeps) and one in "
+        f"{first} (where this machine last launched 'taken'); pass --storage sweeps or --storage "
+        f"{first} to say which"]
+    assert resolve_storage("taken", str(first)) == str(first)
+    assert resolve_storage("taken", "sweeps") == "sweeps"
+    # launched here last (or the other one gone): ./sweeps, as before
+    index_remember("taken", str(cwd / "sweeps"))
+    assert resolve_storage("taken", None) is None
+    index_remember("taken", str(tmp_path / "gone"))
+    assert resolve_storage("taken", None) is None
+    index_remember("taken", str(first))
+    for verb in ("resume", "status", "report"):
+        out = run_sweeper(verb, "taken", cwd=cwd, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "two sweeps are named 'taken'" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_sweepers_own_gcs_access_gives_up_within_gcs_retry_s(monkeypatch, tmp_path):
     """pyarrow's GCS client retries for 15 minutes by default: a machine without Google credentials sat
     in `status NAME --storage gs://...` for over 400 s. sweeper's own reads now give up after
