@@ -30,7 +30,7 @@ _ENDED_LINE_S = 1.0  # ... and between the lines printed as trials end
 
 
 def trial_label(config: Mapping[str, Any]) -> str:
-    """A readable trial name: vgg16-normal-plain-lr0.012."""
+    """A readable trial name: vgg16-normal-plain-lr0.0123."""
     arch = config.get("model.arch", "model")
     if arch == "vgg" and config.get("model.depth"):
         arch = f"vgg{config['model.depth']}p"
@@ -39,7 +39,8 @@ def trial_label(config: Mapping[str, Any]) -> str:
     parts += _transfer_parts(config)
     lr = config.get("optim.lr")
     if isinstance(lr, (int, float)):
-        parts.append(f"lr{lr:.2g}")
+        # 3 significant digits: at 2, draws of 0.1538 and 0.1524 in one cell were both "lr0.15"
+        parts.append(f"lr{lr:.3g}")
     if config.get("seed") not in (None, 0):  # replicates (Sweep.seeds) stay apart by name
         parts.append(f"s{config['seed']}")
     return "-".join(parts)

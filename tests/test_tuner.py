@@ -155,7 +155,7 @@ def test_optuna_internals_the_pruned_handoff_relies_on_still_exist():
 
 @pytest.mark.parametrize("config,label", [
     ({"model.arch": "vgg16", "model.init": "normal", "model.batch_norm": False, "optim.lr": 0.0123},
-     "vgg16-normal-plain-lr0.012"),
+     "vgg16-normal-plain-lr0.0123"),
     ({"model.arch": "vgg", "model.depth": 30, "model.init": "he", "model.batch_norm": True,
       "optim.lr": 0.1}, "vgg30p-he-bn-lr0.1"),
     ({"model.arch": "resnet18", "model.batch_norm": True, "model.pretrained": "/w.pt",
@@ -168,6 +168,12 @@ def test_optuna_internals_the_pruned_handoff_relies_on_still_exist():
 ])
 def test_trial_labels_are_readable(config, label):
     assert trial_label(config) == label
+
+
+def test_close_learning_rates_of_one_cell_get_different_labels():
+    base = {"model.arch": "vgg16", "model.init": "he"}
+    assert trial_label({**base, "optim.lr": 0.1538}) == "vgg16-he-plain-lr0.154"
+    assert trial_label({**base, "optim.lr": 0.1524}) == "vgg16-he-plain-lr0.152"
 
 
 def test_storage_check_accepts_a_writable_dir_and_names_an_unwritable_one(tmp_path):

@@ -210,7 +210,7 @@ def fig_layers(study: Study, path: Path) -> tuple[Path, str]:
             if t is None:
                 continue
             color, dx = _color(c.init, inits), _offset(c.init, inits)
-            lr = f"lr {t.lr:.2g}" if math.isfinite(t.lr) else ""
+            lr = f"lr {t.lr:.3g}" if math.isfinite(t.lr) else ""
             for col, metric in enumerate(("act_std", "grad_norm")):
                 ax = axes[r][col]
                 at_init = layer_series(t.init_vals, metric)
