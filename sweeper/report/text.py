@@ -9,6 +9,7 @@ them (l00 is the first weight layer).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ def pct(x: float) -> str:
 
 
 def lr_text(x: float) -> str:
-    return f"{x:.2g}" if math.isfinite(x) else "?"
+    return f"{x:.3g}" if math.isfinite(x) else "?"  # as trial names: 0.1538 and 0.1524 differ
 
 
 def join(items: Iterable[Any]) -> str:
@@ -319,6 +320,47 @@ def lr_lines(study: Study, limit: int = 8) -> list[str]:
     return lines
 
 
+def lr_effect_lines(study: Study, limit: int = 8) -> list[str]:
+    """Where lr varies between trials of the same other settings, at which lrs they trained.
+
+    For sweeps outside the depth × init × BN view, and for an lr grid axis (each lr its own cell, so
+    :func:`lr_lines`, which looks within a cell, sees one lr each): cells that differ only in lr are
+    read together. A trial trained when it has no label (the verdicts' own bar)."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in study.cells:
+        groups.setdefault(tuple((k, repr(v)) for k, v in c.values.items() if k != "optim.lr"), []).append(c)
+    lines = []
+    for cells in groups.values():
+        trials = [t for c in cells for t in c.trials if math.isfinite(t.lr) and not t.running]
+        by_lr: dict[str, list] = {}
+        for t in sorted(trials, key=lambda t: t.lr):
+            by_lr.setdefault(lr_text(t.lr), []).append(t)
+        if len(by_lr) < 2:
+            continue
+        good = [lr for lr, ts in by_lr.items() if any(not t.label for t in ts)]
+        bad = {lr: sorted({t.label for t in ts}) for lr, ts in by_lr.items() if lr not in good}
+        scored = [t for t in trials if math.isfinite(t.acc) and not t.label]
+        best = max(scored, key=lambda t: t.acc) if scored else None
+        where = cell_label(Cell(values={k: v for k, v in cells[0].values.items() if k != "optim.lr"},
+                                trials=[], replicates=[], outcome="", reasons=Counter(),
+                                model=cells[0].model, depth=cells[0].depth, init=cells[0].init,
+                                bn=cells[0].bn), study.view)
+        span = f"{next(iter(by_lr))}–{list(by_lr)[-1]}"
+        if not good:
+            causes = sorted({label for labels in bad.values() for label in labels})
+            lines.append(f"- {where}: trained at no lr tried ({len(by_lr)} lrs, {span}): {join(causes)}.")
+            continue
+        best_text = f"best {pct(best.acc)} at lr {lr_text(best.lr)}" if best else ""
+        if not bad:
+            lines.append(f"- {where}: trained at every lr tried ({len(by_lr)} lrs, {span}); {best_text}.")
+            continue
+        lines.append(f"- {where}: trained at lr {join(good)} ({best_text}); not at lr "
+                     + join(f"{lr} ({', '.join(labels)})" for lr, labels in bad.items()) + ".")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"- … and {len(lines) - limit} more."]
+    return lines
+
+
 def best_by_depth_line(study: Study) -> str:
     parts = []
     for r in _unique_rows(study.cells):
@@ -355,7 +397,8 @@ def summary(study: Study, notes: list[str]) -> str:
              else f"n = {ns[0]}–{ns[-1]} seeds per cell")
     if ns == [1]:
         seeds += " (every verdict below is a single run)"
-    out.append(f"{len(trials)} trials recorded ({finished} finished{of_planned}) in {len(cells)} cells "
+    out.append(f"{len(trials)} trials recorded ({finished} finished{of_planned}) in {len(cells)} "
+               f"cell{'s' if len(cells) != 1 else ''} "
                f"(grid axes: {axes}{lr_clause(study)}), {seeds}. Chance is {chance:.0%} "
                f"({study.num_classes} classes from {study.classes_from}; ln C = {ln_c:.4f}); a seed of a "
                f"cell trains when one of its trials whose outcome is not "
@@ -388,7 +431,11 @@ def summary(study: Study, notes: list[str]) -> str:
             out += ["", "## Learning rate within trained cells", ""] + lines
     else:
         out += ["", f"The depth × init × BatchNorm findings need those axes; this sweep's cells vary "
-                    f"{', '.join(study.axes)}."]
+                    f"{', '.join(study.axes) or 'nothing (one cell)'}."]
+    if not study.view or "optim.lr" in study.axes:
+        lines = lr_effect_lines(study)
+        if lines:
+            out += ["", "## Learning rate", ""] + lines
     if notes:
         out += ["", "## Notes on the data", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
