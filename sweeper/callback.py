@@ -324,7 +324,8 @@ def mark_stopped(record: SweepRecord, tracker: Tracker) -> list[str]:
     Called when Tune's run has returned: a trial the record still shows running was cut off by the
     interruption (``sweeper stop``, Ctrl-C), never ended by Tune, so no callback labelled it. The
     record, MLflow's ``sweeper.outcome`` tag, ``status``, ``export`` and the report then all say
-    ``stopped``; when the sweep resumes, the trial runs again and its outcome is decided then.
+    ``stopped``, and MLflow's run status is KILLED; when the sweep resumes, the trial runs again
+    (its run RUNNING again) and its outcome is decided then.
     """
     stopped = []
     for t in record.trials():
@@ -332,6 +333,8 @@ def mark_stopped(record: SweepRecord, tracker: Tracker) -> list[str]:
             record.write_trial(t["trial_id"], {**t, "status": "stopped", "outcome": "stopped",
                                                "reason": STOPPED_REASON})
             tracker.set_tags(t["trial_id"], {"sweeper.outcome": "stopped"})
+            # Not left RUNNING in MLflow's UI for ever: the run is KILLED until the sweep resumes it.
+            tracker.finish(t["trial_id"], "KILLED")
             stopped.append(t["trial_id"])
     return stopped
 

@@ -574,7 +574,11 @@ class Tracker:
                                           if _truncate(str(k), _MAX_KEY) not in existing})
                 for name, text in op["texts"].items():
                     self.client.log_text(run_id, redact(text), name)
-            if run_id is None:
+            if run_id is not None:
+                # A resumed sweep: the interrupted launch ended its run KILLED (or a killed driver
+                # left it RUNNING); it runs again until this launch ends it.
+                self.client.update_run(run_id, status="RUNNING")
+            else:
                 tags = {"sweeper.sweep_uid": self.sweep_uid, "sweeper.role": "sweep",
                         **{k: str(redact(v)) for k, v in op["tags"].items()}}
                 run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
@@ -595,7 +599,11 @@ class Tracker:
                     # Made by a driver that died before its state said so: whether its params and
                     # config.json made it is unknown, and logging them again changes nothing.
                     unconfigured[trial_id] = op["config"]
-            if run_id is None:
+            if run_id is not None:
+                # The trial starts again (a resumed sweep, a retry): its run was ended KILLED by
+                # the interruption, or FAILED before the retry. It runs until the trial ends again.
+                self.client.update_run(run_id, status="RUNNING")
+            else:
                 tags = {**_tag_values({k: redact(v) for k, v in op.get("tags", {}).items()}),
                         "mlflow.parentRunId": self._run_for(state, None),
                         "sweeper.sweep_uid": self.sweep_uid, "sweeper.trial_id": trial_id,

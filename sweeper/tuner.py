@@ -439,8 +439,8 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
     if result.best:
         summary[f"best_{sweep.metric}"] = float(result.best["best"][sweep.metric])
     tracker.log_parent_metrics(summary)
-    if not result.interrupted:
-        tracker.finish(None, "FINISHED")
+    # Interrupted: KILLED, as its stopped trials' runs; a resume makes it RUNNING again.
+    tracker.finish(None, "KILLED" if result.interrupted else "FINISHED")
     if not tracker.flush_until(wait_s) and not quiet:
         error_console.print(f"[yellow]{tracker.pending()} tracking operation(s) not delivered "
                             f"({tracker.last_error()}); run `sweeper sync {sweep.name}` when the "

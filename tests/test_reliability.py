@@ -380,6 +380,11 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
     children, parent = runs()
     assert {tid for tid, tags in children.items() if tags["sweeper.outcome"] == "stopped"} == cut
     assert parent.data.metrics["trials_stopped"] == len(cut)
+    # MLflow's own status column agrees: nothing shows as running after the stop
+    statuses = {r.data.tags.get("sweeper.trial_id", "sweep"): r.info.status
+                for r in client.search_runs([experiment])}
+    assert statuses == {**{tid: "KILLED" for tid in cut}, **{tid: "FINISHED" for tid in children
+                                                              if tid not in cut}, "sweep": "KILLED"}
     resumed = run_sweeper("resume", "stoppable", "--local", "--num-cpus", "2", "--storage",
                           str(storage), "--tracking-uri", uri, "--quiet")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -393,6 +398,7 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
         t["trial_id"]: t["outcome"] for t in record.trials()}
     # The parent's counts are the latest ones: none stopped, none running any more.
     assert parent.data.metrics["trials_stopped"] == 0 and parent.data.metrics["trials_running"] == 0
+    assert {r.info.status for r in client.search_runs([experiment])} == {"FINISHED"}
     assert sum(v for k, v in parent.data.metrics.items() if k.startswith("trials_")) == 2
 
 
@@ -492,6 +498,9 @@ def test_an_interrupted_launch_labels_its_unfinished_trials_stopped_until_they_r
     assert record.trial("t2")["outcome"] == "completed"  # a finished trial keeps its outcome
     tags = [op for op in _spooled(tracker) if op["op"] == "tags"]
     assert tags == [{"op": "tags", "trial_id": "t1", "tags": {"sweeper.outcome": "stopped"}}]
+    # not left RUNNING in MLflow's UI: KILLED until a resume starts it again
+    ended = [(op["trial_id"], op["status"]) for op in _spooled(tracker) if op["op"] == "terminate"]
+    assert ended == [("t1", "KILLED")]
     rows = {r["trial_id"]: r for r in trial_rows(record)}
     assert rows["t1"]["outcome"] == "stopped" and rows["t1"]["reason"] == STOPPED_REASON
     status = run_sweeper("status", "cut", "--storage", str(tmp_path))

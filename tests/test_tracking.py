@@ -53,6 +53,39 @@ def test_parent_child_params_metrics_and_tags(tmp_path):
     assert "outcome" not in child.data.metrics  # strings are not metrics
 
 
+def test_a_run_ended_killed_by_an_interruption_runs_again_when_its_sweep_resumes(tmp_path):
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="sweep", tags={}, params={"max_epochs": 3}, texts={})
+    t.start_trial("t1", run_name="a", config={"optim.lr": 0.1})
+    t.start_trial("t2", run_name="b", config={"optim.lr": 0.2})
+    t.log_result("t1", _result(1, train_loss=2.0))
+    t.finish("t2", "FINISHED")
+    t.finish("t1", "KILLED")  # what an interrupted launch does (callback.mark_stopped, the tuner)
+    t.finish(None, "KILLED")
+    assert t.flush()
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("exp").experiment_id
+
+    def statuses():
+        return {r.data.tags.get("sweeper.trial_id", "sweep"): r.info.status
+                for r in client.search_runs([exp])}
+
+    assert statuses() == {"t1": "KILLED", "t2": "FINISHED", "sweep": "KILLED"}
+    resumed = _tracker(tmp_path)  # the next launch: same record, same runs
+    resumed.start_sweep(run_name="sweep", tags={}, params={"max_epochs": 3}, texts={})
+    resumed.start_trial("t1", run_name="a", config={"optim.lr": 0.1})
+    assert resumed.flush()
+    assert statuses() == {"t1": "RUNNING", "t2": "FINISHED", "sweep": "RUNNING"}
+    assert len(client.search_runs([exp])) == 3  # the same runs, none made again
+    resumed.log_result("t1", _result(2, train_loss=1.0))
+    resumed.finish("t1", "FINISHED")
+    resumed.finish(None, "FINISHED")
+    assert resumed.flush()
+    assert statuses() == {"t1": "FINISHED", "t2": "FINISHED", "sweep": "FINISHED"}
+    run = next(r for r in client.search_runs([exp]) if r.data.tags.get("sweeper.trial_id") == "t1")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+
 def test_over_a_thousand_metrics_are_split_and_the_step_counts_only_when_whole(tmp_path):
     t = _tracker(tmp_path)
     t.start_sweep(run_name="s", tags={}, params={}, texts={})
