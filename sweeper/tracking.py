@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -188,6 +189,9 @@ class Tracker:
     """Spools tracking intents for one sweep and delivers them to MLflow."""
 
     def __init__(self, record_dir: str | Path, tracking_uri: str, experiment: str, sweep_uid: str):
+        # MLflow's "Creating initial MLflow database tables..." / "Updating database tables" INFO
+        # lines opened every first launch on a storage, above sweeper's own first line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.dir = Path(record_dir)
         self.tracking_uri = tracking_uri
         self.experiment = experiment

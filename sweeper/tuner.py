@@ -94,6 +94,11 @@ def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirr
 # ---- launch -------------------------------------------------------------------------------------------
 
 
+class _NoTuneRestoreHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
 def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | None:
     """Start a fresh local Ray or join a cluster; the local session directory (None for a cluster)."""
     if ray.is_initialized():
@@ -107,6 +112,13 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | No
     # README says how auth works.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
+    # On an interrupt Tune logs "Resume experiment with: Tuner.restore(path=..., trainable=...)":
+    # not a command a sweeper user can run, beside sweeper's own `sweeper resume` hint. Only that
+    # record is dropped (ray 2.60 tune/tune.py; tests/test_reliability.py's stop test fails if the
+    # wording moves and it shows again).
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoTuneRestoreHint) for f in tune_log.filters):
+        tune_log.addFilter(_NoTuneRestoreHint())
     if local:
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                            log_to_driver=False, configure_logging=False)

@@ -360,6 +360,8 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 3, out.decode()[-3000:]
+    # sweeper's own hint, not Tune's Python one (a filter drops it: see tuner._NoTuneRestoreHint)
+    assert "sweeper resume stoppable" in out.decode() and "Tuner.restore" not in out.decode()
     assert read_lease(record.dir) is None  # released: the next launch needs no take-over
     status = run_sweeper("status", "stoppable", "--storage", str(storage))
     assert "stoppable': not running" in status.stdout, status.stdout
