@@ -272,7 +272,7 @@ def stop(
     storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),
 ) -> None:
     """Ask a running sweep to save its state and exit; `sweeper launch`/`resume` continues it."""
-    from sweeper.tuner import stop_sweep
+    from sweeper.local import stop_sweep
 
     console.print(stop_sweep(name, storage))
 
@@ -358,7 +358,7 @@ def ensemble(
     from sweeper.ensemble import run_ensemble
     from sweeper.local import existing_record, resolve_storage
     from sweeper.tracking import check_tracking_uri, default_tracking_uri
-    from sweeper.tuner import record_root, storage_root
+    from sweeper.store import record_root, storage_root
 
     where_storage = resolve_storage(name, storage)
     record = existing_record(name, storage)
@@ -384,8 +384,11 @@ def _exit_for(result) -> None:
 def _print_summary(result) -> None:
     from sweeper.console import fmt
 
-    outcomes = ", ".join(f"{n} {k}" for k, n in sorted(result.outcomes.items()))
-    console.print(f"sweep {result.name!r}: {result.trials} trials ({outcomes}); "
+    counts = sorted(result.outcomes.items())
+    if result.planned > result.trials:  # a stopped sweep: the trials it never started count too
+        counts.append(("not started", result.planned - result.trials))
+    outcomes = ", ".join(f"{n} {k}" for k, n in counts)
+    console.print(f"sweep {result.name!r}: {max(result.planned, result.trials)} trials ({outcomes}); "
                   f"{result.epochs} epochs run; results in {result.experiment_dir}")
     if result.interrupted:
         from sweeper.store import resume_command

@@ -139,7 +139,7 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 -- Sweep validation or the file's import will say what is wrong
             pass
-    standin = _ray_standin() if re.search(rb"^\s*(from|import)\s+ray\b", data, re.MULTILINE) else {}
+    standin = _ray_standin() if _RAY_IMPORT.search(data) else {}
     module = types.ModuleType(module_name)
     module.__file__ = filename
     timer = _AlarmTimer(limit)
@@ -175,6 +175,10 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
 
 
 _ABSENT = object()
+# Does the file import Ray: `from ray...`, `import ray...` (also `import os, ray.tune as tune`), or
+# importlib.import_module("ray..."). A false match only costs Ray's import before the timer starts.
+_RAY_IMPORT = re.compile(rb"^[ \t]*(from[ \t]+ray\b|import[ \t][^#\n]*\bray\b)|import_module\([ \t]*[\"']ray\b",
+                         re.MULTILINE)
 
 
 def _ray_standin() -> dict[str, types.ModuleType]:

@@ -324,7 +324,7 @@ def existing_record(name: str, storage: str | None, *, with_mirror: bool = False
     refuse a damaged sweep.json here, for every reader alike; ``stop`` needs only the driver's lease."""
     from sweeper.spaces import name_problem
     from sweeper.store import redacted_root
-    from sweeper.tuner import open_sweep_record, storage_root
+    from sweeper.store import open_sweep_record, storage_root
 
     if (problem := name_problem(name)) is not None:  # a path would reach outside the storage
         raise ConfigError([problem])
@@ -339,6 +339,36 @@ def existing_record(name: str, storage: str | None, *, with_mirror: bool = False
     if read_meta:
         record.meta()  # a damaged sweep.json is named here, for every verb alike (export did not read it)
     return (record, mirror) if with_mirror else record
+
+
+def stop_sweep(name: str, storage: str | None) -> str:
+    """Ask the driver of a running sweep to save its state and exit (it stays resumable).
+
+    The request is a file in the sweep's record -- on its storage, for a sweep on a URI -- that the
+    driver's own heartbeat thread acts on: no process is ever signalled from here, so a pid reused
+    after a crash is never hit, and it works from any machine that can write the storage.
+    """
+    import json
+    import time
+
+    from sweeper.lease import STOP_FILE, read_lease, request_stop
+    from sweeper.store import resume_command
+
+    # A live driver can be asked to stop even where sweep.json was damaged after it started.
+    record, mirror = existing_record(name, storage, with_mirror=True, read_meta=False)
+    info = read_lease(record.dir)
+    if info is not None and info.alive:
+        if mirror is not None:
+            mirror.put_remote(STOP_FILE, json.dumps({"requested": time.time()}).encode())
+        else:
+            request_stop(record.dir)
+        return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
+                f"`sweeper launch` or {resume_command(name, resolve_storage(name, storage))} continues it")
+    if info is not None or (record.dir / "driver.json").exists():
+        who = info.describe() if info else "an older driver"
+        return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
+                f"{resume_command(name, resolve_storage(name, storage))} continues it")
+    return f"sweep {name!r} is not running"
 
 
 def saved_sweep(name: str, storage: str | None):
@@ -444,11 +474,15 @@ def _varying_keys(configs: list[dict]) -> list[str]:
 
 def _tracker_for(record, storage: str | None, tracking_uri: str | None):
     from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri
-    from sweeper.tuner import record_root
+    from sweeper.store import record_root
 
     check_tracking_uri(tracking_uri)
     meta = record.meta()
     uri = tracking_uri or meta.get("tracking_uri") or default_tracking_uri(record_root(storage))
+    if not meta.get("sweep_uid"):  # every launch writes one: its MLflow runs are found by it
+        raise ConfigError([f"{record.dir / 'sweep.json'}: has no sweep_uid, which every launch writes "
+                           "(its MLflow runs are found by it); the record is damaged: restore it from "
+                           "a copy"])
     return Tracker(record.dir, uri, experiment=meta.get("name", record.experiment_dir.name),
                    sweep_uid=meta["sweep_uid"])
 
@@ -515,7 +549,7 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
     import time
 
     from sweeper.tracking import default_tracking_uri
-    from sweeper.tuner import record_root
+    from sweeper.store import record_root
 
     if not 1 <= port <= 65535:
         raise ConfigError([f"--port {port}: a TCP port is 1-65535"])

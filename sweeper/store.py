@@ -38,8 +38,8 @@ from sweeper.lease import STOP_FILE  # the request `sweeper stop` leaves beside 
 from sweeper.records import SweepRecord
 
 __all__ = ["DEFAULT_STORAGE", "GCS_RETRY_S", "Mirror", "filesystem", "index_lookup", "index_remember",
-           "is_uri", "join_uri", "open_record", "resume_command", "storage_error", "storage_problems",
-           "storage_root"]
+           "is_uri", "join_uri", "open_record", "open_sweep_record", "record_root", "resume_command",
+           "storage_error", "storage_problems", "storage_root"]
 
 PUSH_S = 3.0  # how stale another machine's view of a running sweep may be (plus the heartbeat's 2 s)
 LARGE_BYTES, LARGE_EVERY_S = 1 << 20, 30.0
@@ -271,6 +271,21 @@ def index_lookup(name: str) -> str | None:
     except (OSError, ValueError):
         return None
     return entry.get("storage") if isinstance(entry, dict) else None
+
+
+def record_root(storage: str | None) -> str:
+    """Where records (and the embedded MLflow store) live: the storage dir, or ./sweeps if remote."""
+    root = storage_root(storage)
+    return storage_root(DEFAULT_STORAGE) if "://" in root else root
+
+
+def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirror | None]:
+    """The sweep's record where it lives; a Mirror when that is a URI."""
+    root = storage_root(storage)
+    try:
+        return open_record(name, root)
+    except OSError as exc:  # pyarrow: unreachable endpoint, no credentials, no such bucket...
+        raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {storage_error(exc)}"]) from None
 
 
 def resume_command(name: str, storage: str | None) -> str:

@@ -306,7 +306,7 @@ def sample_from(func: Callable[..., Any]) -> Function:
 
 def _needs_ray(module: str) -> Callable[[str], Any]:
     def missing(name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") and name != "__version__":  # Python's own probes (__path__, ...)
             raise AttributeError(name)
         raise AttributeError(
             f"{module}.{name} needs Ray, which is not installed in this Python ({sys.executable}); "

@@ -37,12 +37,12 @@ from sweeper.preflight import _check_reachable, _check_space_unchanged, _configs
 from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
-# storage_root and DEFAULT_STORAGE live in sweeper.store (Ray-free readers need them); kept here by name.
-from sweeper.store import DEFAULT_STORAGE, Mirror, index_remember, join_uri, open_record, \
-    redacted_root, storage_error, storage_root
+# The storage helpers live in sweeper.store (readers -- status, report, export, ui -- run without Ray).
+from sweeper.store import DEFAULT_STORAGE, index_remember, join_uri, open_sweep_record, record_root, \
+    storage_root
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
-__all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_plan", "experiment_dir", "launch", "stop_sweep"]
+__all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_plan", "experiment_dir", "launch"]
 
 _TUNE_ENV = {
     # Tune's CSV/JSON/TensorBoard loggers per trial: nobody reads them here, and at many results per
@@ -60,7 +60,8 @@ class LaunchResult:
     experiment_dir: str
     storage: str | None = None  # as the sweep gave it (None: ./sweeps)
     outcomes: dict[str, int] = field(default_factory=dict)
-    trials: int = 0
+    trials: int = 0  # started (the record's)
+    planned: int = 0  # the sweep's trial count
     epochs: int = 0
     restored: bool = False
     interrupted: bool = False
@@ -74,21 +75,6 @@ class LaunchResult:
 
 def experiment_dir(name: str, storage: str | None) -> str:
     return join_uri(storage_root(storage), name)
-
-
-def record_root(storage: str | None) -> str:
-    """Where records (and the embedded MLflow store) live: the storage dir, or ./sweeps if remote."""
-    root = storage_root(storage)
-    return storage_root(DEFAULT_STORAGE) if "://" in root else root
-
-
-def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirror | None]:
-    """The sweep's record where it lives (see sweeper.store); a Mirror when that is a URI."""
-    root = storage_root(storage)
-    try:
-        return open_record(name, root)
-    except OSError as exc:  # pyarrow: unreachable endpoint, no credentials, no such bucket...
-        raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {storage_error(exc)}"]) from None
 
 
 # ---- launch -------------------------------------------------------------------------------------------
@@ -191,6 +177,13 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
         _check_reachable(address)
     root = storage_root(sweep.storage)
     if record.exists():
+        if sweep.storage is None:
+            # ./sweeps holds the name, and so may the storage this machine last launched it on: the
+            # launch would resume one of two sweeps by guess (and point the index away from the
+            # other); resume, status and report ask for --storage there, and so does this.
+            from sweeper.local import resolve_storage
+
+            resolve_storage(sweep.name, None)
         if not restore:
             raise ConfigError([f"sweep {sweep.name!r} already exists in "
                                f"{experiment_dir(sweep.name, sweep.storage)}: launch without "
@@ -511,38 +504,8 @@ def _summarise(sweep: Sweep, record: SweepRecord, exp_dir: str, *, restored: boo
         sign = 1 if sweep.mode == "max" else -1
         best = max(finished, key=lambda t: sign * t["best"][sweep.metric])
     return LaunchResult(name=sweep.name, experiment_dir=exp_dir, storage=sweep.storage, outcomes=outcomes,
-                        trials=len(trials), epochs=sum(int(t.get("epochs", 0)) for t in trials),
+                        trials=len(trials), planned=trial_count(sweep),
+                        epochs=sum(int(t.get("epochs", 0)) for t in trials),
                         restored=restored, best=best,
                         interrupted=sum(1 for t in trials if t.get("status") == "finished")
                         < trial_count(sweep))
-
-
-# ---- stop ---------------------------------------------------------------------------------------------
-
-
-def stop_sweep(name: str, storage: str | None) -> str:
-    """Ask the driver of a running sweep to save its state and exit (it stays resumable).
-
-    The request is a file in the sweep's record -- on its storage, for a sweep on a URI -- that the
-    driver's own heartbeat thread acts on: no process is ever signalled from here, so a pid reused
-    after a crash is never hit, and it works from any machine that can write the storage.
-    """
-    from sweeper.lease import STOP_FILE, read_lease, request_stop
-    from sweeper.local import existing_record, resolve_storage
-    from sweeper.store import resume_command
-
-    # A live driver can be asked to stop even where sweep.json was damaged after it started.
-    record, mirror = existing_record(name, storage, with_mirror=True, read_meta=False)
-    info = read_lease(record.dir)
-    if info is not None and info.alive:
-        if mirror is not None:
-            mirror.put_remote(STOP_FILE, json.dumps({"requested": time.time()}).encode())
-        else:
-            request_stop(record.dir)
-        return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
-                f"`sweeper launch` or {resume_command(name, resolve_storage(name, storage))} continues it")
-    if info is not None or (record.dir / "driver.json").exists():
-        who = info.describe() if info else "an older driver"
-        return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
-                f"{resume_command(name, resolve_storage(name, storage))} continues it")
-    return f"sweep {name!r} is not running"

@@ -199,10 +199,16 @@ def test_a_name_in_two_storages_is_not_guessed_by_resume_status_or_report(tmp_pa
     index_remember("taken", str(tmp_path / "gone"))
     assert resolve_storage("taken", None) is None
     index_remember("taken", str(first))
-    for verb in ("resume", "status", "report"):
-        out = run_sweeper(verb, "taken", cwd=cwd, timeout=120)
+    space = tmp_path / "taken.py"
+    space.write_text('"""q"""\nfrom sweeper.spaces import Sweep\n'
+                     'SWEEP = Sweep(name="taken", space={"model.arch": "smallcnn", "data.name": "digits"})\n')
+    for verb in (("resume", "taken"), ("status", "taken"), ("report", "taken"),
+                 ("launch", str(space), "--local", "--dry-run"), ("launch", str(space), "--local")):
+        out = run_sweeper(*verb, cwd=cwd, timeout=120)
         assert out.returncode == 2, out.stdout + out.stderr
         assert "two sweeps are named 'taken'" in out.stderr and "Traceback" not in out.stderr
+    from sweeper.store import index_lookup
+    assert index_lookup("taken") == str(first)  # the refused launch left the index as it was
 
 
 def test_sweepers_own_gcs_access_gives_up_within_gcs_retry_s(monkeypatch, tmp_path):
@@ -319,3 +325,40 @@ def test_the_resume_hint_names_the_storage_unless_it_is_this_directorys(tmp_path
     # A URI's query (endpoints, keys) stays out of what is printed.
     assert resume_command("tiny", "s3://bucket/p?endpoint_override=h:9000") == \
         "`sweeper resume tiny --storage s3://bucket/p`"
+
+
+def test_the_readers_of_a_sweep_work_where_ray_is_not_installed(tmp_path):
+    """status, export, report, stop and sync read the record and MLflow: a laptop with MLflow and no
+    Ray (or a GPU box kept for `debug`) could not run them, since they came through the tuner."""
+    from test_report import FALLING, _add_trial, _meta
+
+    from sweeper.records import SweepRecord
+
+    record = SweepRecord(tmp_path / "sweeps" / "toy")
+    record.create(_meta(name="toy", planned_trials=1, sweep_uid="uid-toy"), "SWEEP = ...\n")
+    _add_trial(record, 1, "vgg11", "he", True, 0.01, "completed", [0.4, 0.7, 0.9], FALLING)
+    code = ("import sys; sys.modules['ray'] = None; from sweeper.cli import main; "
+            "sys.argv = ['sweeper', *sys.argv[1:]]; main()")
+    for verb in (["status", "toy"], ["export", "toy", "--format", "csv", "--out", str(tmp_path / "t.csv")],
+                 ["report", "toy"], ["stop", "toy"], ["sync", "toy", "--wait", "0"]):
+        out = subprocess.run([sys.executable, "-c", code, *verb], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)
+        assert out.returncode == 0 and "ray" not in out.stderr.lower(), (verb, out.stdout, out.stderr)
+    assert (tmp_path / "t.csv").is_file()
+    launch = subprocess.run([sys.executable, "-c", code, "resume", "toy", "--local"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert launch.returncode == 2 and "sweeper resume needs ray, which is not installed" in launch.stderr
+
+
+def test_the_summary_of_a_stopped_sweep_counts_the_trials_it_never_started(capsys):
+    """After `sweeper stop` a 2-trial grid printed "1 trials (1 stopped)": the other never started."""
+    from sweeper.cli import _print_summary
+    from sweeper.tuner import LaunchResult
+
+    _print_summary(LaunchResult(name="s", experiment_dir="/x/s", outcomes={"stopped": 1}, trials=1,
+                                planned=2, epochs=4, interrupted=True))
+    out = capsys.readouterr().out
+    assert "sweep 's': 2 trials (1 stopped, 1 not started); 4 epochs run" in out
+    _print_summary(LaunchResult(name="s", experiment_dir="/x/s", outcomes={"completed": 2}, trials=2,
+                                planned=2, epochs=8))
+    assert "sweep 's': 2 trials (2 completed); 8 epochs run" in capsys.readouterr().out

@@ -426,7 +426,7 @@ def test_an_lr_only_sweep_says_at_which_lrs_it_trained(tmp_path, space):
     which learning rates trained: lr_lines looks inside trained cells of the depth x init x BN view."""
     record = SweepRecord(tmp_path / "lr_only")
     record.create(_meta(name="lr_only", planned_trials=4, space=space), "SWEEP = ...\n")
-    _add_trial(record, 1, "vgg11", "he", False, 0.001, "stalled", [0.1] * 3, FLAT, "lr_too_small")
+    _add_trial(record, 1, "vgg11", "he", False, 0.001, "stalled", [0.1] * 3, FLAT, None)  # diagnostics off
     _add_trial(record, 2, "vgg11", "he", False, 0.01, "completed", [0.4, 0.7, 0.9], FALLING)
     _add_trial(record, 3, "vgg11", "he", False, 0.0101, "completed", [0.4, 0.6, 0.8], FALLING)
     _add_trial(record, 4, "vgg11", "he", False, 0.1, "stalled", [0.1] * 3, FLAT, "lr_too_high")
@@ -434,10 +434,13 @@ def test_an_lr_only_sweep_says_at_which_lrs_it_trained(tmp_path, space):
     if "grid_search" in space["optim.lr"]:  # four cells of one lr each, outside the depth x init x BN view
         section = summary.split("## Learning rate\n\n")[1].split("\n\n")[0]
         assert section == ("- all trials: trained at lr 0.01 and 0.0101 (best 90.0% at lr 0.01); not at lr "
-                           "0.001 (lr_too_small) and 0.1 (lr_too_high).")
+                           "0.001 (no_diagnostics) and 0.1 (lr_too_high).")
         assert "in 4 cells (grid axes: lr)" in summary
+        # a stall without a recorded cause is not given one ("plateau" was a diagnostics' verdict)
+        line = next(l for l in summary.splitlines() if l.startswith("- **lr=0.001**"))
+        assert "stalls in 1/1 seed (no_diagnostics)" in line and "named from the measurements" not in line
     else:  # one cell, which the view reads within
         section = summary.split("## Learning rate within trained cells\n\n")[1].split("\n\n")[0]
         assert section.startswith("- vgg11 (9 weight layers), he, no BN: trains at lr 0.01 (90.0%) but "
-                                  "lr 0.001 did not (lr_too_small) and lr 0.1 did not (lr_too_high)")
+                                  "lr 0.001 did not (no_diagnostics) and lr 0.1 did not (lr_too_high)")
         assert "in 1 cell (grid axes: none" in summary

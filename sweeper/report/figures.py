@@ -32,7 +32,7 @@ MARKS = {  # short outcome marks for the heatmap cells
     "trained": "ok", "vanishing_signal": "VS", "vanishing_gradient": "VG", "dead_relu": "DR",
     "lr_too_high": "LR+", "lr_too_small": "LR-", "learn_then_collapse": "LC", "exploding": "EX",
     "plateau": "PL", "at_chance": "AC", "slow": "SL", "diverged": "DV", "failed": "F", "running": "…",
-    "val_collapse": "VC", "mixed": "±", "no_data": "?",
+    "val_collapse": "VC", "mixed": "±", "no_data": "?", "no_diagnostics": "ND",
 }
 LAYER_AXIS = "weight layer (l00 first, in execution order; last = classifier)"
 DEPTH_AXIS = "depth (weight layers) and model"

@@ -39,7 +39,7 @@ VIEW_AXES = (*MODEL_AXES, "model.init", "model.batch_norm")
 _SAMPLED_PREFIXES = ("uniform(", "loguniform(", "quniform(", "qloguniform(", "randn(", "qrandn(",
                      "randint(", "qrandint(", "lograndint(", "qlograndint(", "sample_from(")
 # Labels read off the outcome alone rank below causes the diagnostics named (evidence).
-DERIVED = {"at_chance", "slow", "no_data", "diverged", "failed"}
+DERIVED = {"at_chance", "slow", "no_data", "diverged", "failed", "no_diagnostics"}
 
 
 # ---- numbers ---------------------------------------------------------------------------------------------
@@ -377,7 +377,9 @@ class Cell:
 def _trial_label(t: Trial) -> str:
     """Why a trial did not train, from its recorded outcome, at_chance and cause."""
     if t.outcome == "stalled":
-        return t.cause or "plateau"
+        # No cause recorded: the diagnostics were off (with them on, every stall is named). It was
+        # "plateau" here, a cause the diagnostics name from evidence this trial never recorded.
+        return t.cause or "no_diagnostics"
     if t.outcome in ("diverged", "failed", "val_collapse"):
         return t.outcome
     if not t.epochs and not math.isfinite(t.acc):
