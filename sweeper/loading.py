@@ -177,8 +177,8 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
 _ABSENT = object()
 # Does the file import Ray: `from ray...`, `import ray...` (also `import os, ray.tune as tune`), or
 # importlib.import_module("ray..."). A false match only costs Ray's import before the timer starts.
-_RAY_IMPORT = re.compile(rb"^[ \t]*(from[ \t]+ray\b|import[ \t][^#\n]*\bray\b)|import_module\([ \t]*[\"']ray\b",
-                         re.MULTILINE)
+_RAY_IMPORT = re.compile(rb"^[ \t]*(from[ \t]+ray\b|import[ \t][^#\n]*\bray\b)"
+                         rb"|import_module\([ \t]*[\"']ray\b", re.MULTILINE)
 
 
 def _ray_standin() -> dict[str, types.ModuleType]:
