@@ -323,8 +323,7 @@ def existing_record(name: str, storage: str | None, *, with_mirror: bool = False
     """The sweep's record, read from wherever it lives (a fresh local copy for a URI). ``read_meta``:
     refuse a damaged sweep.json here, for every reader alike; ``stop`` needs only the driver's lease."""
     from sweeper.spaces import name_problem
-    from sweeper.store import redacted_root
-    from sweeper.store import open_sweep_record, storage_root
+    from sweeper.store import open_sweep_record, redacted_root, storage_root
 
     if (problem := name_problem(name)) is not None:  # a path would reach outside the storage
         raise ConfigError([problem])
