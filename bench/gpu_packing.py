@@ -1,7 +1,8 @@
 """Packed trials on one GPU: 1, 2, 4, 8 trials side by side, aggregate images/s and GPU utilisation.
 
 Each trial is its own process (as a Ray worker would be) running ``sweeper.train.fit`` on synthetic
-CIFAR-size data after a one-epoch warm-up; the parent samples NVML utilisation every 0.2 s and keeps
+CIFAR-size data after a one-epoch warm-up; all start their measured fit together (a barrier after the
+warm-up), and the row says how much of it they spent side by side (``overlap``); the parent samples NVML utilisation every 0.2 s and keeps
 the samples taken while all of them were training (each reports its window), and reads
 each trial's last-epoch images/s and peak memory from its result. The ratio that matters is the
 aggregate images/s at k trials over the images/s of one trial alone: what packing buys on this card
@@ -19,6 +20,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,8 @@ from sweeper.train import fit
 flat = json.loads(sys.argv[1])
 cfg = TrialConfig.from_flat(flat)
 fit(cfg.replace(epochs=1))  # warm-up (CUDA context, cudnn), outside the window that is measured
+print("READY", flush=True)
+sys.stdin.readline()  # the parent's go, sent once every trial is warm: they train side by side
 start = time.time()
 result = fit(cfg)
 end = time.time()
@@ -61,15 +65,33 @@ def run_packed(k: int, flat: dict) -> dict:
     sampler = threading.Thread(target=_utilisation_sampler, args=(stop, samples), daemon=True)
     sampler.start()
     t0 = time.perf_counter()
+    # stderr to files: a pipe nobody reads while the others warm up could fill and stall a trial
+    errs = [tempfile.TemporaryFile(mode="w+") for _ in range(k)]
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps({**flat, "seed": i})],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(k)]
-    results = []
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                              text=True)
+             for i, err in enumerate(errs)]
+
+    def failed(p, err) -> SystemExit:
+        p.kill()
+        err.seek(0)
+        return SystemExit(f"packed trial failed (k={k}):\n{err.read()[-2000:]}")
+
+    # A barrier: each trial warms up, says READY and waits; all start together. Without it, 2-epoch
+    # trials of a few seconds started as their processes came up and barely overlapped (8 trials on
+    # an H200: no NVML sample with all 8 training), and the summed rates overstated what packing buys.
+    for p, err in zip(procs, errs):
+        if p.stdout.readline().strip() != "READY":
+            raise failed(p, err)
     for p in procs:
-        out, err = p.communicate()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p, err in zip(procs, errs):
+        out, _ = p.communicate()
         line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not line:
-            raise SystemExit(f"packed trial failed (k={k}):\n{err[-2000:]}")
+            raise failed(p, err)
         results.append(json.loads(line[-1][7:]))
     wall = time.perf_counter() - t0
     stop.set()
@@ -78,7 +100,10 @@ def run_packed(k: int, flat: dict) -> dict:
     # would otherwise dominate the samples (a first version took the median of all: 0%).
     lo, hi = max(r["start"] for r in results), min(r["end"] for r in results)
     steady = [u for t, u in samples if lo <= t <= hi]
+    longest = max(r["end"] - r["start"] for r in results)
     return {"trials": k, "wall_s": wall,
+            # the share of the longest trial's measured fit during which all k trained together
+            "overlap": max(hi - lo, 0.0) / longest if longest > 0 else 0.0,
             "aggregate_images_per_second": sum(r["images_per_second"] for r in results),
             "per_trial_images_per_second": [r["images_per_second"] for r in results],
             "peak_mb_per_trial": max(r["peak_mb"] for r in results),
@@ -106,7 +131,8 @@ def main() -> None:
             "diagnostics.enabled": False, "optim.lr": 0.01}
     TrialConfig.from_flat(flat)  # a bad setting is refused here, not in each trial's process
     rows = []
-    print(f"{'trials':>6} {'agg img/s':>10} {'x one':>6} {'GPU util %':>10} {'peak MiB/trial':>14}")
+    print(f"{'trials':>6} {'agg img/s':>10} {'x one':>6} {'GPU util %':>10} {'peak MiB/trial':>14} "
+          f"{'overlap':>7}")
     for k in args.counts:
         row = run_packed(k, flat)
         base = rows[0]["aggregate_images_per_second"] if rows else row["aggregate_images_per_second"]
@@ -114,8 +140,8 @@ def main() -> None:
         rows.append(row)
         util = row["gpu_utilisation_median"]
         print(f"{k:>6} {row['aggregate_images_per_second']:>10.0f} {row['speedup_vs_one']:>6.2f} "
-              f"{'n/a' if util is None else f'{util:.0f}':>10} {row['peak_mb_per_trial']:>14.0f}",
-              flush=True)
+              f"{'n/a' if util is None else f'{util:.0f}':>10} {row['peak_mb_per_trial']:>14.0f} "
+              f"{row['overlap']:>7.0%}", flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_packing.json").write_text(json.dumps(jsonable(
