@@ -251,7 +251,8 @@ def status(
 @user_errors
 def export(
     name: str = typer.Argument(..., help="Sweep name."),
-    format: str = typer.Option("parquet", "--format", "-f", help="parquet, csv or json."),
+    format: Optional[str] = typer.Option(
+        None, "--format", "-f", help="parquet, csv or json (default: what --out names, else parquet)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file stem."),
     epochs: bool = typer.Option(False, "--epochs", help="Also one row per (trial, epoch)."),
     storage: Optional[str] = typer.Option(None, help="Where the sweep lives."),

@@ -165,30 +165,37 @@ def epoch_rows(record: SweepRecord) -> list[dict[str, Any]]:
     return rows
 
 
-def export(record: SweepRecord, out: Path, *, fmt: str = "parquet", epochs: bool = False) -> list[Path]:
+def export(record: SweepRecord, out: Path, *, fmt: str | None = None, epochs: bool = False) -> list[Path]:
     """Write the trials table (and the epochs table) to ``out`` (a file stem: ``out.csv``, or
     ``out.trials.csv`` and ``out.epochs.csv``; an existing folder gets ``<sweep>.csv`` in it);
-    return the paths."""
+    return the paths. ``fmt`` None: the format ``out`` names (``runs.csv``), else parquet."""
     import pyarrow as pa
 
-    if fmt not in FORMATS:
-        from sweeper.config import ConfigError
+    from sweeper.config import ConfigError
 
+    named = out.suffix[1:].lower() if out.suffix[1:].lower() in FORMATS else None
+    if fmt is None:
+        fmt = named or "parquet"  # `--out runs.csv` wrote runs.csv.parquet
+    if fmt not in FORMATS:
         raise ConfigError([f"--format={fmt!r} is not one of {list(FORMATS)}"])
+    if named and named != fmt:
+        raise ConfigError([f"--out {out} names a .{named} file but --format is {fmt}: drop one of "
+                           f"them, or give --out {out.with_suffix('')}.{fmt}"])
     if out.is_dir():  # a folder: the files go in it, named after the sweep
         out = out / record.experiment_dir.name
-    from sweeper.config import ConfigError, file_in_the_way
+    from sweeper.config import file_in_the_way
 
     if problems := file_in_the_way("--out", out.parent):
         raise ConfigError(problems)
     # The stem as given (run.v2 stays run.v2: with_suffix would make it run.csv), without the
     # format's own extension if the user wrote it (run.csv -> run.csv, not run.csv.csv).
-    stem = out.name[:-len(f".{fmt}")] if out.name.endswith(f".{fmt}") and out.name != f".{fmt}" \
+    stem = out.name[:-len(f".{fmt}")] if out.name.lower().endswith(f".{fmt}") and out.name != f".{fmt}" \
         else out.name
     tables = {"trials": trial_rows(record)}
     if epochs:
         tables["epochs"] = epoch_rows(record)
-    paths = {name: out.with_name(f"{stem}.{name}.{fmt}" if epochs else f"{stem}.{fmt}")
+    ext = out.name[len(stem) + 1:] if stem != out.name else fmt  # as the user spelled it (runs.JSON)
+    paths = {name: out.with_name(f"{stem}.{name}.{ext}" if epochs else f"{stem}.{ext}")
              for name in tables}
     if taken := [str(p) for p in paths.values() if p.is_dir()]:
         raise ConfigError([f"--out {out}: {', '.join(taken)} is a directory, not a file"])

@@ -267,6 +267,13 @@ def test_export_paths_keep_the_stem_and_go_into_a_folder(tmp_path):
     assert export(record, out / "run.v3", fmt="csv", epochs=True) == [
         out / "run.v3.trials.csv", out / "run.v3.epochs.csv"]
     assert export(record, out / "named.csv", fmt="csv") == [out / "named.csv"]  # not named.csv.csv
+    # no --format: the one --out names (runs.csv was written as runs.csv.parquet), else parquet
+    assert export(record, out / "runs.csv") == [out / "runs.csv"]
+    assert "trial_id" in (out / "runs.csv").read_text().splitlines()[0]  # CSV text, not parquet
+    assert export(record, out / "runs.JSON") == [out / "runs.JSON"]
+    assert export(record, out / "plain") == [out / "plain.parquet"]
+    with pytest.raises(ConfigError, match=r"names a \.json file but --format is csv"):
+        export(record, out / "clash.json", fmt="csv")
     assert export(record, out, fmt="json") == [out / "paths.json"]  # a folder: <sweep>.json in it
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="afile is a file, not a directory"):
