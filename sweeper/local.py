@@ -9,7 +9,6 @@ from typing import Sequence
 from sweeper.config import ConfigError, TrialConfig, file_in_the_way
 from sweeper.console import EpochPrinter, config_table, console, error_console, fmt
 from sweeper.records import SweepRecord
-from sweeper.tune_standin import standin_sampled
 
 __all__ = ["debug_config", "run_debug", "validate_files"]
 
@@ -134,6 +133,8 @@ def run_debug(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
                       "OMP_NUM_THREADS=N sets another count")
     else:
         console.print(f"device: {device_used}")
+    from sweeper.tune_standin import standin_sampled
+
     if sweep is not None and standin_sampled(sweep.space):
         console.print("Ray is not installed here: the space's tune domains were drawn by sweeper's "
                       "stand-in for ray.tune, which draws what Ray 2.60 draws for the same --sample")
@@ -354,6 +355,7 @@ def stop_sweep(name: str, storage: str | None) -> str:
     from sweeper.store import resume_command
 
     # A live driver can be asked to stop even where sweep.json was damaged after it started.
+    storage = resolve_storage(name, storage)  # once: the hints below name the same storage
     record, mirror = existing_record(name, storage, with_mirror=True, read_meta=False)
     info = read_lease(record.dir)
     if info is not None and info.alive:
@@ -362,11 +364,11 @@ def stop_sweep(name: str, storage: str | None) -> str:
         else:
             request_stop(record.dir)
         return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
-                f"`sweeper launch` or {resume_command(name, resolve_storage(name, storage))} continues it")
+                f"`sweeper launch` or {resume_command(name, storage)} continues it")
     if info is not None or (record.dir / "driver.json").exists():
         who = info.describe() if info else "an older driver"
         return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
-                f"{resume_command(name, resolve_storage(name, storage))} continues it")
+                f"{resume_command(name, storage)} continues it")
     return f"sweep {name!r} is not running"
 
 

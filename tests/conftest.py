@@ -77,6 +77,16 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+def run_sweeper_without(blocked: tuple[str, ...], *args: str, cwd: Path | None = None,
+                        timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess where the ``blocked`` modules cannot be imported (None in
+    sys.modules), as on a machine where they are not installed."""
+    code = (f"import sys; sys.modules.update(dict.fromkeys({list(blocked)!r})); "
+            "from sweeper.cli import main; sys.argv = ['sweeper', *sys.argv[1:]]; main()")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
 def run_sweeper(*args: str, env: dict | None = None, timeout: int = 900,
                 cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (its own Ray, stopped when it exits)."""

@@ -330,6 +330,7 @@ def test_the_resume_hint_names_the_storage_unless_it_is_this_directorys(tmp_path
 def test_the_readers_of_a_sweep_work_where_ray_is_not_installed(tmp_path):
     """status, export, report, stop and sync read the record and MLflow: a laptop with MLflow and no
     Ray (or a GPU box kept for `debug`) could not run them, since they came through the tuner."""
+    from conftest import run_sweeper_without
     from test_report import FALLING, _add_trial, _meta
 
     from sweeper.records import SweepRecord
@@ -337,16 +338,12 @@ def test_the_readers_of_a_sweep_work_where_ray_is_not_installed(tmp_path):
     record = SweepRecord(tmp_path / "sweeps" / "toy")
     record.create(_meta(name="toy", planned_trials=1, sweep_uid="uid-toy"), "SWEEP = ...\n")
     _add_trial(record, 1, "vgg11", "he", True, 0.01, "completed", [0.4, 0.7, 0.9], FALLING)
-    code = ("import sys; sys.modules['ray'] = None; from sweeper.cli import main; "
-            "sys.argv = ['sweeper', *sys.argv[1:]]; main()")
     for verb in (["status", "toy"], ["export", "toy", "--format", "csv", "--out", str(tmp_path / "t.csv")],
                  ["report", "toy"], ["stop", "toy"], ["sync", "toy", "--wait", "0"]):
-        out = subprocess.run([sys.executable, "-c", code, *verb], capture_output=True, text=True,
-                             cwd=tmp_path, timeout=300)
+        out = run_sweeper_without(("ray",), *verb, cwd=tmp_path)
         assert out.returncode == 0 and "ray" not in out.stderr.lower(), (verb, out.stdout, out.stderr)
     assert (tmp_path / "t.csv").is_file()
-    launch = subprocess.run([sys.executable, "-c", code, "resume", "toy", "--local"], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=300)
+    launch = run_sweeper_without(("ray",), "resume", "toy", "--local", cwd=tmp_path)
     assert launch.returncode == 2 and "sweeper resume needs ray, which is not installed" in launch.stderr
 
 

@@ -150,11 +150,10 @@ def test_import_forms_a_space_file_may_use_all_resolve_to_the_stand_in(tmp_path,
     assert tune_standin.standin_sampled(sweep.space)
 
 
-def _cli_without_ray(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    code = ("import sys; sys.modules['ray'] = None; sys.modules['mlflow'] = None; "
-            "from sweeper.cli import main; sys.argv = ['sweeper', *sys.argv[1:]]; main()")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+def _cli_without_ray(*args: str) -> subprocess.CompletedProcess:
+    from conftest import run_sweeper_without
+
+    return run_sweeper_without(("ray", "mlflow"), *args, cwd=REPO, timeout=240)
 
 
 def test_debug_trains_a_space_file_without_ray_and_mlflow_and_launch_says_what_it_needs(tmp_path):

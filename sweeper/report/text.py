@@ -8,8 +8,8 @@ them (l00 is the first weight layer).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -341,10 +341,9 @@ def lr_effect_lines(study: Study, limit: int = 8) -> list[str]:
         bad = {lr: sorted({t.label for t in ts}) for lr, ts in by_lr.items() if lr not in good}
         scored = [t for t in trials if math.isfinite(t.acc) and not t.label]
         best = max(scored, key=lambda t: t.acc) if scored else None
-        where = cell_label(Cell(values={k: v for k, v in cells[0].values.items() if k != "optim.lr"},
-                                trials=[], replicates=[], outcome="", reasons=Counter(),
-                                model=cells[0].model, depth=cells[0].depth, init=cells[0].init,
-                                bn=cells[0].bn), study.view)
+        # the group as one cell without its lr: model, init and BN as the first cell has them
+        where = cell_label(dataclasses.replace(
+            cells[0], values={k: v for k, v in cells[0].values.items() if k != "optim.lr"}), study.view)
         span = f"{next(iter(by_lr))}–{list(by_lr)[-1]}"
         if not good:
             causes = sorted({label for labels in bad.values() for label in labels})
