@@ -80,6 +80,10 @@ class LogUniform(Sampler):
 
 class Normal(Sampler):
     def __init__(self, mean: float = 0.0, sd: float = 0.0):
+        # Ray checks this with an assert (AssertionError, same words); a ValueError here is the
+        # stand-in's kind of refusal, and the loading error names the file's line either way.
+        if not sd > 0:
+            raise ValueError("SD has to be strictly greater than 0")
         self.mean, self.sd = mean, sd
 
     def draw(self, domain: "Domain", rng: _Rng, size: int) -> np.ndarray:

@@ -82,6 +82,18 @@ def test_bounds_ray_refuses_are_refused_alike(name, args):
     assert str(our_error.value).split(".")[0][:30] == str(ray_error.value).split(".")[0][:30]
 
 
+@pytest.mark.parametrize("args", [(0.1, 0), (0.0, -1.0), (0.0, float("nan"))])
+def test_randn_needs_a_positive_sd_as_in_ray(args):
+    # Ray refuses with an assert at the file's line; the stand-in used to accept it, and sweeper's
+    # later check refused it without the line
+    with pytest.raises(AssertionError, match="SD has to be strictly greater than 0"):
+        tune.randn(*args)
+    with pytest.raises(ValueError, match="SD has to be strictly greater than 0"):
+        tune_standin.randn(*args)
+    with pytest.raises(ValueError, match="SD has to be strictly greater than 0"):
+        tune_standin.qrandn(0.0, args[1], 0.1)
+
+
 def _without_ray(monkeypatch):
     # As where Ray is not installed: `import ray` fails (None in sys.modules), and none of its
     # submodules this process imported is there to be found
