@@ -23,7 +23,7 @@ from sweeper.records import SweepRecord, scalar_metrics
 from sweeper.spaces import Sweep
 from sweeper.tracking import Tracker
 
-__all__ = ["STOPPED_REASON", "SweepCallback", "mark_stopped", "trial_label"]
+__all__ = ["SweepCallback", "trial_label"]
 
 _PROGRESS_S = 10.0  # seconds between progress lines while trials run
 _ENDED_LINE_S = 1.0  # ... and between the lines printed as trials end
@@ -312,31 +312,6 @@ class SweepCallback(Callback):
         best = f" | best {self.sweep.metric} {fmt(self.best[0])} ({self.best[1]})" if self.best else ""
         console.print(f"[{_duration(elapsed)}] trials: {done}/{self.planned} done, {running} running, "
                       f"{pending} pending | epochs {self.epochs}/{budget}{best}{eta}", style="dim")
-
-
-
-STOPPED_REASON = "stopped before its budget (the sweep was interrupted); it resumes with the sweep"
-
-
-def mark_stopped(record: SweepRecord, tracker: Tracker) -> list[str]:
-    """Label ``stopped`` every trial an interrupted launch left unfinished; their ids.
-
-    Called when Tune's run has returned: a trial the record still shows running was cut off by the
-    interruption (``sweeper stop``, Ctrl-C), never ended by Tune, so no callback labelled it. The
-    record, MLflow's ``sweeper.outcome`` tag, ``status``, ``export`` and the report then all say
-    ``stopped``, and MLflow's run status is KILLED; when the sweep resumes, the trial runs again
-    (its run RUNNING again) and its outcome is decided then.
-    """
-    stopped = []
-    for t in record.trials():
-        if t.get("status") == "running" and not t.get("outcome"):
-            record.write_trial(t["trial_id"], {**t, "status": "stopped", "outcome": "stopped",
-                                               "reason": STOPPED_REASON})
-            tracker.set_tags(t["trial_id"], {"sweeper.outcome": "stopped"})
-            # Not left RUNNING in MLflow's UI for ever: the run is KILLED until the sweep resumes it.
-            tracker.finish(t["trial_id"], "KILLED")
-            stopped.append(t["trial_id"])
-    return stopped
 
 
 def diagnosis(name: str, result: Outcome, rec: Mapping[str, Any]) -> str:

@@ -286,7 +286,8 @@ def sync(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the sweep's)."),
     wait: float = typer.Option(30.0, help="Seconds to keep retrying."),
 ) -> None:
-    """Deliver tracking data the MLflow server missed while it was down."""
+    """Deliver tracking data the MLflow server missed while it was down; end the runs a killed
+    driver left RUNNING (its trials labelled stopped, until the sweep resumes)."""
     from sweeper.local import sync_tracking
 
     if not (math.isfinite(wait) and wait >= 0):  # NaN would retry a down server for ever

@@ -1,4 +1,6 @@
-"""Foreground work that needs no Ray: ``sweeper debug`` (one trial) and ``sweeper validate``."""
+"""What runs on this machine without Ray: ``sweeper debug`` (one trial), ``validate``, and the commands
+that read or mend a sweep's record (``status``, ``stop``, ``sync``, ``ui``), so that a laptop with
+MLflow and no Ray reaches a sweep on shared storage."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from sweeper.config import ConfigError, TrialConfig, file_in_the_way
 from sweeper.console import EpochPrinter, config_table, console, error_console, fmt
 from sweeper.records import SweepRecord
 
-__all__ = ["debug_config", "run_debug", "validate_files"]
+__all__ = ["STOPPED_REASON", "debug_config", "mark_stopped", "run_debug", "validate_files"]
 
 
 def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
@@ -402,8 +404,13 @@ def print_status(name: str, storage: str | None) -> None:
     meta = record.meta()
     trials = record.trials()
     metric = meta.get("metric", "val_accuracy")
-    state, live = _driver_state(record, name, resolve_storage(name, storage))
+    from sweeper.store import resume_command
+
+    where = resolve_storage(name, storage)
+    state, live = _driver_state(record, name, where)
+    cut_off = 0
     if not live:  # a trial left "running" by a driver that is gone is not running
+        cut_off = sum(1 for t in trials if t.get("status") == "running" and not t.get("outcome"))
         trials = [{**t, "status": "interrupted"} if t.get("status") == "running" else t
                   for t in trials]
     from sweeper.export import outcome_fields, status_outcome
@@ -421,6 +428,10 @@ def print_status(name: str, storage: str | None) -> None:
                   f"trials started; " + ", ".join(
                       f"{n} {k}" + (f" ({at_chance} at chance)" if k == "pruned" and at_chance else "")
                       for k, n in sorted(counts.items())))
+    if cut_off:
+        console.print(f"{cut_off} trial(s) were running when the driver died, and their MLflow runs "
+                      f"still say RUNNING: {resume_command(name, where, verb='sync')} "
+                      "labels them stopped and ends them KILLED (a resume runs them again)")
     if "sweep_uid" in meta:
         tracker = _tracker_for(record, storage, None)
         pending = tracker.pending()
@@ -488,9 +499,48 @@ def _tracker_for(record, storage: str | None, tracking_uri: str | None):
                    sweep_uid=meta["sweep_uid"])
 
 
+STOPPED_REASON = "stopped before its budget (the sweep was interrupted); it resumes with the sweep"
+
+
+def mark_stopped(record: SweepRecord, tracker) -> list[str]:
+    """Label ``stopped`` every trial an interrupted launch left unfinished; their ids.
+
+    Called when Tune's run has returned, and by ``sweeper sync`` for a driver that died: a trial the
+    record still shows running was cut off by the interruption (``sweeper stop``, Ctrl-C, a killed
+    driver), never ended by Tune, so no callback labelled it. The record, MLflow's
+    ``sweeper.outcome`` tag, ``status``, ``export`` and the report then all say ``stopped``, and
+    MLflow's run status is KILLED; when the sweep resumes, the trial runs again (its run RUNNING
+    again) and its outcome is decided then.
+    """
+    stopped = []
+    for t in record.trials():
+        if t.get("status") == "running" and not t.get("outcome"):
+            record.write_trial(t["trial_id"], {**t, "status": "stopped", "outcome": "stopped",
+                                               "reason": STOPPED_REASON})
+            tracker.set_tags(t["trial_id"], {"sweeper.outcome": "stopped"})
+            # Not left RUNNING in MLflow's UI for ever: the run is KILLED until the sweep resumes it.
+            tracker.finish(t["trial_id"], "KILLED")
+            stopped.append(t["trial_id"])
+    return stopped
+
+
+def _end_dead_driver_runs(record: SweepRecord, tracker) -> list[str]:
+    """A driver killed outright (SIGKILL, its machine lost) ended none of its MLflow runs: its trials
+    and the sweep's run said RUNNING in the UI until a resume. Its running trials are labelled
+    stopped as an interrupted launch labels them, and the sweep's run ends KILLED -- or FINISHED,
+    if every planned trial had ended before the driver died. A resume sets them RUNNING again."""
+    stopped = mark_stopped(record, tracker)
+    trials = record.trials()
+    planned = record.meta().get("planned_trials")
+    complete = (not stopped and isinstance(planned, int) and len(trials) >= planned
+                and all(t.get("outcome") not in (None, "stopped") for t in trials))
+    tracker.finish(None, "FINISHED" if complete else "KILLED")
+    return stopped
+
+
 def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
                   wait_s: float) -> bool:
-    from sweeper.lease import read_lease
+    from sweeper.lease import LEASE_FILE, read_lease
 
     record, mirror = existing_record(name, storage, with_mirror=True)
     lease = read_lease(record.dir)
@@ -498,6 +548,12 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
         raise ConfigError([f"sweep {name!r} is running (driver {lease.describe()}): its driver "
                            "delivers its own tracking; sync after it ends"])
     tracker = _tracker_for(record, storage, tracking_uri)
+    if (record.dir / LEASE_FILE).exists() and (lease is None or not lease.alive):
+        # The driver died without releasing its lease: nothing else will end its runs.
+        stopped = _end_dead_driver_runs(record, tracker)
+        if stopped:
+            console.print(f"the driver of {name!r} died with {len(stopped)} trial(s) running: "
+                          "labelled stopped, their MLflow runs KILLED until the sweep resumes")
     before = tracker.pending()
     ok = tracker.flush_until(wait_s)
     if mirror is not None:

@@ -288,15 +288,16 @@ def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirr
         raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {storage_error(exc)}"]) from None
 
 
-def resume_command(name: str, storage: str | None) -> str:
-    """`sweeper resume NAME`, with ``--storage`` unless the sweep lives in this directory's ./sweeps:
-    the bare hint, printed for a sweep on another storage, resumed a finished namesake in ./sweeps."""
+def resume_command(name: str, storage: str | None, *, verb: str = "resume") -> str:
+    """`sweeper resume NAME` (or another ``verb``), with ``--storage`` unless the sweep lives in this
+    directory's ./sweeps: the bare hint, printed for a sweep on another storage, resumed a finished
+    namesake in ./sweeps."""
     import shlex
 
     root = storage_root(storage)
     if root == storage_root(DEFAULT_STORAGE):
-        return f"`sweeper resume {name}`"
-    return f"`sweeper resume {name} --storage {shlex.quote(redacted_root(root))}`"
+        return f"`sweeper {verb} {name}`"
+    return f"`sweeper {verb} {name} --storage {shlex.quote(redacted_root(root))}`"
 
 
 def redacted_root(root: str) -> str:

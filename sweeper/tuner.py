@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import ray
 from ray import tune
 
-from sweeper.callback import SweepCallback, mark_stopped, trial_label
+from sweeper.callback import SweepCallback, trial_label
+from sweeper.local import mark_stopped
 from sweeper.checkpoints import repair_restorable_checkpoints
 from sweeper.driver import activate
 from sweeper.config import ConfigError, TrialConfig

@@ -435,6 +435,50 @@ def _spooled(tracker) -> list[dict]:
     return [json.loads(line) for line in tracker.spool_path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize("driver", ["dead", "alive"])
+def test_sync_ends_the_runs_a_killed_driver_left_running_and_only_then(tmp_path, driver):
+    from sweeper.lease import process_start_time
+    from sweeper.local import STOPPED_REASON, sync_tracking
+    from sweeper.tracking import Tracker
+
+    record = _fake_sweep(tmp_path, "gone")
+    record.update_meta(sweep_uid="uid", tracking_uri="http://127.0.0.1:9")
+    record.write_trial("t2", {"trial_id": "t2", "name": "b", "config": {"optim.lr": 0.2},
+                              "status": "finished", "outcome": "completed", "epochs": 3})
+    if driver == "dead":  # its pid now names another process (another start time)
+        _write_lease(record.dir, os.getpid(), start_time="1")
+    else:
+        _write_lease(record.dir, os.getpid(), start_time=process_start_time(os.getpid()))
+    # nothing listens on port 9: the operations stay spooled, where the test reads them
+    sync_tracking("gone", str(tmp_path), tracking_uri=None, wait_s=0)
+    tracker = Tracker(record.dir, "http://127.0.0.1:9", "gone", "uid")
+    ops = _spooled(tracker) if tracker.spool_path.exists() else []
+    ended = [(op["trial_id"], op["status"]) for op in ops if op["op"] == "terminate"]
+    if driver == "alive":  # its own runs are the live driver's to end
+        assert ended == [] and record.trial("t1")["status"] == "running"
+        return
+    assert ended == [("t1", "KILLED"), (None, "KILLED")]
+    assert record.trial("t1")["outcome"] == "stopped" and record.trial("t1")["reason"] == STOPPED_REASON
+    assert record.trial("t2")["outcome"] == "completed"
+
+
+def test_a_driver_killed_after_its_last_trial_ended_leaves_a_finished_sweep(tmp_path):
+    from sweeper.local import _end_dead_driver_runs
+    from sweeper.tracking import Tracker
+
+    record = _fake_sweep(tmp_path, "late")
+    tracker = Tracker(record.dir, f"sqlite:///{tmp_path / 'ml.db'}", "late", "uid")
+    for tid in ("t1", "t2"):
+        record.write_trial(tid, {"trial_id": tid, "name": tid, "config": {}, "status": "finished",
+                                 "outcome": "pruned", "epochs": 1})
+    assert _end_dead_driver_runs(record, tracker) == []
+    assert [(op["trial_id"], op["status"]) for op in _spooled(tracker)] == [(None, "FINISHED")]
+    # one planned trial never started: the sweep was cut short
+    record.update_meta(planned_trials=3)
+    _end_dead_driver_runs(record, tracker)
+    assert _spooled(tracker)[-1]["status"] == "KILLED"
+
+
 def test_an_epoch_run_again_after_a_resume_keeps_its_first_copy_everywhere(tmp_path):
     """A driver killed after recording epoch 2 but before Ray saved its state: the resumed trial
     trains epoch 2 again. MLflow never logs a step twice, so it holds the first copy; the record,
@@ -486,7 +530,8 @@ def test_a_record_written_with_a_repeated_epoch_reads_its_first_copy(tmp_path):
 def test_an_interrupted_launch_labels_its_unfinished_trials_stopped_until_they_run_again(tmp_path):
     from types import SimpleNamespace
 
-    from sweeper.callback import STOPPED_REASON, SweepCallback, mark_stopped
+    from sweeper.callback import SweepCallback
+    from sweeper.local import STOPPED_REASON, mark_stopped
     from sweeper.export import trial_rows
     from sweeper.spaces import Sweep
     from sweeper.tracking import Tracker

@@ -263,6 +263,25 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
         shutil.rmtree(successor, ignore_errors=True)
         (trial_dir / named[victim]).rename(successor)
 
+    # The killed driver ended none of its MLflow runs: status says so, and sync ends them KILLED
+    # (the trials labelled stopped, as an interrupted launch labels them) until the resume.
+    cut = [t["trial_id"] for t in record.trials() if t.get("status") == "running"]
+    status = run_sweeper("status", "killed", "--storage", str(storage))
+    assert status.returncode == 0 and "died without finishing" in status.stdout, status.stdout
+    assert (f"{len(cut)} trial(s) were running when the driver died, and their MLflow runs still say "
+            f"RUNNING: `sweeper sync killed --storage {storage}`") in " ".join(status.stdout.split())
+    synced = run_sweeper("sync", "killed", "--storage", str(storage))
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert f"died with {len(cut)} trial(s) running" in synced.stdout, synced.stdout
+    client = MlflowClient(mlflow_server.url)
+    statuses = {r.data.tags["sweeper.trial_id"]: r.info.status for r in _runs(client, "killed", "trial")}
+    assert {statuses[t] for t in cut} == {"KILLED"}, statuses
+    assert {s for t, s in statuses.items() if t not in cut} <= {"FINISHED"}, statuses
+    assert [r.info.status for r in _runs(client, "killed", "sweep")] == ["KILLED"]
+    assert {record.trial(t)["outcome"] for t in cut} == {"stopped"}
+    status = run_sweeper("status", "killed", "--storage", str(storage))
+    assert f"{len(cut)} stopped" in status.stdout and "still say RUNNING" not in status.stdout
+
     again = run_sweeper("launch", str(space), "--local", "--num-cpus", "2", "--storage",
                         str(storage), "--tracking-uri", mlflow_server.url, "--quiet")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -285,9 +304,11 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
         # Ray pruned superseded checkpoints (keep_checkpoints=2, the default), repaired ones included.
         ckpts = list((storage / "killed").glob(f"*-{t['trial_id']}/checkpoint_*"))
         assert 1 <= len(ckpts) <= 2, ckpts
-    client = MlflowClient(mlflow_server.url)
     children = _runs(client, "killed", "trial")
     assert len(children) == 6 and len(_runs(client, "killed", "sweep")) == 1
+    # the resume ran the KILLED ones again and ended every run
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert _runs(client, "killed", "sweep")[0].info.status == "FINISHED"
     for run in children:
         steps = _flat_metric_steps(client, run.info.run_id, "train_loss")
         assert steps == [1, 2, 3, 4], steps  # no (key, step) logged twice
