@@ -385,13 +385,14 @@ def _exit_for(result) -> None:
 
 def _print_summary(result) -> None:
     from sweeper.console import fmt
+    from sweeper.store import redacted_root
 
     counts = sorted(result.outcomes.items())
     if result.planned > result.trials:  # a stopped sweep: the trials it never started count too
         counts.append(("not started", result.planned - result.trials))
     outcomes = ", ".join(f"{n} {k}" for k, n in counts)
     console.print(f"sweep {result.name!r}: {max(result.planned, result.trials)} trials ({outcomes}); "
-                  f"{result.epochs} epochs run; results in {result.experiment_dir}")
+                  f"{result.epochs} epochs run; results in {redacted_root(result.experiment_dir)}")
     if result.interrupted:
         from sweeper.store import resume_command
 

@@ -19,7 +19,7 @@ from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import fmt
 from sweeper.records import SweepRecord
 from sweeper.spaces import Sweep, grid_cells, trial_resources
-from sweeper.store import filesystem, resume_command, storage_error, storage_root
+from sweeper.store import filesystem, redacted_root, resume_command, storage_error, storage_root
 from sweeper.tracking import check_tracking_uri
 
 __all__ = ["check_launch_options", "check_node", "dry_run_problems", "preflight"]
@@ -79,7 +79,7 @@ def _check_storage(root: str, *, multi_node: bool) -> list[str]:
             f.write(b"ok")
         fs.delete_file(probe)
     except Exception as exc:  # pyarrow raises OSError subclasses and ArrowInvalid
-        problems.append(f"storage={root!r} is not writable: {storage_error(exc)}")
+        problems.append(f"storage={redacted_root(root)!r} is not writable: {storage_error(exc)}")
     return problems
 
 
@@ -239,8 +239,19 @@ def _refuse_ray_client(address: str | None) -> None:
             args.append(arg)
     if not args or args[0] not in ("launch", "resume"):
         args = ["launch", "FILE"]
-    command = ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- sweeper "
-               + " ".join(shlex.quote(a) for a in args) + " --address auto")
+    # The job runs in the directory it uploads: the space file is named relative to it, and one
+    # outside this directory has its own folder uploaded (an absolute path here is no path there).
+    working_dir = "."
+    for i, arg in enumerate(args[1:], start=1):
+        if args[0] == "launch" and not arg.startswith("-") and Path(arg).is_file():
+            file = Path(arg).resolve()
+            try:
+                args[i] = str(file.relative_to(Path.cwd().resolve()))
+            except ValueError:
+                working_dir, args[i] = str(file.parent), file.name
+            break
+    command = (f"ray job submit --address http://127.0.0.1:8265 --working-dir {shlex.quote(working_dir)}"
+               " -- sweeper " + " ".join(shlex.quote(a) for a in args) + " --address auto")
     raise ConfigError([
         f"--address {address}: Ray Client (ray://) would run the sweep's controller on the head "
         f"({host}) while its record stays here, so status, report and resume would not see it. "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sweeper.config import ConfigError
@@ -111,9 +113,15 @@ def storage_error(exc: BaseException) -> str:
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """``pyarrow.fs.FileSystem.from_uri`` for sweeper's own reads and writes (see GCS_RETRY_S)."""
+    given = uri
     if uri.startswith("gs://") and "retry_limit_seconds=" not in uri:
         uri += ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_S}"
-    return pafs.FileSystem.from_uri(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as exc:  # a URI pyarrow cannot read: a misspelt query key, a bad value
+        raise ConfigError([f"storage URI {redacted_root(given)}: {exc} (the query pyarrow reads: for "
+                           "s3:// endpoint_override, scheme, region, allow_bucket_creation, ...; for "
+                           "gs:// endpoint_override, scheme, retry_limit_seconds, ...)"]) from None
 
 
 class Mirror:
@@ -300,9 +308,19 @@ def resume_command(name: str, storage: str | None, *, verb: str = "resume") -> s
     return f"`sweeper {verb} {name} --storage {shlex.quote(redacted_root(root))}`"
 
 
+# Query keys whose values are secrets (pyarrow's access_key, secret_key, session_token, ...).
+_SECRET_QUERY_KEY = re.compile(r"key|secret|token|passw|credential|signature", re.IGNORECASE)
+
+
 def redacted_root(root: str) -> str:
-    """A storage URI for messages: its query (keys, endpoints) left out."""
+    """A storage URI for messages and the commands they suggest, without its secrets: the user part
+    (``s3://KEY:SECRET@bucket``) and query values whose key names a secret are left out. What the
+    URI needs to reach the store stays, as written (``endpoint_override``, ``scheme``, ``region``):
+    a suggested ``--storage`` without a MinIO endpoint sent the user to AWS."""
     if not is_uri(root):
         return root
     parts = urlsplit(root)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(pair for pair in parts.query.split("&")
+                     if pair and not _SECRET_QUERY_KEY.search(pair.split("=", 1)[0]))
+    return f"{parts.scheme}://{host}{parts.path}" + (f"?{query}" if query else "")

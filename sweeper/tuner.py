@@ -40,7 +40,7 @@ from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 # The storage helpers live in sweeper.store (readers -- status, report, export, ui -- run without Ray).
 from sweeper.store import DEFAULT_STORAGE, index_remember, join_uri, open_sweep_record, record_root, \
-    storage_root
+    redacted_root, storage_root
 from sweeper.tracking import Tracker, default_tracking_uri, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_plan", "experiment_dir", "launch"]
@@ -117,12 +117,20 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | No
         # ConnectionError here, depending on where the token was found wanting
         text = str(exc)
         if isinstance(exc, ConnectionError):
-            # Ray's own retries said why on stderr; a wrong token and a wrong address end alike.
+            # Ray's own retries said why on stderr; a wrong token and a wrong address end alike,
+            # except that a HOST:PORT address has just answered (preflight._check_reachable).
+            source = _token_source()
+            fix = ("the cluster's is the head node's ~/.ray/auth_token: give this machine that one "
+                   "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+            if address and address != "auto" and source:
+                raise ConfigError([
+                    f"could not connect to the Ray cluster at {address!r}: it answered at that "
+                    f"address, so it most likely refused the authentication token this machine "
+                    f"presented ({source}); {fix}"]) from None
             raise ConfigError([
                 f"could not connect to the Ray cluster at {address!r}: it is not reachable from "
-                "here, or it refused this machine's authentication token (the cluster's is the "
-                "head node's ~/.ray/auth_token: copy it to this machine's ~/.ray/, or set "
-                "RAY_AUTH_TOKEN)"]) from None
+                f"here, or it refused this machine's authentication token "
+                f"({source or 'none found'}); {fix}"]) from None
         if not any(word in text for word in ("token", "Unauthenticated", "InvalidAuthToken")):
             raise
         if _token_available():
@@ -137,12 +145,21 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | No
     return None
 
 
-def _token_available() -> bool:
-    """Whether this machine has a Ray token where Ray looks (ray/_private/authentication, 2.60)."""
+def _token_source() -> str | None:
+    """Where Ray takes this machine's token from, in Ray's order (ray/_private/authentication,
+    2.60): the RAY_AUTH_TOKEN variable, the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    return os.path.isfile(path)
+        return "the RAY_AUTH_TOKEN variable"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = os.environ["RAY_AUTH_TOKEN_PATH"]
+        return f"RAY_AUTH_TOKEN_PATH={path}" if os.path.isfile(path) else None
+    path = os.path.expanduser("~/.ray/auth_token")
+    return path if os.path.isfile(path) else None
+
+
+def _token_available() -> bool:
+    """Whether this machine has a Ray token where Ray looks."""
+    return _token_source() is not None
 
 
 def _running_message(name: str, info) -> str:
@@ -370,7 +387,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                                    resume_errored=True)
     else:
         console.print(f"starting sweep {sweep.name!r}: {planned} trials, "
-                      f"max {sweep.max_epochs} epochs each -> {exp_dir}")
+                      f"max {sweep.max_epochs} epochs each -> {redacted_root(exp_dir)}")
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,

@@ -322,9 +322,12 @@ def test_the_resume_hint_names_the_storage_unless_it_is_this_directorys(tmp_path
     assert resume_command("tiny", "sweeps") == "`sweeper resume tiny`"
     other = tmp_path / "my sweeps"
     assert resume_command("tiny", str(other)) == f"`sweeper resume tiny --storage '{other}'`"
-    # A URI's query (endpoints, keys) stays out of what is printed.
-    assert resume_command("tiny", "s3://bucket/p?endpoint_override=h:9000") == \
-        "`sweeper resume tiny --storage s3://bucket/p`"
+    # What reaches a MinIO store stays (without it the command sent the user to AWS); secrets do not.
+    assert resume_command("tiny", "s3://bucket/p?endpoint_override=http://h:9000&scheme=http") == \
+        "`sweeper resume tiny --storage 's3://bucket/p?endpoint_override=http://h:9000&scheme=http'`"
+    assert resume_command("tiny", "s3://AKIA:s3cr3t@bucket/p?access_key=AKIA&secret_key=s3cr3t"
+                                  "&session_token=t0k&region=eu-west-1", verb="status") == \
+        "`sweeper status tiny --storage 's3://bucket/p?region=eu-west-1'`"
 
 
 def test_the_readers_of_a_sweep_work_where_ray_is_not_installed(tmp_path):

@@ -52,3 +52,32 @@ def test_a_fitting_sweep_on_shared_storage_passes(two_nodes, tmp_path):
     problems = preflight(_sweep(storage=None), root=(tmp_path / "shared").as_uri(),
                          gpu_available=False)
     assert problems == []
+
+
+@pytest.mark.parametrize("where", ["below", "outside", "absolute"])
+def test_the_ray_job_command_a_ray_client_address_gets_names_the_file_where_the_job_runs(
+        tmp_path, monkeypatch, where):
+    # The job runs in the directory it uploads: `--working-dir .` with a file outside it (or an
+    # absolute path of this machine) named a file the job would not find.
+    import sys
+
+    from sweeper.config import ConfigError
+    from sweeper.preflight import _refuse_ray_client
+
+    space = tmp_path / "spaces" / "mine.py"
+    space.parent.mkdir()
+    space.write_text("SWEEP = None\n")
+    cwd = tmp_path if where != "outside" else tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    monkeypatch.chdir(cwd)
+    given = {"below": "spaces/mine.py", "outside": "../spaces/mine.py", "absolute": str(space)}[where]
+    monkeypatch.setattr(sys, "argv", ["sweeper", "launch", given, "--address", "ray://h:10001", "x=1"])
+    with pytest.raises(ConfigError) as err:
+        _refuse_ray_client("ray://h:10001")
+    command = str(err.value).splitlines()[-1].strip()
+    if where == "outside":
+        assert command == (f"ray job submit --address http://127.0.0.1:8265 --working-dir {space.parent} "
+                           "-- sweeper launch mine.py x=1 --address auto")
+    else:
+        assert command == ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- sweeper "
+                           "launch spaces/mine.py x=1 --address auto")

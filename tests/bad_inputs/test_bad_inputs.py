@@ -116,6 +116,8 @@ CASES = [
     ("no_cluster_given", "launch {S}/good.py", "no Ray cluster given: pass --address ADDR (or set RAY_ADDRESS)"),
     ("ray_client_address", "launch {S}/good.py --address ray://head.example:10001", "--address ray://head.example:10001: Ray Client (ray://) would run the sweep's controller on the head"),
     ("ray_client_env", "RAY_ADDRESS=ray://10.0.0.1:10001 launch {S}/good.py", "Ray Client (ray://) would run the sweep's controller on the head (10.0.0.1)"),
+    ("storage_query_typo", "launch {S}/good.py --local --storage s3://bucket/sweeps?endpoint_overide=http://127.0.0.1:9", "Unexpected query parameter in S3 URI: 'endpoint_overide' (the query pyarrow reads: for s3:// endpoint_override"),
+    ("storage_query_typo_status", "status good --storage s3://bucket/sweeps?endpoint_overide=http://127.0.0.1:9", "storage URI s3://bucket/sweeps"),
     # ---- transfer: model.pretrained, init_from, init_layers, freeze (sweeper.transfer) ------------------
     ("freeze_value", "launch {S}/good.py --dry-run model.freeze=half", "model.freeze='half' is not one of 'none', 'backbone', 'all_but_last:N'"),
     ("freeze_too_deep", "launch {S}/good.py --local model.arch=vgg11 model.freeze=all_but_last:20", "model.freeze='all_but_last:20' keeps 20 blocks training, but model.arch='vgg11' has only 8 backbone blocks"),

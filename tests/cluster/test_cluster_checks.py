@@ -75,6 +75,9 @@ def test_a_driver_with_the_wrong_token_gets_one_sentence(cluster, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     ours = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and "refused this machine's authentication token" in ours[0], out.stderr
+    # the address answered (the launch checked), so the token is named, and where it came from
+    assert len(ours) == 1 and ("it answered at that address, so it most likely refused the "
+                               "authentication token this machine presented (the RAY_AUTH_TOKEN "
+                               "variable)") in ours[0], out.stderr
     assert ours[0].startswith(f"error: could not connect to the Ray cluster at '{cluster.address}'")
     assert "Traceback" not in out.stderr
