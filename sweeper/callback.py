@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 from ray.tune import Callback
 
 from sweeper.config import TrialConfig
-from sweeper.console import console, fmt
+from sweeper.console import console, error_console, fmt
 from sweeper.driver import setting
 from sweeper.outcomes import Outcome, classify
 from sweeper.records import SweepRecord, scalar_metrics
@@ -231,6 +232,16 @@ class SweepCallback(Callback):
         self._finish(trial, error=None)
         self._progress(trials, ended=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial failed and Tune retries it (FailureConfig.max_failures): said in one line, even
+        with --quiet, since above it Tune prints the error's traceback, and after a lost node Ray
+        prints pages of its own, neither saying what happens next."""
+        recorded = self._record.epochs(trial.trial_id)
+        after = f"after epoch {int(recorded[-1]['epoch'])}" if recorded else "before its first epoch"
+        error_console.print(f"  {trial_label(trial.config)}: failed {after} ({_error_text(trial)}); "
+                            f"retry {trial.num_failures} of {self.sweep.max_failures}, from its "
+                            "last checkpoint", style="yellow", markup=False, highlight=False)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, error=_error_text(trial))
         self._progress(trials, ended=True)
@@ -342,9 +353,22 @@ def _best(previous: Mapping[str, Any] | None, metrics: Mapping[str, Any], sweep:
 
 
 def _error_text(trial) -> str:
-    text = getattr(trial, "error_msg", None) or ""
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "the trial raised (see its error file)"
+    """The trial's latest failure in a line: the exception's last line (``RuntimeError: ...``), or
+    why Ray lost its worker (``The actor is dead because its node has died...``).
+
+    Tune appends each failure to the trial's error file (``Trial.error_file``, ray 2.60
+    ``Trial.handle_error``: a ``Failure # N (occurred at ...)`` header, then the error's text);
+    tests/test_sweeps.py's retry test fails if that moves and this falls back to the generic text.
+    """
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        text = ""
+    latest = text.rsplit("Failure # ", 1)[-1].splitlines()[1:]  # without its header line
+    lines = [line.strip() for line in latest if line.strip()]
+    why = next((line for line in lines if line.startswith("The actor is dead because")), None)
+    return (why or lines[-1])[:500] if lines else "the trial raised (see its error file)"
 
 
 def _duration(seconds: float) -> str:

@@ -329,6 +329,11 @@ def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path, mlflow_ser
     assert len(trials) == 2 and all(t["outcome"] == "completed" for t in trials)
     retried = [t for t in trials if t["num_failures"] == 1]
     assert len(retried) == 1
+    # said in one line, even with --quiet: which trial, where it stopped, what happens next
+    said = [line.strip() for line in out.stderr.splitlines() if "from its last checkpoint" in line]
+    assert said == [f"{retried[0]['name']}: failed after epoch 2 (RuntimeError: injected failure "
+                    f"(SWEEPER_TEST_FAIL_ONCE); the retry must resume from a checkpoint); retry 1 of 2, "
+                    "from its last checkpoint"], said
     epochs = [json.loads(l)["epoch"] for l in
               (record.trials_dir / f"{retried[0]['trial_id']}.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4], epochs  # resumed at epoch 3, not from scratch

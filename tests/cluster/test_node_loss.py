@@ -91,6 +91,10 @@ def test_a_lost_worker_node_resumes_its_trial_from_the_checkpoint_on_a_new_node(
     record = existing_record("node_loss", storage)
     (trial,) = record.trials()
     assert trial["outcome"] in ("completed", "late_start") and trial["num_failures"] >= 1, trial
+    # the user was told, in sweeper's own line, which trial, where it stopped, and what happens next
+    told = [line for line in out.decode().splitlines() if "from its last checkpoint" in line]
+    assert told and told[0].strip().startswith(f"{trial['name']}: failed after epoch"), out.decode()[-3000:]
+    print("\n".join(told))
     epochs = record.epochs(trial["trial_id"])
     assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1))  # none missing, none twice
     raw = [json.loads(line)["epoch"] for line in
