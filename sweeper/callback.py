@@ -295,10 +295,15 @@ class SweepCallback(Callback):
             style = {"completed": "green", "pruned": "cyan", "failed": "red", "diverged": "red",
                      "stalled": "yellow", "val_collapse": "yellow",
                      "late_start": "green"}.get(outcome, "")
+            # The last epoch's value, and the trial's best where it differs (the progress line's
+            # "best" is a best, so an unlabelled last value beside it read as a contradiction).
+            metric = self.sweep.metric
+            last_value = (rec.get("last") or {}).get(metric)
+            best_value = (rec.get("best") or {}).get(metric)
+            best_text = f" (best {fmt(best_value)})" if best_value not in (None, last_value) else ""
             console.print(f"  {trial_label(trial.config):<32} {outcome:<12} after "
-                          f"{rec['epochs']:>3} epochs  {self.sweep.metric}="
-                          f"{fmt((rec.get('last') or {}).get(self.sweep.metric))}  {reason or ''}",
-                          style=style)
+                          f"{rec['epochs']:>3} epochs  last {metric}={fmt(last_value)}{best_text}  "
+                          f"{reason or ''}", style=style)
 
     def _progress(self, trials, ended: bool = False) -> None:
         """A line every 10 s, and when a trial ends: then at most one a second (a sweep of many

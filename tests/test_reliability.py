@@ -479,6 +479,32 @@ def test_a_driver_killed_after_its_last_trial_ended_leaves_a_finished_sweep(tmp_
     assert _spooled(tracker)[-1]["status"] == "KILLED"
 
 
+def test_a_trial_ends_with_its_last_value_labelled_and_its_best_beside_it(tmp_path, capsys):
+    # The progress line says "best val_accuracy 0.63"; the trial's own line gave 0.48 unlabelled.
+    from types import SimpleNamespace
+
+    from sweeper.callback import SweepCallback
+    from sweeper.spaces import Sweep
+    from sweeper.tracking import Tracker
+
+    record = _fake_sweep(tmp_path, "ends")
+    tracker = Tracker(record.dir, f"sqlite:///{tmp_path / 'ml.db'}", "ends", "uid")
+    sweep = Sweep(name="ends", space={"model.arch": "smallcnn"}, max_epochs=2)
+    cb = SweepCallback(sweep, str(record.experiment_dir), tracker, quiet=False, planned=2)
+    trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 0.1}, num_failures=0, status="RUNNING",
+                            last_result=None)
+    cb.on_trial_start(0, [trial], trial)
+    for epoch, acc in ((1, 0.6319), (2, 0.4792)):
+        trial.last_result = {"epoch": epoch, "training_iteration": epoch, "val_accuracy": acc,
+                             "val_loss": 1.0, "train_loss": 1.0, "outcome": "running" if epoch < 2
+                             else "completed"}
+        cb.on_trial_result(epoch, [trial], trial, dict(trial.last_result))
+    cb.on_trial_complete(2, [trial], trial)
+    tracker.close()
+    line = next(line for line in capsys.readouterr().out.splitlines() if "after   2 epochs" in line)
+    assert "last val_accuracy=0.4792 (best 0.6319)" in line, line
+
+
 def test_an_epoch_run_again_after_a_resume_keeps_its_first_copy_everywhere(tmp_path):
     """A driver killed after recording epoch 2 but before Ray saved its state: the resumed trial
     trains epoch 2 again. MLflow never logs a step twice, so it holds the first copy; the record,
