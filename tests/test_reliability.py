@@ -362,6 +362,9 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
     assert driver.returncode == 3, out.decode()[-3000:]
     # sweeper's own hint, not Tune's Python one (a filter drops it: see tuner._NoTuneRestoreHint)
     assert "sweeper resume stoppable" in out.decode() and "Tuner.restore" not in out.decode()
+    # what happened, not Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C) ... Press CTRL+C"
+    assert "`sweeper stop` asked this sweep to stop: saving its state" in out.decode(), out.decode()
+    assert "Stop signal received" not in out.decode() and "CTRL+C" not in out.decode()
     assert read_lease(record.dir) is None  # released: the next launch needs no take-over
     status = run_sweeper("status", "stoppable", "--storage", str(storage))
     assert "stoppable': not running" in status.stdout, status.stdout
