@@ -236,8 +236,8 @@ class SweepCallback(Callback):
         """A trial failed and Tune retries it (FailureConfig.max_failures): said in one line, even
         with --quiet, since above it Tune prints the error's traceback, and after a lost node Ray
         prints pages of its own, neither saying what happens next."""
-        recorded = self._record.epochs(trial.trial_id)
-        after = f"after epoch {int(recorded[-1]['epoch'])}" if recorded else "before its first epoch"
+        last = self._last_recorded(trial.trial_id)
+        after = f"after epoch {last}" if last else "before its first epoch"
         error_console.print(f"  {trial_label(trial.config)}: failed {after} ({_error_text(trial)}); "
                             f"retry {trial.num_failures} of {self.sweep.max_failures}, from its "
                             "last checkpoint", style="yellow", markup=False, highlight=False)

@@ -35,8 +35,7 @@ from typing import Any
 
 
 __all__ = ["DriverLease", "LEASE_FILE", "LeaseHeld", "LeaseInfo", "STALE_AFTER_S", "STOP_FILE",
-           "clean_orphans", "read_lease",
-           "request_stop"]
+           "clean_orphans", "died_holding", "read_lease", "request_stop"]
 
 HEARTBEAT_S = 2.0
 # Three missed heartbeats and a slow shared filesystem: past this, a remote driver is presumed dead.
@@ -110,6 +109,15 @@ def read_lease(record_dir: str | Path) -> LeaseInfo | None:
                          session_dir=data.get("session_dir"))
     except (KeyError, TypeError, ValueError):
         return None  # an older record's driver.json: no start time, treated as stale below
+
+
+def died_holding(record_dir: str | Path, info: LeaseInfo | None) -> bool:
+    """Whether a driver held this sweep and is gone without releasing it: no live driver holds the
+    lease, yet its file is there (``info`` is what :func:`read_lease` read from it; an unreadable
+    file, from an older version, counts)."""
+    if info is not None and info.alive:
+        return False
+    return info is not None or (Path(record_dir) / LEASE_FILE).exists()
 
 
 class LeaseHeld(Exception):

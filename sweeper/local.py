@@ -353,7 +353,7 @@ def stop_sweep(name: str, storage: str | None) -> str:
     import json
     import time
 
-    from sweeper.lease import STOP_FILE, read_lease, request_stop
+    from sweeper.lease import STOP_FILE, died_holding, read_lease, request_stop
     from sweeper.store import resume_command
 
     # A live driver can be asked to stop even where sweep.json was damaged after it started.
@@ -367,7 +367,7 @@ def stop_sweep(name: str, storage: str | None) -> str:
             request_stop(record.dir)
         return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
                 f"`sweeper launch` or {resume_command(name, storage)} continues it")
-    if info is not None or (record.dir / "driver.json").exists():
+    if died_holding(record.dir, info):
         who = info.describe() if info else "an older driver"
         return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
                 f"{resume_command(name, storage)} continues it")
@@ -410,7 +410,7 @@ def print_status(name: str, storage: str | None) -> None:
     state, live = _driver_state(record, name, where)
     cut_off = 0
     if not live:  # a trial left "running" by a driver that is gone is not running
-        cut_off = sum(1 for t in trials if t.get("status") == "running" and not t.get("outcome"))
+        cut_off = sum(1 for t in trials if _left_running(t))
         trials = [{**t, "status": "interrupted"} if t.get("status") == "running" else t
                   for t in trials]
     from sweeper.export import outcome_fields, status_outcome
@@ -464,13 +464,13 @@ def print_status(name: str, storage: str | None) -> None:
 
 def _driver_state(record, name: str, storage: str | None) -> tuple[str, bool]:
     """('running (pid ... on host, heartbeat 2s ago)', True), or why it is not running."""
-    from sweeper.lease import LEASE_FILE, read_lease
+    from sweeper.lease import died_holding, read_lease
     from sweeper.store import resume_command
 
     info = read_lease(record.dir)
     if info is not None and info.alive:
         return f"running (driver {info.describe()})", True
-    if info is not None or (record.dir / LEASE_FILE).exists():
+    if died_holding(record.dir, info):
         who = info.describe() if info else "an older driver"
         return (f"not running: its driver ({who}) died without finishing; "
                 f"{resume_command(name, storage)} continues it"), False
@@ -502,6 +502,11 @@ def _tracker_for(record, storage: str | None, tracking_uri: str | None):
 STOPPED_REASON = "stopped before its budget (the sweep was interrupted); it resumes with the sweep"
 
 
+def _left_running(trial: dict) -> bool:
+    """The record shows the trial running, with no outcome: only its driver could still end it."""
+    return trial.get("status") == "running" and not trial.get("outcome")
+
+
 def mark_stopped(record: SweepRecord, tracker) -> list[str]:
     """Label ``stopped`` every trial an interrupted launch left unfinished; their ids.
 
@@ -514,7 +519,7 @@ def mark_stopped(record: SweepRecord, tracker) -> list[str]:
     """
     stopped = []
     for t in record.trials():
-        if t.get("status") == "running" and not t.get("outcome"):
+        if _left_running(t):
             record.write_trial(t["trial_id"], {**t, "status": "stopped", "outcome": "stopped",
                                                "reason": STOPPED_REASON})
             tracker.set_tags(t["trial_id"], {"sweeper.outcome": "stopped"})
@@ -540,7 +545,7 @@ def _end_dead_driver_runs(record: SweepRecord, tracker) -> list[str]:
 
 def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
                   wait_s: float) -> bool:
-    from sweeper.lease import LEASE_FILE, read_lease
+    from sweeper.lease import died_holding, read_lease
 
     record, mirror = existing_record(name, storage, with_mirror=True)
     lease = read_lease(record.dir)
@@ -548,7 +553,7 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
         raise ConfigError([f"sweep {name!r} is running (driver {lease.describe()}): its driver "
                            "delivers its own tracking; sync after it ends"])
     tracker = _tracker_for(record, storage, tracking_uri)
-    if (record.dir / LEASE_FILE).exists() and (lease is None or not lease.alive):
+    if died_holding(record.dir, lease):
         # The driver died without releasing its lease: nothing else will end its runs.
         stopped = _end_dead_driver_runs(record, tracker)
         if stopped:

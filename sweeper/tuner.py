@@ -150,7 +150,7 @@ def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | No
                 f"({source or 'none found'}); {fix}"]) from None
         if not any(word in text for word in ("token", "Unauthenticated", "InvalidAuthToken")):
             raise
-        if _token_available():
+        if _token_source() is not None:
             raise ConfigError([
                 f"the Ray cluster at {address!r} refused this machine's authentication token: "
                 "it is not the cluster's. Copy the head node's ~/.ray/auth_token to this "
@@ -172,11 +172,6 @@ def _token_source() -> str | None:
         return f"RAY_AUTH_TOKEN_PATH={path}" if os.path.isfile(path) else None
     path = os.path.expanduser("~/.ray/auth_token")
     return path if os.path.isfile(path) else None
-
-
-def _token_available() -> bool:
-    """Whether this machine has a Ray token where Ray looks."""
-    return _token_source() is not None
 
 
 def _running_message(name: str, info) -> str:
