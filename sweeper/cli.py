@@ -7,7 +7,8 @@ Exit status (also in ``sweeper --help`` and the README):
   after their retries;
 - 2: bad input: a setting, a file, a dataset, storage, resources (one message per problem, no
   traceback unless ``--traceback``; nothing started, nothing written);
-- 3: interrupted (Ctrl-C, ``sweeper stop``): the sweep saved its state; launch or resume continues it;
+- 3: interrupted (Ctrl-C, ``sweeper stop``, SIGTERM): the sweep saved its state; launch or resume
+  continues it;
 - 4: finished, but tracking data is still undelivered (``sweeper sync NAME`` delivers it).
 """
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -86,18 +88,66 @@ class _NoTuneRestoreHint(logging.Filter):
         return "Tuner.restore(" not in record.getMessage()
 
 
+class _SigtermStops:
+    """While a sweep runs, SIGTERM stops it as Ctrl-C and ``sweeper stop`` do: Tune saves the state one
+    last time, the unfinished trials are labelled stopped and their MLflow runs end KILLED, and the
+    launch exits 3 with the resume command.
+
+    Schedulers and tools end a job with SIGTERM, then SIGKILL after a grace period (Slurm at a time
+    limit or on preemption, Kubernetes and ``docker stop``: 30 s by default; ``timeout``; ``kill
+    PID``). Ray's handlers (ray.init's, and the core worker's in C++, ray 2.60) ended the driver at
+    once: seen, a C++ stack dump, every MLflow run of the sweep left RUNNING, the last tracking
+    operations undelivered and no resume hint. A second SIGTERM (or Ctrl-C) skips the last save, as
+    a second Ctrl-C does. Outside ``tuner.fit`` (no Tune handler for SIGINT) it is a Ctrl-C too: a
+    KeyboardInterrupt, which the launch's cleanup and the CLI's exit code 3 already handle.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_SigtermStops":
+        if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)  # Ray's: the shutdown after the sweep
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint) and on_sigint is not signal.default_int_handler:
+            # Tune's, during fit (ray 2.60 tune/tune.py ``_setup_signal_catching``): it asks the
+            # run to save and return, then puts back the handler it replaced, so the next signal
+            # lands on the branch below.
+            on_sigint(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+
 class _StopRequestNotice(logging.Filter):
     """After ``sweeper stop`` the driver interrupts itself (SIGINT, see sweeper.lease), and Tune's
     handler says "Stop signal received (e.g. via SIGINT/Ctrl+C) ... Press CTRL+C ... to skip": no
-    one pressed anything. That record is reworded to what happened (ray 2.60 tune/tune.py
-    ``_setup_signal_catching``; the stop test fails if its wording moves and it shows again)."""
+    one pressed anything. After a SIGTERM (:class:`_SigtermStops`) neither. That record is reworded
+    to what happened (ray 2.60 tune/tune.py ``_setup_signal_catching``; the stop tests fail if its
+    wording moves and it shows again)."""
 
-    def __init__(self, lease):
+    def __init__(self, lease, sigterm: _SigtermStops):
         super().__init__()
         self.lease = lease
+        self.sigterm = sigterm
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.lease.stop_requested and record.getMessage().startswith("Stop signal received"):
+        if not record.getMessage().startswith("Stop signal received"):
+            return True
+        if self.sigterm.received:
+            record.msg, record.args = ("SIGTERM: stopping this sweep: saving its state one last "
+                                       "time, then exiting (resumable; a second SIGTERM or Ctrl-C "
+                                       "skips the save)"), ()
+        elif self.lease.stop_requested:
             record.msg, record.args = ("`sweeper stop` asked this sweep to stop: saving its state "
                                        "one last time, then exiting (resumable)"), ()
         return True
@@ -300,14 +350,17 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     index_remember(sweep.name, root)
     if mirror is not None:  # the record goes to the storage from now on, heartbeat included
         mirror.start()
-    notice = _StopRequestNotice(lease)
+    sigterm = _SigtermStops()
+    notice = _StopRequestNotice(lease, sigterm)
     logging.getLogger("ray.tune.tune").addFilter(notice)
     try:
-        return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
-                    quiet=quiet, overrides=overrides, restore=restore, tracking_uri=tracking_uri,
-                    tracking_wait_s=tracking_wait_s, gpu_available=gpu_available,
-                    signature=space_signature(sweep), provenance=provenance,
-                    trainable_fn=train_trial, lease=lease)
+        with sigterm:
+            return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
+                        quiet=quiet, overrides=overrides, restore=restore,
+                        tracking_uri=tracking_uri, tracking_wait_s=tracking_wait_s,
+                        gpu_available=gpu_available, signature=space_signature(sweep),
+                        provenance=provenance, trainable_fn=train_trial, lease=lease,
+                        sigterm=sigterm)
     finally:
         logging.getLogger("ray.tune.tune").removeFilter(notice)
         lease.release()
@@ -320,7 +373,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_dir: str, local: bool,
          quiet: bool, overrides: Mapping[str, Any], restore: bool, tracking_uri: str | None,
          tracking_wait_s: float, gpu_available: bool, signature: dict[str, str], provenance,
-         trainable_fn, lease) -> LaunchResult:
+         trainable_fn, lease, sigterm: _SigtermStops | None = None) -> LaunchResult:
     if not gpu_available and sweep.resources != "auto" and any(
             trial_resources(sweep, c)["gpu"] for c in _configs_to_check(sweep)):
         console.print("no GPU in this Ray cluster: trials run on CPUs "
@@ -440,7 +493,8 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
     if local:
         ray.shutdown()  # the report and the last tracking delivery need no cluster
     result = _summarise(sweep, record, exp_dir, restored=restored)
-    result.interrupted = result.interrupted or lease.stop_requested
+    result.interrupted = (result.interrupted or lease.stop_requested
+                          or (sigterm is not None and sigterm.received))
     _finish_tracking(sweep, record, tracker, result, wait_s=tracking_wait_s, quiet=quiet)
     result.undelivered = tracker.pending()
     result.tracking_error = tracker.last_error()

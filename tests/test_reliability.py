@@ -194,6 +194,36 @@ def test_a_stop_request_interrupts_the_driver_through_its_heartbeat(tmp_path, st
             driver.kill()
 
 
+def test_sigterm_stops_a_run_through_tunes_handler_and_is_a_ctrl_c_outside_one():
+    """While the sweep runs, SIGTERM goes to Tune's SIGINT handler (save the state, return); with no
+    such handler -- before fit, after it, or after Tune's handler has had its one signal -- it is a
+    KeyboardInterrupt, as Ctrl-C is, even where SIGINT is ignored (a backgrounded launch). The
+    handler it replaced (Ray's) is back afterwards. Real signals to this very process."""
+    from sweeper.tuner import _SigtermStops
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda *_: seen.append("previous"))
+    old_int = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # "Tune's"
+        with _SigtermStops() as sigterm:
+            assert not sigterm.received
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # a Python handler runs between bytecodes of the main thread
+            assert seen == [signal.SIGINT] and sigterm.received
+            for on_sigint in (signal.default_int_handler, signal.SIG_IGN, signal.SIG_DFL):
+                signal.signal(signal.SIGINT, on_sigint)
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert seen == [signal.SIGINT, "previous"]
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_orphans_of_a_dead_drivers_ray_are_ended_and_nothing_else(tmp_path):
     session = f"/tmp/ray/session_test_{uuid.uuid4().hex}"
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
@@ -337,7 +367,11 @@ SWEEP = Sweep(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
+@pytest.mark.parametrize("how", ["sweeper stop", "SIGTERM"])
+def test_stop_exits_3_and_resume_finishes_with_0(tmp_path, how):
+    """`sweeper stop`, and SIGTERM: what Slurm, Kubernetes, `docker stop` and `timeout` send before
+    SIGKILL. Ray's handlers ended the driver at once on SIGTERM (a C++ stack dump, every run left
+    RUNNING, no resume hint); now both save the sweep and exit 3, and what they cut off is stopped."""
     space = tmp_path / "stoppable.py"
     space.write_text(STOPPABLE.replace("max_epochs=40", "max_epochs=12"))
     storage, uri = tmp_path / "store", f"sqlite:///{tmp_path / 'ml.db'}"
@@ -353,8 +387,11 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
             if record.exists() and any(t.get("epochs", 0) >= 2 for t in record.trials()):
                 break
             time.sleep(0.5)
-        stop = run_sweeper("stop", "stoppable", "--storage", str(storage))
-        assert "asked sweep 'stoppable'" in stop.stdout, stop.stdout + stop.stderr
+        if how == "SIGTERM":
+            driver.send_signal(signal.SIGTERM)
+        else:
+            stop = run_sweeper("stop", "stoppable", "--storage", str(storage))
+            assert "asked sweep 'stoppable'" in stop.stdout, stop.stdout + stop.stderr
         out, _ = driver.communicate(timeout=240)
     finally:
         if driver.poll() is None:
@@ -363,8 +400,11 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
     # sweeper's own hint, not Tune's Python one (a filter drops it: see tuner._NoTuneRestoreHint)
     assert "sweeper resume stoppable" in out.decode() and "Tuner.restore" not in out.decode()
     # what happened, not Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C) ... Press CTRL+C"
-    assert "`sweeper stop` asked this sweep to stop: saving its state" in out.decode(), out.decode()
+    said = {"sweeper stop": "`sweeper stop` asked this sweep to stop: saving its state",
+            "SIGTERM": "SIGTERM: stopping this sweep: saving its state one last time"}[how]
+    assert said in out.decode(), out.decode()
     assert "Stop signal received" not in out.decode() and "CTRL+C" not in out.decode()
+    assert "SIGTERM received at time" not in out.decode()  # Ray's C++ handler's dump
     assert read_lease(record.dir) is None  # released: the next launch needs no take-over
     status = run_sweeper("status", "stoppable", "--storage", str(storage))
     assert "stoppable': not running" in status.stdout, status.stdout
@@ -390,6 +430,8 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path):
                 for r in client.search_runs([experiment])}
     assert statuses == {**{tid: "KILLED" for tid in cut}, **{tid: "FINISHED" for tid in children
                                                               if tid not in cut}, "sweep": "KILLED"}
+    if how == "SIGTERM":
+        return  # the resume below is the same after either stop (Tune's own interrupted state)
     resumed = run_sweeper("resume", "stoppable", "--local", "--num-cpus", "2", "--storage",
                           str(storage), "--tracking-uri", uri, "--quiet")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
