@@ -12,7 +12,7 @@ from sweeper.config import ConfigError, TrialConfig, file_in_the_way
 from sweeper.console import EpochPrinter, config_table, console, error_console, fmt
 from sweeper.records import SweepRecord
 
-__all__ = ["STOPPED_REASON", "debug_config", "mark_stopped", "run_debug", "validate_files"]
+__all__ = ["STOPPED_REASON", "debug_config", "end_interrupted_runs", "mark_stopped", "run_debug", "validate_files"]
 
 
 def debug_config(file: Path | None, overrides: Sequence[str], *, sample: int = 0,
@@ -529,11 +529,12 @@ def mark_stopped(record: SweepRecord, tracker) -> list[str]:
     return stopped
 
 
-def _end_dead_driver_runs(record: SweepRecord, tracker) -> list[str]:
+def end_interrupted_runs(record: SweepRecord, tracker) -> list[str]:
     """A driver killed outright (SIGKILL, its machine lost) ended none of its MLflow runs: its trials
     and the sweep's run said RUNNING in the UI until a resume. Its running trials are labelled
     stopped as an interrupted launch labels them, and the sweep's run ends KILLED -- or FINISHED,
-    if every planned trial had ended before the driver died. A resume sets them RUNNING again."""
+    if every planned trial had ended before the driver died. A resume sets them RUNNING again.
+    Also what a driver does for itself when its Ray died under a SIGTERM (sweeper.tuner)."""
     stopped = mark_stopped(record, tracker)
     trials = record.trials()
     planned = record.meta().get("planned_trials")
@@ -555,7 +556,7 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
     tracker = _tracker_for(record, storage, tracking_uri)
     if died_holding(record.dir, lease):
         # The driver died without releasing its lease: nothing else will end its runs.
-        stopped = _end_dead_driver_runs(record, tracker)
+        stopped = end_interrupted_runs(record, tracker)
         if stopped:
             console.print(f"the driver of {name!r} died with {len(stopped)} trial(s) running: "
                           "labelled stopped, their MLflow runs KILLED until the sweep resumes")

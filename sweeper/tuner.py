@@ -18,19 +18,19 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ray
 from ray import tune
 
 from sweeper.callback import SweepCallback, trial_label
-from sweeper.local import mark_stopped
+from sweeper.local import end_interrupted_runs, mark_stopped
 from sweeper.checkpoints import repair_restorable_checkpoints
 from sweeper.driver import activate
+from sweeper.interrupts import SigtermStops, StopNotice, ray_children
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.console import console, error_console
 from sweeper.outcomes import OUTCOMES
@@ -86,71 +86,6 @@ def experiment_dir(name: str, storage: str | None) -> str:
 class _NoTuneRestoreHint(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Tuner.restore(" not in record.getMessage()
-
-
-class _SigtermStops:
-    """While a sweep runs, SIGTERM stops it as Ctrl-C and ``sweeper stop`` do: Tune saves the state one
-    last time, the unfinished trials are labelled stopped and their MLflow runs end KILLED, and the
-    launch exits 3 with the resume command.
-
-    Schedulers and tools end a job with SIGTERM, then SIGKILL after a grace period (Slurm at a time
-    limit or on preemption, Kubernetes and ``docker stop``: 30 s by default; ``timeout``; ``kill
-    PID``). Ray's handlers (ray.init's, and the core worker's in C++, ray 2.60) ended the driver at
-    once: seen, a C++ stack dump, every MLflow run of the sweep left RUNNING, the last tracking
-    operations undelivered and no resume hint. A second SIGTERM (or Ctrl-C) skips the last save, as
-    a second Ctrl-C does. Outside ``tuner.fit`` (no Tune handler for SIGINT) it is a Ctrl-C too: a
-    KeyboardInterrupt, which the launch's cleanup and the CLI's exit code 3 already handle.
-    """
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "_SigtermStops":
-        if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)  # Ray's: the shutdown after the sweep
-            self._previous = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-        on_sigint = signal.getsignal(signal.SIGINT)
-        if callable(on_sigint) and on_sigint is not signal.default_int_handler:
-            # Tune's, during fit (ray 2.60 tune/tune.py ``_setup_signal_catching``): it asks the
-            # run to save and return, then puts back the handler it replaced, so the next signal
-            # lands on the branch below.
-            on_sigint(signal.SIGINT, frame)
-        else:
-            raise KeyboardInterrupt
-
-
-class _StopRequestNotice(logging.Filter):
-    """After ``sweeper stop`` the driver interrupts itself (SIGINT, see sweeper.lease), and Tune's
-    handler says "Stop signal received (e.g. via SIGINT/Ctrl+C) ... Press CTRL+C ... to skip": no
-    one pressed anything. After a SIGTERM (:class:`_SigtermStops`) neither. That record is reworded
-    to what happened (ray 2.60 tune/tune.py ``_setup_signal_catching``; the stop tests fail if its
-    wording moves and it shows again)."""
-
-    def __init__(self, lease, sigterm: _SigtermStops):
-        super().__init__()
-        self.lease = lease
-        self.sigterm = sigterm
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("Stop signal received"):
-            return True
-        if self.sigterm.received:
-            record.msg, record.args = ("SIGTERM: stopping this sweep: saving its state one last "
-                                       "time, then exiting (resumable; a second SIGTERM or Ctrl-C "
-                                       "skips the save)"), ()
-        elif self.lease.stop_requested:
-            record.msg, record.args = ("`sweeper stop` asked this sweep to stop: saving its state "
-                                       "one last time, then exiting (resumable)"), ()
-        return True
 
 
 def _connect(address: str | None, local: bool, num_cpus: int | None) -> str | None:
@@ -328,6 +263,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     except LeaseHeld as held:
         raise ConfigError([_running_message(sweep.name, held.info)]) from None
     started = False
+    sigterm = SigtermStops()  # SIGTERM stops the sweep as Ctrl-C does (sweeper.interrupts)
     try:  # from here on, a failure undoes what this launch started and created
         if lease.previous is not None:
             ended = clean_orphans(lease.previous)
@@ -335,7 +271,15 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
                           "died without releasing the sweep: taking it over"
                           + (f"; ended {len(ended)} process(es) its Ray left behind" if ended
                              else ""), style="yellow")
-        lease.set_session_dir(_connect(address, local, num_cpus))
+        try:
+            session = _connect(address, local, num_cpus)
+        except SystemExit as exc:  # ray.init's own SIGTERM handler while it starts: sys.exit(15)
+            if exc.code != signal.SIGTERM:
+                raise
+            raise KeyboardInterrupt from None
+        # Ray's handlers, installed while it connected, are replaced from here on.
+        sigterm.install(ray_children() if local else ())
+        lease.set_session_dir(session)
         gpu_available = ray.cluster_resources().get("GPU", 0) > 0
         problems = preflight(sweep, root=root, gpu_available=gpu_available, local=local)
         if problems:
@@ -343,6 +287,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
         started = True
     finally:
         if not started:
+            sigterm.uninstall()
             lease.release()
             if ray.is_initialized():
                 ray.shutdown()
@@ -350,18 +295,25 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     index_remember(sweep.name, root)
     if mirror is not None:  # the record goes to the storage from now on, heartbeat included
         mirror.start()
-    sigterm = _SigtermStops()
-    notice = _StopRequestNotice(lease, sigterm)
+    sigterm.first.append(lease.release)
+    if mirror is not None:
+        sigterm.then.append(mirror.stop)  # last: the released lease reaches the storage
+    notice = StopNotice(lease, sigterm)
     logging.getLogger("ray.tune.tune").addFilter(notice)
     try:
-        with sigterm:
-            return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
-                        quiet=quiet, overrides=overrides, restore=restore,
-                        tracking_uri=tracking_uri, tracking_wait_s=tracking_wait_s,
-                        gpu_available=gpu_available, signature=space_signature(sweep),
-                        provenance=provenance, trainable_fn=train_trial, lease=lease,
-                        sigterm=sigterm)
+        return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
+                    quiet=quiet, overrides=overrides, restore=restore, tracking_uri=tracking_uri,
+                    tracking_wait_s=tracking_wait_s, gpu_available=gpu_available,
+                    signature=space_signature(sweep), provenance=provenance,
+                    trainable_fn=train_trial, lease=lease, sigterm=sigterm)
+    except KeyboardInterrupt:
+        # A second Ctrl-C or SIGTERM: no waiting, but the record and the runs say what happened
+        # (the spool keeps the runs' ends for `sweeper sync`), and the resume command is given.
+        if sigterm.cut_short is not None:
+            sigterm.cut_short(False)
+        raise
     finally:
+        sigterm.uninstall()
         logging.getLogger("ray.tune.tune").removeFilter(notice)
         lease.release()
         if mirror is not None:
@@ -373,7 +325,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_dir: str, local: bool,
          quiet: bool, overrides: Mapping[str, Any], restore: bool, tracking_uri: str | None,
          tracking_wait_s: float, gpu_available: bool, signature: dict[str, str], provenance,
-         trainable_fn, lease, sigterm: _SigtermStops | None = None) -> LaunchResult:
+         trainable_fn, lease, sigterm: SigtermStops | None = None) -> LaunchResult:
     if not gpu_available and sweep.resources != "auto" and any(
             trial_resources(sweep, c)["gpu"] for c in _configs_to_check(sweep)):
         console.print("no GPU in this Ray cluster: trials run on CPUs "
@@ -481,9 +433,14 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
             ),
         )
     activate(tracker=tracker, quiet=quiet, record_dir=str(record.experiment_dir))
+    if sigterm is not None:
+        sigterm.cut_short = _end_cut_short(sweep, record, tracker)
+        sigterm.then.insert(0, lambda: (tracker.close(timeout=2.0), tracker.flush_until(5.0)))
     try:
         tuner.fit()
     finally:
+        if sigterm is not None:
+            sigterm.fit_over()
         activate()
         tracker.close()  # the last delivery below is synchronous
         try:  # what an interruption cut off (nothing, after a whole run); even if fit raised
@@ -492,13 +449,37 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
             error_console.print(f"warning: could not label the unfinished trials stopped: {exc}")
     if local:
         ray.shutdown()  # the report and the last tracking delivery need no cluster
+        if sigterm is not None:
+            sigterm.reinstall()
     result = _summarise(sweep, record, exp_dir, restored=restored)
-    result.interrupted = (result.interrupted or lease.stop_requested
-                          or (sigterm is not None and sigterm.received))
-    _finish_tracking(sweep, record, tracker, result, wait_s=tracking_wait_s, quiet=quiet)
+    # After a SIGTERM the last delivery waits seconds, not minutes (a SIGKILL follows); the sweep
+    # counts as interrupted only if trials were left unfinished (a SIGTERM at its very end is not).
+    hurry = sigterm is not None and sigterm.hurry
+    result.interrupted = result.interrupted or lease.stop_requested
+    _finish_tracking(sweep, record, tracker, result, quiet=quiet,
+                     wait_s=min(tracking_wait_s, 5.0) if hurry else tracking_wait_s)
     result.undelivered = tracker.pending()
     result.tracking_error = tracker.last_error()
     return result
+
+
+def _end_cut_short(sweep: Sweep, record: SweepRecord, tracker: Tracker) -> Callable[[bool], None]:
+    """How a launch cut short ends (a second Ctrl-C or SIGTERM; a SIGTERM that also ended the local
+    Ray, see sweeper.interrupts): the trials it was running labelled stopped, their runs' and the
+    sweep's ends and its summary spooled, as ``sweeper sync`` ends a dead driver's, and the resume
+    command; ``delivering``: the caller delivers the spool next (else `sweeper sync` will)."""
+    from sweeper.store import resume_command
+
+    def end(delivering: bool) -> None:
+        stopped = end_interrupted_runs(record, tracker)
+        _log_summary(sweep, tracker, _summarise(sweep, record, "", restored=False))
+        sync = resume_command(sweep.name, sweep.storage, verb="sync")
+        console.print(f"{len(stopped)} trial(s) labelled stopped; the sweep resumes from Ray's last "
+                      f"saved state: {resume_command(sweep.name, sweep.storage)} (or the same launch "
+                      "command) continues it" + ("" if delivering else f"; {sync} delivers its "
+                                                 "tracking"), style="yellow")
+
+    return end
 
 
 def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result: LaunchResult,
@@ -512,6 +493,17 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
         tracker.log_artifacts(None, report_dir, "report")
     except Exception as exc:  # a report problem must not lose the sweep's tracking
         error_console.print(f"warning: the study report failed: {type(exc).__name__}: {exc}")
+    _log_summary(sweep, tracker, result)
+    # Interrupted: KILLED, as its stopped trials' runs; a resume makes it RUNNING again.
+    tracker.finish(None, "KILLED" if result.interrupted else "FINISHED")
+    if not tracker.flush_until(wait_s) and not quiet:
+        error_console.print(f"[yellow]{tracker.pending()} tracking operation(s) not delivered "
+                            f"({tracker.last_error()}); run `sweeper sync {sweep.name}` when the "
+                            "tracking server is back[/yellow]")
+
+
+def _log_summary(sweep: Sweep, tracker: Tracker, result: LaunchResult) -> None:
+    """The sweep's run: its outcome counts, trials, epochs and best as tags and metrics."""
     tracker.set_tags(None, {"sweeper.outcomes": json.dumps(result.outcomes),
                             "sweeper.trials": result.trials, "sweeper.epochs": result.epochs,
                             "sweeper.best_trial": result.best["name"] if result.best else None,
@@ -531,12 +523,6 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
     if result.best:
         summary[f"best_{sweep.metric}"] = float(result.best["best"][sweep.metric])
     tracker.log_parent_metrics(summary)
-    # Interrupted: KILLED, as its stopped trials' runs; a resume makes it RUNNING again.
-    tracker.finish(None, "KILLED" if result.interrupted else "FINISHED")
-    if not tracker.flush_until(wait_s) and not quiet:
-        error_console.print(f"[yellow]{tracker.pending()} tracking operation(s) not delivered "
-                            f"({tracker.last_error()}); run `sweeper sync {sweep.name}` when the "
-                            "tracking server is back[/yellow]")
 
 
 def _packing_plan(sweep: Sweep):
