@@ -114,7 +114,6 @@ class SigtermStops:
         self._watchdog: threading.Thread | None = None
         self._previous: Any = None
         self._wake: tuple[int, int] | None = None
-        self._previous_wake = -1
         self._installed = False
 
     @property
