@@ -424,10 +424,11 @@ def print_status(name: str, storage: str | None) -> None:
         key = fields[t["trial_id"]]["outcome"] or t.get("status", "?")
         counts[key] = counts.get(key, 0) + 1
     at_chance = sum(1 for f in fields.values() if f["outcome"] == "pruned" and f["at_chance"])
+    outcomes = ", ".join(
+        f"{n} {k}" + (f" ({at_chance} at chance)" if k == "pruned" and at_chance else "")
+        for k, n in sorted(counts.items()))
     console.print(f"sweep {name!r}: {state}; {len(trials)}/{meta.get('planned_trials', '?')} "
-                  f"trials started; " + ", ".join(
-                      f"{n} {k}" + (f" ({at_chance} at chance)" if k == "pruned" and at_chance else "")
-                      for k, n in sorted(counts.items())))
+                  "trials started" + (f"; {outcomes}" if outcomes else ""))
     if cut_off:
         console.print(f"{cut_off} trial(s) were running when the driver died, and their MLflow runs "
                       f"still say RUNNING: {resume_command(name, where, verb='sync')} "
@@ -442,9 +443,13 @@ def print_status(name: str, storage: str | None) -> None:
             error = tracker.last_error()
             error_console.print(f"[yellow]MLflow: {pending} operation(s) not yet delivered to "
                                 f"{meta.get('tracking_uri')}{f' ({error})' if error else ''}; "
-                                f"`sweeper sync {name}` delivers them[/yellow]")
+                                f"{resume_command(name, where, verb='sync')} delivers them"
+                                "[/yellow]")
         else:
             console.print(f"MLflow: all delivered to {meta.get('tracking_uri')}")
+    if not trials:
+        console.print("no trial has started yet")
+        return
     varying = _varying_keys([t.get("config", {}) for t in trials])
     table = Table(show_header=True, header_style="bold")
     table.add_column("trial")

@@ -392,7 +392,7 @@ def test_status_says_who_delivers_what_tracking_has_not_received(built, capsys, 
             (True, None, "MLflow: 5 operation(s) on their way to sqlite:///m.db "
                          "(the running driver delivers them)"),
             (False, None, "MLflow: 5 operation(s) not yet delivered to sqlite:///m.db; "
-                          "`sweeper sync toy_seeds` delivers them"),
+                          f"`sweeper sync toy_seeds --storage {tmp_path}` delivers them"),
             (False, "server down", "not yet delivered to sqlite:///m.db (server down); `sweeper sync")]:
         monkeypatch.setattr(local, "_tracker_for", lambda *a, e=error: Pending(e))
         monkeypatch.setattr(local, "_driver_state", lambda *a, l=live: ("running" if l else "not running", l))
@@ -401,3 +401,16 @@ def test_status_says_who_delivers_what_tracking_has_not_received(built, capsys, 
         captured = capsys.readouterr()
         text = " ".join((captured.out + captured.err).split())
         assert expected in text and "(None)" not in text, text
+
+
+def test_status_of_a_sweep_whose_trials_have_not_started_says_so(tmp_path, capsys):
+    """A sweep stopped before its first trial: its header ended in a stray "; " above an empty
+    table (found by a hostile pass)."""
+    from sweeper.local import print_status
+    from sweeper.records import SweepRecord as Record
+
+    record = Record(tmp_path / "early")
+    record.create({"name": "early", "metric": "val_accuracy", "planned_trials": 8}, "SWEEP = None\n")
+    print_status("early", str(tmp_path))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sweep 'early': not running; 0/8 trials started no trial has started yet" in out, out
