@@ -471,10 +471,13 @@ def _end_cut_short(sweep: Sweep, record: SweepRecord, tracker: Tracker) -> Calla
     from sweeper.store import resume_command
 
     def end(delivering: bool) -> None:
-        stopped = end_interrupted_runs(record, tracker)
-        _log_summary(sweep, tracker, _summarise(sweep, record, "", restored=False))
+        end_interrupted_runs(record, tracker)
+        summary = _summarise(sweep, record, "", restored=False)
+        _log_summary(sweep, tracker, summary)
         sync = resume_command(sweep.name, sweep.storage, verb="sync")
-        console.print(f"{len(stopped)} trial(s) labelled stopped; the sweep resumes from Ray's last "
+        # All of them: after a second Ctrl-C, the interrupted fit's own cleanup labelled them first.
+        stopped = summary.outcomes.get("stopped", 0)
+        console.print(f"{stopped} trial(s) labelled stopped; the sweep resumes from Ray's last "
                       f"saved state: {resume_command(sweep.name, sweep.storage)} (or the same launch "
                       "command) continues it" + ("" if delivering else f"; {sync} delivers its "
                                                  "tracking"), style="yellow")
