@@ -41,7 +41,7 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_UNDELIVERED", "EX
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 3
+from sweeper.interrupts import EXIT_INTERRUPTED  # noqa: E402 - 3; the SIGTERM watchdog exits with it
 EXIT_UNDELIVERED = 4
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -40,7 +40,7 @@ __all__ = ["GRACE_S", "SigtermStops", "StopNotice", "ray_children"]
 # going after 20 s is cut short, leaving time to end the runs and release the sweep.
 GRACE_S = 20.0
 _CLEANUP_S = 8.0  # what the cut-short end may take: a tracking delivery, the record's last push
-EXIT_INTERRUPTED = 3  # sweeper.cli's; the CLI is not imported by the launch
+EXIT_INTERRUPTED = 3  # interrupted, resumable: sweeper.cli's exit code, defined here for both
 
 
 def ray_children() -> tuple[int, ...]:
