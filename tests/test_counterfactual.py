@@ -77,7 +77,7 @@ def test_a_high_lr_stall_that_lr_div10_trains_is_named_lr_too_high(lr_too_high):
 def test_the_reported_case_a_measured_lr_too_small_that_lr_div10_trains_becomes_lr_too_high(monkeypatch):
     # The review's symptom: the measurements named a high-lr stall lr_too_small. Whatever the
     # measurements say, the interventions decide.
-    monkeypatch.setattr("sweeper.diagnostics.classify_stall", lambda *a, **k: "lr_too_small")
+    monkeypatch.setattr("sweeper.diagnostics.hook.classify_stall", lambda *a, **k: "lr_too_small")
     last = _fit(_cfg(**{"model.init": "he", "optim.lr": 0.3})).history[-1]
     assert last["stall_reason_measured"] == "lr_too_small" and last["stall_reason"] == "lr_too_high"
     assert last["cf_evidence"].endswith("-> lr_too_high (measured: lr_too_small)")

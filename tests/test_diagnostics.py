@@ -223,7 +223,7 @@ def test_the_epoch_end_names_the_stall_with_the_optimizers_gradient_lr(monkeypat
         seen.update(kwargs)
         return "plateau"
 
-    monkeypatch.setattr("sweeper.diagnostics.classify_stall", spy)
+    monkeypatch.setattr("sweeper.diagnostics.hook.classify_stall", spy)
     model = _mlp()
     ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -847,7 +847,7 @@ def test_the_checked_cause_is_decided_once_and_labels_every_later_stalled_epoch(
         return Evidence(runs=runs, steps=50, total_steps=100, budget=2000)
 
     monkeypatch.setattr("sweeper.counterfactual.run_counterfactuals", fake_runs)
-    monkeypatch.setattr("sweeper.diagnostics.classify_stall", lambda *a, **k: "lr_too_small")
+    monkeypatch.setattr("sweeper.diagnostics.hook.classify_stall", lambda *a, **k: "lr_too_small")
     ctx = _ctx(_mlp(), torch.randn(8, 3, 8, 8), torch.arange(8))
     diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=1))
     diag.on_fit_start(ctx)
@@ -866,7 +866,7 @@ def test_the_checked_cause_is_decided_once_and_labels_every_later_stalled_epoch(
 
 # ---- the probe's statistics, written for speed (issue #9), against their plain forms -------------
 
-from sweeper.diagnostics import _output_moments, _relu_counts, _relu_fractions, _second_moment, _std  # noqa: E402
+from sweeper.diagnostics import stats  # noqa: E402
 
 
 def _plain_moments(y):
@@ -886,19 +886,19 @@ def test_fast_probe_statistics_match_their_plain_forms(scale):
     y = torch.randn(16, 4, 5, 5) + torch.linspace(-2.0, 3.0, 4)[:, None, None]
     y[:, 0] = 1.5
     y = y * scale
-    mean, var, m2, sens = _output_moments(y)
+    mean, var, m2, sens = stats.output_moments(y)
     p_mean, p_var, p_m2, p_sens = _plain_moments(y)
     assert mean == pytest.approx(p_mean, rel=1e-5, abs=1e-6 * scale)
     assert var == pytest.approx(p_var, rel=1e-5)
     assert m2 == pytest.approx(p_m2, rel=1e-5)
-    assert _second_moment(y) == pytest.approx(p_m2, rel=1e-5)
+    assert stats.second_moment(y) == pytest.approx(p_m2, rel=1e-5)
     assert sens == pytest.approx(p_sens, rel=1e-5, abs=1e-7)
-    assert _std(y) == pytest.approx(float(y.double().std()), rel=1e-5)
+    assert stats.std(y) == pytest.approx(float(y.double().std()), rel=1e-5)
     energy = position_energy(y)
     assert energy.flatten().tolist() == pytest.approx(y.double().pow(2).mean(dim=(0, 1)).flatten().tolist(),
                                                      rel=1e-5)
     r = torch.relu(y - 0.5 * scale)
-    zero, dead = _relu_fractions(*_relu_counts(r))
+    zero, dead = stats.relu_fractions(*stats.relu_counts(r))
     assert zero == pytest.approx(float((r == 0).double().mean()), abs=1e-9)
     assert dead == pytest.approx(float((r.amax(dim=(0, 2, 3)) == 0).double().mean()), abs=1e-9)
 
@@ -906,12 +906,12 @@ def test_fast_probe_statistics_match_their_plain_forms(scale):
 def test_fast_probe_statistics_keep_the_plain_forms_on_nonfinite_and_single_examples():
     y = torch.randn(8, 3, 4, 4)
     y[2, 1, 0, 0] = math.nan
-    mean, var, m2, sens = _output_moments(y)
+    mean, var, m2, sens = stats.output_moments(y)
     assert math.isnan(mean) and math.isnan(var) and m2 == math.inf and sens == 0.0
-    assert math.isnan(_std(y))
+    assert math.isnan(stats.std(y))
     r = torch.relu(torch.randn(8, 3, 4, 4))
     r[0, 0, 0, 0] = math.nan  # its unit also has positive values: alive, as (r > 0).any() says
-    zero, dead = _relu_fractions(*_relu_counts(r))
+    zero, dead = stats.relu_fractions(*stats.relu_counts(r))
     assert dead == 0.0 and zero == pytest.approx(float((r <= 0).double().mean() + 1 / r.numel()))
     one = torch.randn(1, 3, 4, 4)  # one example: no spread across examples
-    assert _output_moments(one)[3] == 0.0 and _output_moments(one)[1] == pytest.approx(float(one.var()))
+    assert stats.output_moments(one)[3] == 0.0 and stats.output_moments(one)[1] == pytest.approx(float(one.var()))
