@@ -162,8 +162,12 @@ class SweepCallback(Callback):
                 self._code_tags = {k: meta[m] for k, m in (("sweeper.git_sha", "git_sha"),
                                                            ("sweeper.git_dirty", "git_dirty"))
                                    if meta.get(m) is not None}
+            try:  # config.json holds the resolved config: every setting, defaults included
+                resolved = TrialConfig.from_flat(dict(trial.config)).to_flat()
+            except Exception:  # noqa: BLE001 -- a config the trial will refuse: its own keys only
+                resolved = None
             self.tracker.start_trial(trial.trial_id, run_name=trial_label(trial.config),
-                                     config=trial.config, tags=self._code_tags)
+                                     config=trial.config, resolved=resolved, tags=self._code_tags)
             self.opened.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 __all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED", "SIGNAL_COLLAPSE", "TRAINED_OVER_CHANCE",
+           "trained_bar",
            "no_better_than_chance"]
 
 OUTCOMES = ("completed", "pruned", "stalled", "late_start", "val_collapse", "diverged", "failed",
@@ -44,6 +45,15 @@ NOT_TRAINED = frozenset({"stalled", "val_collapse", "diverged", "failed"})
 # A trial "trained" when its validation accuracy beat chance (1/C) by this factor: the report's bar for
 # "trains", and the diagnostics' for having learned something a collapse then lost.
 TRAINED_OVER_CHANCE = 2.0
+
+
+def trained_bar(chance: float) -> float:
+    """The validation accuracy a trial must pass to have trained, for chance accuracy 1/C:
+    TRAINED_OVER_CHANCE x chance, or halfway from chance to 100% where that is lower (C <= 3; with
+    two classes 2x chance is 100%, which no trial passes, so none would ever have trained)."""
+    return min(TRAINED_OVER_CHANCE * chance, (1.0 + chance) / 2)
+
+
 # The smallest main-path activation std over the first layer's below this: the forward signal died
 # (the diagnostics' cause vanishing_signal, and the report's account of it).
 SIGNAL_COLLAPSE = 1e-3
@@ -128,7 +138,7 @@ def _chance(epoch: Mapping[str, Any]) -> float | None:
 def no_better_than_chance(train_loss: float, chance_loss: float, tolerance: float,
                           val_accuracy: Any = None, previous_loss: Any = None) -> bool:
     """An epoch that shows no learning: its training loss (finite) not below ln C - tolerance, and its
-    validation accuracy, where measured, not past TRAINED_OVER_CHANCE x chance (1/C = exp(-ln C)).
+    validation accuracy, where measured, not past :func:`trained_bar` (chance 1/C = exp(-ln C)).
 
     Above the band, an epoch whose loss fell by more than the tolerance since ``previous_loss`` (the
     epoch before) is on its way down, not stalled: a net recovering from a huge first epoch went
@@ -139,7 +149,7 @@ def no_better_than_chance(train_loss: float, chance_loss: float, tolerance: floa
             and math.isfinite(previous_loss) and previous_loss - train_loss > tolerance):
         return False
     return not (isinstance(val_accuracy, (int, float)) and math.isfinite(val_accuracy)
-                and val_accuracy > TRAINED_OVER_CHANCE * math.exp(-chance_loss))
+                and val_accuracy > trained_bar(math.exp(-chance_loss)))
 
 
 def _at_chance(epoch: Mapping[str, Any], tolerance: float,

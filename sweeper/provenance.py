@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["git_state", "provenance"]
+__all__ = ["command_line", "git_state", "provenance"]
 
 
 def git_state(path: str | Path = ".") -> dict[str, Any]:
@@ -48,8 +49,18 @@ def provenance(path: str | Path = ".") -> dict[str, Any]:
         state = git_state(Path(__file__).resolve().parent)
     return {
         **state,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(sys.argv),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "versions": versions,
     }
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a user would type it again: ``sweeper launch ...`` also when it ran as
+    ``python -m sweeper.cli`` (argv[0] is then the module's file, which typed alone runs nothing),
+    each argument quoted where the shell needs it."""
+    program = Path(argv[0]).name if argv else "sweeper"
+    if program in ("cli.py", "__main__.py", ""):
+        program = "sweeper"
+    return shlex.join([program, *argv[1:]])

@@ -335,10 +335,15 @@ class Tracker:
                        "params": dict(params), "texts": dict(texts)})
 
     def start_trial(self, trial_id: str, *, run_name: str, config: Mapping[str, Any],
+                    resolved: Mapping[str, Any] | None = None,
                     tags: Mapping[str, Any] | None = None) -> None:
-        """The trial's child run: created with ``tags`` (e.g. the code's git SHA) the first time."""
+        """The trial's child run: created with ``tags`` (e.g. the code's git SHA) the first time.
+        ``config`` (the sweep's values for this trial) become its params; ``resolved`` (every
+        setting the trial runs with, defaults included), or else ``config``, its ``config.json``."""
         op = {"op": "child", "trial_id": trial_id, "run_name": run_name, "time": _now_ms(),
               "config": dict(config)}
+        if resolved is not None:
+            op["resolved"] = dict(resolved)
         if tags:
             op["tags"] = {k: v for k, v in tags.items() if v is not None}
         self._enqueue(op)
@@ -632,7 +637,8 @@ class Tracker:
             state["runs"][trial_id] = run_id
             self._verify_steps(state, trial_id, run_id)
             if trial_id in unconfigured:
-                self._log_config(run_id, {k: redact(v) for k, v in op["config"].items()})
+                saved = op.get("resolved") or op["config"]  # the resolved config, where given
+                self._log_config(run_id, {k: redact(v) for k, v in saved.items()})
                 if not op.get("params_later"):  # else the trial's next log_batch carries them
                     self._log_params(run_id, op["config"])
                     unconfigured.pop(trial_id)

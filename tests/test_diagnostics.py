@@ -200,6 +200,12 @@ def test_frozen_is_judged_by_the_loss_gradients_step_not_weight_decays_pull():
     moving = {f"rel_grad/{k}": 1e-3 for k in keys}  # lr_eff x 1e-3 = 1e-4: it moves, slowly
     metrics, layers = _fake(stds=[1, 0.5, 0.3, 0.2], updates=[4.83e-5] * 4, **moving)
     assert classify_stall(metrics, layers, gradient_lr=0.1) == "lr_too_small"
+    # Frozen by the lr, not the gradient: a plateau schedule cut lr 0.01 to 1e-4 (gradient_lr 1e-3)
+    # under healthy relative gradients (a He VGG-16: 4e-3..7e-3). Was named vanishing_signal.
+    healthy = {f"rel_grad/{k}": g for k, g in zip(keys, [4e-3, 5e-3, 6e-3, 7e-3])}
+    metrics, layers = _fake(stds=[1, 0.8, 0.5, 0.4], updates=[5e-7] * 4, **healthy)
+    assert classify_stall(metrics, layers, gradient_lr=1e-3, initial_max_update=1e-2) == "lr_too_small"
+    assert classify_stall(metrics, layers, gradient_lr=1e-4) == "lr_too_small"
 
     net = [LayerInfo(0, "l00_conv", "0", nn.Conv2d(3, 4, 3), 1.0)]
     params = list(net[0].module.parameters())
@@ -915,3 +921,28 @@ def test_fast_probe_statistics_keep_the_plain_forms_on_nonfinite_and_single_exam
     assert dead == 0.0 and zero == pytest.approx(float((r <= 0).double().mean() + 1 / r.numel()))
     one = torch.randn(1, 3, 4, 4)  # one example: no spread across examples
     assert stats.output_moments(one)[3] == 0.0 and stats.output_moments(one)[1] == pytest.approx(float(one.var()))
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_a_trial_shorter_than_stall_epochs_at_chance_throughout_is_stalled_at_its_end(epochs):
+    """The hook and sweeper.outcomes judge a short trial alike. A width-1/8 VGG-11 with N(0, 0.01)
+    init, 1 and 2 epochs: `debug` said completed while the sweep's record said stalled with no cause."""
+    from sweeper.outcomes import classify
+
+    torch.manual_seed(0)
+    model = _mlp()
+    ctx = _ctx(model, torch.randn(8, 3, 8, 8), torch.arange(8))
+    ctx.cfg = TrialConfig.from_flat({"epochs": epochs})
+    diag = Diagnostics(DiagnosticsConfig(probe_size=8, stall_epochs=3, counterfactuals=False))
+    diag.on_fit_start(ctx)
+    ln_c = math.log(10)
+    for ctx.epoch in range(1, epochs + 1):
+        metrics = {"epoch": ctx.epoch, "train_loss": ln_c, "val_accuracy": 0.1, "chance_loss": ln_c}
+        out = diag.on_epoch_end(ctx, metrics)
+        metrics.update(out)
+        ctx.history.append(metrics)
+        at_end = ctx.epoch == epochs
+        # Before the end only stall_epochs in a row name a stall; at the end the whole run does.
+        assert out["stalled"] == (1.0 if ctx.epoch >= 3 or at_end else 0.0), ctx.epoch
+    recorded = classify(ctx.history, stall_epochs=3)
+    assert recorded.outcome == "stalled" and recorded.cause == out["stall_reason"] is not None

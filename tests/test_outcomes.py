@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from sweeper.outcomes import NOT_TRAINED, OUTCOMES, classify
+from sweeper.outcomes import NOT_TRAINED, OUTCOMES, classify, no_better_than_chance, trained_bar
 
 LN10 = math.log(10)
 assert abs(LN10 - 2.302585) < 1e-6
@@ -165,3 +165,16 @@ def test_a_loss_above_chance_is_no_learning_and_validation_past_the_bar_is_learn
     assert (recovering.outcome, recovering.at_chance, recovering.chance_epochs) == ("completed", True, 2)
     # The bar is 2x chance (20% for ten classes): 19% is not past it.
     assert classify(history([AT, AT, AT], [0.1, 0.15, 0.19])).outcome == "stalled"
+
+
+def test_the_trained_bar_is_reachable_with_two_classes():
+    """2x chance is 100% with two classes: no trial could pass it, so a 2-class study had nothing that
+    trained and no collapse to name. Where 2x chance is out of reach the bar is halfway to 100%."""
+    assert trained_bar(0.1) == pytest.approx(0.2)
+    assert trained_bar(1 / 3) == pytest.approx(2 / 3)
+    assert trained_bar(0.5) == pytest.approx(0.75)
+    ln2 = math.log(2)
+    assert no_better_than_chance(ln2, ln2, 0.05, val_accuracy=0.9) is False  # 90% of 2 classes learned
+    assert no_better_than_chance(ln2, ln2, 0.05, val_accuracy=0.6) is True
+    rows = [{"epoch": i + 1, "train_loss": ln2, "val_accuracy": 0.95, "chance_loss": ln2} for i in range(3)]
+    assert classify(rows).outcome == "completed"

@@ -29,3 +29,10 @@ def test_outside_a_checkout_the_code_that_ran_is_recorded(tmp_path, monkeypatch)
     got = provenance()
     assert got["git_repo"] == str(project.resolve()) and got["git_dirty"] is False
     assert len(got["git_sha"]) == 40
+
+
+def test_the_recorded_command_can_be_typed_again():
+    from sweeper.provenance import command_line
+
+    assert command_line(["/x/sweeper/cli.py", "launch", "s.py", "--local"]) == "sweeper launch s.py --local"
+    assert command_line(["/usr/bin/sweeper", "launch", "s.py", "note=a b"]) == "sweeper launch s.py 'note=a b'"

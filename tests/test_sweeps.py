@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from conftest import MlflowServer, run_sweeper
 from sweeper import outcomes
 from sweeper.checkpoints import restorable_checkpoints
+from sweeper.config import TrialConfig
 from sweeper.records import SweepRecord
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -145,7 +146,10 @@ def test_mlflow_has_one_parent_and_one_child_per_trial_with_layer_metrics(quick_
     # config.json goes through the server's artifact proxy (mlflow-artifacts:/), not a local path.
     with tempfile.TemporaryDirectory() as tmp:
         saved = json.loads(Path(client.download_artifacts(some.info.run_id, "config.json", tmp)).read_text())
-    assert saved == record.trials()[0]["config"]
+    # The resolved config: every setting the trial ran with, defaults included (params: the sweep's).
+    drawn = record.trials()[0]["config"]
+    assert saved == json.loads(json.dumps(TrialConfig.from_flat(drawn).to_flat()))
+    assert drawn.items() <= saved.items() and "optim.momentum" in saved and len(saved) > len(drawn)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/heatmap.png"} <= artifacts
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -714,3 +714,20 @@ def test_a_reader_in_the_store_does_not_hold_up_delivery(tmp_path):
         [MlflowClient(default_tracking_uri(tmp_path)).get_experiment_by_name("exp").experiment_id],
         filter_string="tags.`sweeper.role` = 'trial'")[0]
     assert run.data.metrics["val_accuracy"] == 0.5 and run.info.status == "FINISHED"
+
+
+def test_params_are_the_sweeps_values_and_config_json_the_resolved_config(tmp_path):
+    """Save the resolved config with every result: params keep what the sweep set (what a user
+    filters on), config.json every setting the trial ran with, defaults included."""
+    t = _tracker(tmp_path)
+    t.start_sweep(run_name="s", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={"optim.lr": 0.01},
+                  resolved={"optim.lr": 0.01, "optim.momentum": 0.9, "data.dir": "s3://k:secret@b/d"})
+    t.log_result("t1", _result(1, train_loss=1.0))
+    assert t.flush()
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    run_id = t.run_ids()["t1"]
+    assert client.get_run(run_id).data.params == {"optim.lr": "0.01"}
+    saved = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path / "got"))).read_text())
+    assert saved["optim.momentum"] == 0.9 and saved["optim.lr"] == 0.01
+    assert "secret" not in json.dumps(saved)

@@ -25,6 +25,9 @@ STALL_REASONS = ("exploding", "dead_relu", "vanishing_signal", "vanishing_gradie
 
 # Thresholds for naming a stall (science notes: update ratios ~3e-4..2e-8 in stalled small-init nets).
 FROZEN_UPDATE = 1e-5  # every layer's update ratio below this: nothing moves
+# Every relative loss gradient ||grad W|| / ||W|| below this: even a step of lr 0.1 with momentum 0.9
+# (gradient_lr 1) would move no weight by FROZEN_UPDATE. Frozen small-init nets read 1e-18..4e-7.
+FROZEN_GRADIENT = 1e-5
 SLOW_UPDATE = 1e-3  # below this with a healthy signal: the lr is too small for the epochs given
 LR_FALL = 3.0  # updates this many times below step 0's large ones: the lr was too high, not too small
 DEAD_DEEP = 0.3  # dead-unit fraction in the deep half that marks a dead-ReLU collapse
@@ -87,11 +90,19 @@ def classify_stall(metrics: dict[str, Any], layers: list[LayerInfo], *,
     # FROZEN_UPDATE from lr 2e-3 on, so the test never fired. What moves a weight is the loss gradient:
     # its step is gradient_lr x ||grad W|| / ||W|| (science notes: "what collapses is every relative
     # gradient"). Other optimizers keep the update ratio (Adam normalises the gradient away).
+    rel_grads = None
     if math.isfinite(gradient_lr) and all(f"rel_grad/{k}" in metrics for k in trained):
-        driven = [gradient_lr * metrics[f"rel_grad/{k}"] for k in trained]
+        rel_grads = [metrics[f"rel_grad/{k}"] for k in trained]
+        driven = [gradient_lr * g for g in rel_grads]
     else:
         driven = updates
     if max(driven) < FROZEN_UPDATE:
+        # Frozen by the gradient, or by the lr? Healthy relative gradients under a tiny lr are an lr
+        # too small, not a dead signal. Seen: a He VGG-16 whose plateau schedule had cut lr 0.01 to
+        # 1e-4 (gradient_lr 1e-3) read relative gradients 4e-3..7e-3 and a healthy forward signal,
+        # and was named vanishing_signal; with a constant lr the same run reached 61%.
+        if rel_grads is not None and max(rel_grads) >= FROZEN_GRADIENT:
+            return "lr_too_small"
         return "vanishing_signal"
     first_grad = metrics[f"grad_norm/{trained[0]}"]
     last_grad = metrics[f"grad_norm/{trained[-1]}"]

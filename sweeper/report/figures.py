@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from sweeper.outcomes import trained_bar
 from sweeper.report.study import (
     FLOOR_TEXT,
-    TRAINED_OVER_CHANCE,
     Cell,
     Study,
     Trial,
@@ -157,12 +157,12 @@ def fig_heatmap(study: Study, path: Path) -> Path:
         bar = fig.colorbar(image, ax=list(axes), shrink=0.85)
         bar.set_label("best val accuracy (over lr" + (", mean over seeds)" if n_max > 1 else ")"))
         bar.ax.axhline(study.chance, color="red", lw=1)
-        bar.ax.axhline(TRAINED_OVER_CHANCE * study.chance, color="red", lw=1, ls="--")
+        bar.ax.axhline(trained_bar(study.chance), color="red", lw=1, ls="--")
     legend = [f"{m} = {name.replace('_', ' ')}" for name, m in MARKS.items() if m in used_marks]
     seeds = (f" k/n after a mark: seeds of the cell it holds for (n = {n_max})." if n_max > 1 else
              " n = 1 seed per cell.")
     fig.supxlabel("marks: " + "; ".join(legend) + "." + seeds + f"\nColour-bar lines: chance "
-                  f"({study.chance:.0%}, solid) and the trained bar ({TRAINED_OVER_CHANCE * study.chance:.0%},"
+                  f"({study.chance:.0%}, solid) and the trained bar ({trained_bar(study.chance):.0%},"
                   " dashed).", fontsize=7.5)
     return _save(fig, path)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sweeper.export import trial_row
-from sweeper.outcomes import NOT_TRAINED, TRAINED_OVER_CHANCE
+from sweeper.outcomes import NOT_TRAINED, trained_bar
 from sweeper.records import SweepRecord
 
 SIGNAL_FLOOR = 1e-6
@@ -421,7 +421,7 @@ def cells_of(trials: list[Trial], axes: list[str], chance: float) -> list[Cell]:
         by_seed: dict[Any, list[Trial]] = {}
         for t in ts:
             by_seed.setdefault(t.seed, []).append(t)
-        reps = [_replicate(s, by_seed[s], TRAINED_OVER_CHANCE * chance)
+        reps = [_replicate(s, by_seed[s], trained_bar(chance))
                 for s in sorted(by_seed, key=_seed_sort)]
         verdicts = Counter(r.verdict for r in reps)
         if verdicts["trained"] and verdicts["stalled"]:

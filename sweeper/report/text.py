@@ -13,12 +13,11 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from sweeper.outcomes import NOT_TRAINED, OUTCOMES, SIGNAL_COLLAPSE
+from sweeper.outcomes import NOT_TRAINED, OUTCOMES, SIGNAL_COLLAPSE, TRAINED_OVER_CHANCE, trained_bar
 from sweeper.report.study import (
     DERIVED,
     FLOOR_TEXT,
     LAYER_KEY,
-    TRAINED_OVER_CHANCE,
     Cell,
     Study,
     cell_label,
@@ -32,6 +31,14 @@ from sweeper.report.study import (
 
 def pct(x: float) -> str:
     return f"{x:.1%}" if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
+
+
+def bar_text(chance: float) -> str:
+    """The trained bar in words (:func:`sweeper.outcomes.trained_bar`): "2× chance (20%)"."""
+    bar = trained_bar(chance)
+    if bar < TRAINED_OVER_CHANCE * chance:
+        return f"halfway from chance to 100% ({bar:.0%})"
+    return f"{TRAINED_OVER_CHANCE:g}× chance ({bar:.0%})"
 
 
 def lr_text(x: float) -> str:
@@ -401,8 +408,8 @@ def summary(study: Study, notes: list[str]) -> str:
                f"(grid axes: {axes}{lr_clause(study)}), {seeds}. Chance is {chance:.0%} "
                f"({study.num_classes} classes from {study.classes_from}; ln C = {ln_c:.4f}); a seed of a "
                f"cell trains when one of its trials whose outcome is not "
-               f"{'/'.join(sorted(NOT_TRAINED))} reached more than {TRAINED_OVER_CHANCE:g}× chance "
-               f"({TRAINED_OVER_CHANCE * chance:.0%}) validation accuracy at any lr; a cell's verdict "
+               f"{'/'.join(sorted(NOT_TRAINED))} reached more than {bar_text(chance)} "
+               f"validation accuracy at any lr; a cell's verdict "
                f"counts its seeds.")
     out += ["", f"Outcomes, one per trial as recorded (the `outcome` column of `sweeper export`, MLflow's "
                 f"`sweeper.outcome`): {outcome_counts_text(study)}.", "",
