@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 __all__ = ["OUTCOMES", "Outcome", "classify", "NOT_TRAINED", "SIGNAL_COLLAPSE", "TRAINED_OVER_CHANCE",
-           "trained_bar",
+           "run_at_end", "trained_bar",
            "no_better_than_chance"]
 
 OUTCOMES = ("completed", "pruned", "stalled", "late_start", "val_collapse", "diverged", "failed",
@@ -107,10 +107,10 @@ def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any]
     if not finished:
         return Outcome("stopped", "stopped before its budget (the sweep was interrupted)",
                        at_chance, cause, chance_epochs)
-    if at_chance and (_run_at_end(flags) >= min(stall_epochs, len(flags))
+    if at_chance and (run_at_end(flags) >= min(stall_epochs, len(flags))
                       or last.get("stalled")):
         what = "fell back to chance after learning" if cause == "learn_then_collapse" else \
-            f"at chance through its last {_run_at_end(flags)} epoch(s)"
+            f"at chance through its last {run_at_end(flags)} epoch(s)"
         return Outcome("stalled", f"{what} ({cause})" if cause else what, True, cause,
                        chance_epochs)
     if last.get("stalled") and last.get("stall_reason") == "learn_then_collapse":
@@ -190,7 +190,8 @@ def _longest_run(flags: Sequence[bool]) -> int:
     return best
 
 
-def _run_at_end(flags: Sequence[bool]) -> int:
+def run_at_end(flags: Sequence[bool]) -> int:
+    """How many epochs in a row, counted back from the last, the flags hold (at chance)."""
     n = 0
     for f in reversed(flags):
         if not f:

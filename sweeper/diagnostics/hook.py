@@ -19,7 +19,7 @@ from sweeper.diagnostics.theory import (chain_second_moments, layer_gain, paddin
                                         scheme_gain, spatial_correlation)
 from sweeper.diagnostics.updates import last_updates, next_updates
 from sweeper.inits import fans
-from sweeper.outcomes import no_better_than_chance, trained_bar
+from sweeper.outcomes import no_better_than_chance, run_at_end, trained_bar
 
 __all__ = ["Diagnostics", "trial_hooks"]
 
@@ -101,12 +101,12 @@ class Diagnostics:
         flags = [no_better_than_chance(h["train_loss"], chance, self.cfg.stall_tolerance,
                                        h.get("val_accuracy"), rows[i - 1]["train_loss"] if i else None)
                  for i, h in enumerate(rows)]
-        run = next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))  # at chance at the end
-        # A trial shorter than stall_epochs that sat at chance throughout is stalled at its last epoch,
-        # as sweeper.outcomes judges it: it was "stalled" with no cause in the sweep's record while
-        # debug said "completed" (a width-1/8 VGG-11 with N(0, 0.01) init, 1 and 2 epochs).
+        # At its last epoch a trial shorter than stall_epochs that sat at chance throughout is stalled,
+        # as sweeper.outcomes.classify judges it: it was "stalled" with no cause in the sweep's record
+        # while debug said "completed" (a width-1/8 VGG-11 with N(0, 0.01) init, 1 and 2 epochs).
         last = getattr(ctx, "epoch", 0) >= getattr(getattr(ctx, "cfg", None), "epochs", math.inf)
-        stalled = run >= self.cfg.stall_epochs or (last and bool(flags) and run == len(flags))
+        stalled = run_at_end(flags) >= (min(self.cfg.stall_epochs, len(flags)) if last
+                                        else self.cfg.stall_epochs)
         # Learned = an epoch's loss a whole tolerance past the edge of the chance band, the bar a
         # counterfactual run must pass to have "escaped chance" (sweeper.counterfactual). It was
         # ln C - 0.5, which missed a He-init VGG-19 that reached 33% validation accuracy (loss 2.04,
