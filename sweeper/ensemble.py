@@ -486,7 +486,8 @@ class TrackingUnavailable(RuntimeError):
     """The ensemble was computed but could not be logged (server down, sweep not delivered yet)."""
 
 
-def log_ensemble(result: EnsembleResult, *, tracking_uri: str, experiment: str) -> tuple[str, bool]:
+def log_ensemble(result: EnsembleResult, *, tracking_uri: str, experiment: str,
+                 storage: str | None = None) -> tuple[str, bool]:
     """Log ``result`` as a child run of its sweep's parent run; (run id, created).
 
     The run is found again by ``sweeper.ensemble_id``: a run that is already FINISHED is left as it is
@@ -501,6 +502,7 @@ def log_ensemble(result: EnsembleResult, *, tracking_uri: str, experiment: str) 
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    from sweeper.store import resume_command
     from sweeper.tracking import redact
 
     try:
@@ -516,7 +518,8 @@ def log_ensemble(result: EnsembleResult, *, tracking_uri: str, experiment: str) 
         if parent is None:
             raise TrackingUnavailable(
                 f"{redact(tracking_uri)} has no parent run for sweep {result.sweep!r} yet (its tracking "
-                f"was not delivered there): `sweeper sync {result.sweep}`, then run this again")
+                f"was not delivered there): {resume_command(result.sweep, storage, verb='sync')}, "
+                "then run this again")
         existing = client.search_runs(
             [exp.experiment_id], max_results=1,
             filter_string=f"tags.`sweeper.sweep_uid` = '{result.sweep_uid}' and "
@@ -640,7 +643,8 @@ def run_ensemble(record, *, storage_root: str, tracking_uri: str, top: int | Non
         error_console.print("[yellow]the sweep's record has no sweep id: nothing logged to MLflow[/yellow]")
         return False
     try:
-        run_id, created = log_ensemble(result, tracking_uri=tracking_uri, experiment=sweep)
+        run_id, created = log_ensemble(result, tracking_uri=tracking_uri, experiment=sweep,
+                                       storage=storage_root)
     except TrackingUnavailable as exc:
         error_console.print(f"[yellow]ensemble not logged to {escape(redact(tracking_uri))}: "
                             f"{escape(str(exc))}; run this command again when it is reachable (the "

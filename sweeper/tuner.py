@@ -500,9 +500,12 @@ def _finish_tracking(sweep: Sweep, record: SweepRecord, tracker: Tracker, result
     # Interrupted: KILLED, as its stopped trials' runs; a resume makes it RUNNING again.
     tracker.finish(None, "KILLED" if result.interrupted else "FINISHED")
     if not tracker.flush_until(wait_s) and not quiet:
+        from sweeper.store import resume_command
+
+        sync = resume_command(sweep.name, sweep.storage, verb="sync")
         error_console.print(f"[yellow]{tracker.pending()} tracking operation(s) not delivered "
-                            f"({tracker.last_error()}); run `sweeper sync {sweep.name}` when the "
-                            "tracking server is back[/yellow]")
+                            f"({tracker.last_error()}); run {sync} when the tracking server is "
+                            "back[/yellow]")
 
 
 def _log_summary(sweep: Sweep, tracker: Tracker, result: LaunchResult) -> None:

@@ -311,8 +311,11 @@ def test_logged_once_under_the_parent_run_and_never_twice(fake_sweep, tmp_path):
     result = evaluate_ensemble(members, device="cpu", sweep="fake", sweep_uid=uid,
                                metric="val_accuracy", mode="max", selection=words)
     # No parent run there yet (the sweep's tracking never reached this store): said, not created.
-    with pytest.raises(TrackingUnavailable, match="no parent run for sweep 'fake'.*sweeper sync fake"):
-        log_ensemble(result, tracking_uri=uri, experiment="fake")
+    # The hint names the sweep's storage, as every other sync hint does: a bare `sweeper sync fake`
+    # looks in ./sweeps and finds nothing.
+    with pytest.raises(TrackingUnavailable, match="no parent run for sweep 'fake'") as err:
+        log_ensemble(result, tracking_uri=uri, experiment="fake", storage=str(root))
+    assert f"`sweeper sync fake --storage {root}`" in str(err.value), err.value
     parent = _parent_run(uri, "fake", uid)
     run_id, created = log_ensemble(result, tracking_uri=uri, experiment="fake")
     assert created

@@ -382,3 +382,31 @@ def test_progress_lines_as_trials_end_come_at_most_once_a_second_and_always_for_
     cb._progress(trials, ended=False)
     assert len(lines) == printed + 1
     tracker.close()
+
+
+def test_the_undelivered_tracking_hint_at_the_end_of_a_launch_names_the_sweeps_storage(tmp_path,
+                                                                                        capsys):
+    """A sweep on another storage told the user `sweeper sync NAME`, which looks in ./sweeps."""
+    from sweeper.tuner import LaunchResult, _finish_tracking
+
+    class Down:  # a tracker whose server is unreachable: everything stays in the spool
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def flush_until(self, wait_s):
+            return False
+
+        def pending(self):
+            return 7
+
+        def last_error(self):
+            return "connection refused"
+
+    storage = tmp_path / "elsewhere"
+    sweep = Sweep(name="far", space={"optim.lr": 0.1}, storage=str(storage))
+    record = SweepRecord(storage / "far")
+    _finish_tracking(sweep, record, Down(), LaunchResult(name="far", experiment_dir=str(record.dir)),
+                     wait_s=0, quiet=False)
+    text = " ".join(capsys.readouterr().err.split())
+    assert "7 tracking operation(s) not delivered (connection refused)" in text, text
+    assert f"run `sweeper sync far --storage {storage}` when the tracking server is back" in text, text
