@@ -145,6 +145,8 @@ def test_report_files_tables_and_text(tmp_path):
     assert "<table>" in text and "best val acc" in text and "stalled: vanishing_signal" in text
     assert "<h2>ASHA decisions</h2>" in text and "vgg11-he-plain-lr0.05" in text
     assert "Figure skipped" not in text
+    # MLflow's artifact pane is ~600 px wide: every table scrolls inside its own box, not the page.
+    assert text.count("<table>") == text.count('<div class="wide"><table>') > 0
     assert (tmp_path / "out" / "summary.md").read_text() == report.summary
 
     # cells.csv: one row per (depth, init, BN), best accuracy over lr and the lr that reached it.

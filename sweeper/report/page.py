@@ -27,9 +27,11 @@ th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.trained td.outcome { color: #17652a; font-weight: 600; }
 tr.stalled td.outcome { color: #a51d1d; font-weight: 600; }
-figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .88em; color: #555; } .skip { color: #8a6d00; background: #fff8e1; padding: .4em .8em; }
 .meta { color: #555; font-size: .88em; } code { background: #f3f3f3; padding: 0 .25em; }
+/* MLflow's artifact pane is ~600 px wide beside its side panel: wide tables scroll inside it. */
+div.wide { overflow-x: auto; }
 """
 
 
@@ -80,7 +82,8 @@ def _table(headers: list[str], rows: list[list[Any]], classes: list[str] | None 
             tds.append(f"<td class=\"{cls}\">{_esc(value)}</td>" if cls else f"<td>{_esc(value)}</td>")
         row_cls = f" class=\"{classes[n]}\"" if classes else ""
         body.append(f"<tr{row_cls}>{''.join(tds)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class=\"wide\">{table}</div>"
 
 
 def _cells_table(study: Study) -> str:
