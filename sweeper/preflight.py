@@ -22,7 +22,7 @@ from sweeper.spaces import Sweep, grid_cells, trial_resources
 from sweeper.store import filesystem, redacted_root, resume_command, storage_error, storage_root
 from sweeper.tracking import check_tracking_uri
 
-__all__ = ["check_launch_options", "check_node", "dry_run_problems", "preflight"]
+__all__ = ["check_launch_options", "check_node", "dry_run_problems", "preflight", "sweep_path_problems"]
 
 
 # ---- the command line -------------------------------------------------------------------------------
@@ -57,7 +57,19 @@ def dry_run_problems(sweep: Sweep, *, local: bool, num_cpus: int | None) -> list
     """
     root = storage_root(sweep.storage)
     problems = _machine_problems(sweep, num_cpus) if local else []
-    return problems + (_probe_storage(root) if _local_path(root) is not None else [])
+    return (problems + sweep_path_problems(root, sweep.name)
+            + (_probe_storage(root) if _local_path(root) is not None else []))
+
+
+def sweep_path_problems(root: str, name: str) -> list[str]:
+    """The sweep's directory on a local storage is taken by a file (the launch once ended in a
+    NotADirectoryError traceback there, while --dry-run passed)."""
+    path = _local_path(root)
+    where = path / name if path is not None else None
+    if where is None or not where.exists() or where.is_dir():
+        return []
+    return [f"name={name!r}: {where} is a file, not a sweep's directory: give the sweep another "
+            "name (--name NEW) or another --storage, or move the file"]
 
 
 # ---- storage ----------------------------------------------------------------------------------------

@@ -127,6 +127,20 @@ def test_dry_run_refuses_the_storage_a_launch_refuses_and_leaves_nothing_behind(
     assert out.returncode == 2 and "is not writable" in out.stderr, out.stdout
 
 
+def test_a_file_where_the_sweeps_directory_goes_is_refused_by_dry_run_and_launch(tmp_path):
+    """A file at STORAGE/NAME: the launch ended in a NotADirectoryError traceback (exit 1) from the
+    driver lease, and --dry-run passed."""
+    (tmp_path / "taken").write_text("not a sweep")
+    for extra in (["--dry-run"], ["--local", "--num-cpus", "1"]):
+        out = sweeper("launch", "search_spaces/vgg_depth.py", *extra, "dataset=digits", "--name", "taken",
+                      "--storage", str(tmp_path))
+        text = " ".join(out.stderr.split())
+        assert out.returncode == 2, (extra, out.stdout, out.stderr)
+        assert f"name='taken': {tmp_path / 'taken'} is a file, not a sweep's directory" in text, text
+        assert "--name NEW" in text and "Traceback" not in out.stderr
+    assert (tmp_path / "taken").read_text() == "not a sweep" and sorted(tmp_path.iterdir()) == [tmp_path / "taken"]
+
+
 def test_dry_run_lists_at_most_100_grid_cells_and_counts_the_rest(tmp_path):
     space = tmp_path / "wide.py"
     space.write_text('"""q"""\nfrom ray import tune\nfrom sweeper.spaces import Sweep\n'
