@@ -98,10 +98,18 @@ def user_errors(func: Callable) -> Callable:
                                 f"{_ENGINES[missing]}", highlight=False)
         except Exception as exc:
             from sweeper.data import DatasetUnavailable  # lazy: torch is slow to import
+            from sweeper.models import is_allocation_failure, too_big
 
-            if not isinstance(exc, DatasetUnavailable) or _SHOW_TRACEBACK["on"]:
+            if _SHOW_TRACEBACK["on"]:
                 raise
-            error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            if isinstance(exc, DatasetUnavailable):
+                error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            elif is_allocation_failure(exc):  # data.resolution=30000 in debug: a setting, not a bug
+                for problem in too_big(exc, "this trial", "lower data.resolution, model.width or "
+                                       "data.batch_size (--traceback shows where)").problems:
+                    error_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+            else:
+                raise
         raise typer.Exit(EXIT_USAGE)
 
     return wrapper
@@ -136,7 +144,9 @@ def debug(
         overrides.append(f"data.dir={data_dir.resolve()}")
     result = run_debug(file, overrides, sample=sample, epochs=epochs, device=device,
                        checkpoint_dir=checkpoint_dir, resume=resume, diagnostics=diagnostics)
-    if result.outcome not in ("completed",):
+    # Stalled, diverged or collapsed are findings, as in a sweep (exit 0): the outcome line says
+    # which. Only a trial that failed is exit 1, as the exit statuses above say.
+    if result.outcome == "failed":
         raise typer.Exit(1)
 
 

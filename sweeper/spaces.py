@@ -512,7 +512,7 @@ def dry_run(sweep: Sweep) -> TrialConfig:
     """Build one sampled model on the CPU and run a forward pass; return the sampled config."""
     import torch
 
-    from sweeper.models import build_model, split_outputs
+    from sweeper.models import build_model, is_allocation_failure, split_outputs, too_big
 
     cfg = TrialConfig.from_flat(sample_config(sweep))
     if callable(sweep.resources):
@@ -522,8 +522,14 @@ def dry_run(sweep: Sweep) -> TrialConfig:
     from sweeper.data import resolution
 
     side = resolution(cfg.data)
-    with torch.no_grad():
-        logits = split_outputs(model(torch.zeros(2, 3, side, side)))[0]
+    try:
+        with torch.no_grad():
+            logits = split_outputs(model(torch.zeros(2, 3, side, side)))[0]
+    except (RuntimeError, MemoryError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        raise too_big(exc, f"a forward pass of {cfg.model.arch} (model.width={cfg.model.width:g}) at "
+                           f"data.resolution={side}", "lower data.resolution or model.width") from None
     if logits.shape != (2, _num_classes(cfg)):
         raise ConfigError([f"dry run: {cfg.model.arch} produced logits of shape "
                            f"{tuple(logits.shape)}, expected (2, {_num_classes(cfg)})"])

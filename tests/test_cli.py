@@ -376,3 +376,29 @@ def test_the_summary_of_a_stopped_sweep_counts_the_trials_it_never_started(capsy
     _print_summary(LaunchResult(name="s", experiment_dir="/x/s", outcomes={"completed": 2}, trials=2,
                                 planned=2, epochs=8))
     assert "sweep 's': 2 trials (2 completed); 8 epochs run" in capsys.readouterr().out
+
+
+def test_a_model_or_images_too_big_for_memory_is_a_setting_to_lower_not_a_traceback(tmp_path):
+    """model.width=1000 ended launch and validate's dry run in a DefaultCPUAllocator traceback (exit 1),
+    and data.resolution=30000 ended debug the same way: sizes this machine cannot hold are the user's."""
+    # Sizes no machine can allocate (petabytes), so that no allocation succeeds lazily and then
+    # runs the test machine out of memory.
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits", "model.width=100000")
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "at model.width=100000 needs more memory than this machine could give (it asked for" in text
+    assert "GB): lower model.width" in text
+    out = sweeper("debug", "model.arch=smallcnn", "data.name=digits", "data.resolution=10000000", "--epochs", "1",
+                  f"data.dir={tmp_path}")
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "this trial needs more memory than this machine could give" in text
+    assert "lower data.resolution, model.width or data.batch_size" in text
+
+
+def test_debug_exits_0_for_a_stalled_trial_a_finding_as_in_a_sweep():
+    """debug exited 1 (an internal error, by the exit statuses) for any outcome but completed."""
+    out = sweeper("debug", "model.arch=vgg11", "model.init=normal", "data.name=digits", "model.width=0.125",
+                  "--epochs", "1")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "outcome: stalled" in out.stdout

@@ -10,14 +10,15 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from sweeper.config import ModelConfig
+from sweeper.config import ConfigError, ModelConfig
 from sweeper.models.googlenet import GoogLeNetOutput, googlenet
 from sweeper.models.resnet import resnet18, resnet34
 from sweeper.models.smallcnn import smallcnn
 from sweeper.models.vgg import A, A_LRN, B, C, D, E, conv_count, plain_plan, vgg, vgg11, vgg11_lrn, vgg13, \
     vgg16, vgg16c, vgg19
 
-__all__ = ["ARCHITECTURES", "GoogLeNetOutput", "build_model", "plain_plan", "split_outputs", "weight_depth"]
+__all__ = ["ARCHITECTURES", "GoogLeNetOutput", "build_model", "is_allocation_failure", "plain_plan",
+           "split_outputs", "too_big", "weight_depth"]
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg11": vgg11,
@@ -43,12 +44,35 @@ def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     builder = ARCHITECTURES.get(cfg.arch)
     if builder is None:
         raise _unknown_arch(cfg.arch)
-    model = builder(cfg, num_classes=num_classes)
     # Imported here so that the registry stays importable (config validation reads it) on its own.
     from sweeper.inits import init_weights
 
-    init_weights(model, cfg)
+    try:
+        model = builder(cfg, num_classes=num_classes)
+        init_weights(model, cfg)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        raise too_big(exc, f"model.arch={cfg.arch!r} at model.width={cfg.width:g}",
+                      "lower model.width") from None
     return model
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Torch could not get the memory a tensor needed (CPU allocator or CUDA)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def too_big(exc: BaseException, what: str, fix: str) -> ConfigError:
+    """A setting whose model or batch cannot be allocated: the user's to change (exit 2, no
+    traceback), named with the size torch asked for (``model.width=1000`` once ended in a
+    DefaultCPUAllocator traceback at launch)."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    size = f" (it asked for {int(asked.group(1)) / 1e9:.1f} GB)" if asked else ""
+    return ConfigError([f"{what} needs more memory than this machine could give{size}: {fix}"])
 
 
 def split_outputs(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
