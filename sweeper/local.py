@@ -489,13 +489,15 @@ def _varying_keys(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
-def _tracker_for(record, storage: str | None, tracking_uri: str | None):
+def _tracker_for(record, storage: str | None, tracking_uri: str | None, *, check_store: bool = False):
     from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri
     from sweeper.store import record_root
 
     check_tracking_uri(tracking_uri)
     meta = record.meta()
     uri = tracking_uri or meta.get("tracking_uri") or default_tracking_uri(record_root(storage))
+    if check_store and not tracking_uri:  # the sweep's own store: a damaged file is refused, not retried
+        check_tracking_uri(uri, option="the sweep's tracking store")
     if not meta.get("sweep_uid"):  # every launch writes one: its MLflow runs are found by it
         raise ConfigError([f"{record.dir / 'sweep.json'}: has no sweep_uid, which every launch writes "
                            "(its MLflow runs are found by it); the record is damaged: restore it from "
@@ -558,7 +560,7 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
     if mirror is not None and lease is not None and lease.alive:
         raise ConfigError([f"sweep {name!r} is running (driver {lease.describe()}): its driver "
                            "delivers its own tracking; sync after it ends"])
-    tracker = _tracker_for(record, storage, tracking_uri)
+    tracker = _tracker_for(record, storage, tracking_uri, check_store=True)
     if died_holding(record.dir, lease):
         # The driver died without releasing its lease: nothing else will end its runs.
         stopped = end_interrupted_runs(record, tracker)
@@ -616,7 +618,7 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
     import sys
     import time
 
-    from sweeper.tracking import default_tracking_uri
+    from sweeper.tracking import check_tracking_uri, default_tracking_uri
     from sweeper.store import record_root
 
     if not 1 <= port <= 65535:
@@ -628,6 +630,7 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
     if not (root / "mlflow.db").is_file():
         raise ConfigError([f"no MLflow store at {root / 'mlflow.db'}: launch a sweep first "
                            "(or pass --storage where it was launched)"])
+    check_tracking_uri(uri, option="the MLflow store")
     url = f"http://{host}:{port}/#/experiments"
     if name:
         from mlflow.tracking import MlflowClient

@@ -22,7 +22,8 @@ from sweeper.spaces import Sweep, grid_cells, trial_resources
 from sweeper.store import filesystem, redacted_root, resume_command, storage_error, storage_root
 from sweeper.tracking import check_tracking_uri
 
-__all__ = ["check_launch_options", "check_node", "dry_run_problems", "preflight", "sweep_path_problems"]
+__all__ = ["check_launch_options", "check_node", "default_store_problems", "dry_run_problems", "preflight",
+           "sweep_path_problems"]
 
 
 # ---- the command line -------------------------------------------------------------------------------
@@ -57,8 +58,23 @@ def dry_run_problems(sweep: Sweep, *, local: bool, num_cpus: int | None) -> list
     """
     root = storage_root(sweep.storage)
     problems = _machine_problems(sweep, num_cpus) if local else []
-    return (problems + sweep_path_problems(root, sweep.name)
+    return (problems + sweep_path_problems(root, sweep.name) + default_store_problems(sweep.storage)
             + (_probe_storage(root) if _local_path(root) is not None else []))
+
+
+def default_store_problems(storage: str | None, tracking_uri: str | None = None) -> list[str]:
+    """The embedded MLflow store beside the sweeps, when no other is given: a file there that is not
+    an SQLite database (a sweep once trained, then retried delivery to it for ever)."""
+    from sweeper.store import record_root
+    from sweeper.tracking import default_tracking_uri
+
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return []  # checked as given (check_launch_options)
+    try:
+        check_tracking_uri(default_tracking_uri(record_root(storage)), option="the MLflow store")
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def sweep_path_problems(root: str, name: str) -> list[str]:

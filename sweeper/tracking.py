@@ -96,6 +96,27 @@ def _sqlite_file(uri: str) -> Path | None:
     return None if path is None or "?" in uri or str(path).startswith("file:") else path
 
 
+# The first 16 bytes of every SQLite 3 database file (sqlite.org/fileformat.html, 1.3).
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _not_sqlite(db: Path) -> str | None:
+    """Why an existing file cannot be an SQLite database; None when it can (or is not there yet:
+    an empty file is one SQLite makes into a database too)."""
+    if not db.exists():
+        return None
+    if db.is_dir():
+        return "is a directory, not an SQLite database"
+    try:
+        with open(db, "rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head and head != _SQLITE_HEADER:
+        return "is not an SQLite database (its first bytes are not SQLite's header)"
+    return None
+
+
 def _create_sqlite_in_wal_mode(uri: str) -> None:
     """A SQLite store this process is about to create starts in write-ahead-log mode.
 
@@ -164,6 +185,11 @@ def check_tracking_uri(uri: str | None, *, option: str = "--tracking-uri") -> No
         problem = unwritable_directory(db.parent)
         if problem:
             raise ConfigError([f"{shown}: the database's directory {problem}"])
+        problem = _not_sqlite(db)
+        if problem:
+            raise ConfigError([f"{shown}: {db} {problem}: MLflow cannot open it, and a sweep would "
+                               "train and then retry delivery for ever; point it at another file, or "
+                               "move this one aside (a new store is made where none is)"])
     if scheme.split("+", 1)[0] in _URI_SCHEMES:
         return
     from importlib.metadata import entry_points

@@ -36,7 +36,8 @@ from sweeper.console import console, error_console
 from sweeper.outcomes import OUTCOMES
 from sweeper.preflight import _check_reachable, _check_space_unchanged, _configs_to_check, _dirs_to_create, \
     _machine_problems, _probe_storage, _refuse_a_second_sweep_of_the_name, _refuse_ray_client, \
-    _remove_created, check_launch_options, dry_run_problems, preflight, sweep_path_problems
+    _remove_created, check_launch_options, default_store_problems, dry_run_problems, preflight, \
+    sweep_path_problems
 from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
@@ -253,7 +254,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
         console.print(line)
     root = storage_root(sweep.storage)
     exp_dir = experiment_dir(sweep.name, sweep.storage)
-    taken = sweep_path_problems(root, sweep.name)
+    taken = sweep_path_problems(root, sweep.name) + default_store_problems(sweep.storage, tracking_uri)
     if taken:
         raise ConfigError(taken)
     record, mirror = open_sweep_record(sweep.name, sweep.storage)

@@ -402,3 +402,23 @@ def test_debug_exits_0_for_a_stalled_trial_a_finding_as_in_a_sweep():
                   "--epochs", "1")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "outcome: stalled" in out.stdout
+
+
+def test_a_file_that_is_not_sqlite_where_the_mlflow_store_goes_is_refused_before_anything_runs(tmp_path):
+    """A garbage mlflow.db beside the sweeps: the launch trained, then retried delivery for ever (sync
+    said 'file is not a database' with exit 4), and `sweeper ui` ended in MLflow's traceback."""
+    (tmp_path / "mlflow.db").write_text("garbage, not a database\n")
+    expected = (f"the MLflow store 'sqlite:///{tmp_path / 'mlflow.db'}': {tmp_path / 'mlflow.db'} is not "
+                "an SQLite database")
+    for args in (["launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits"],
+                 ["launch", "search_spaces/vgg_depth.py", "--local", "--num-cpus", "1", "dataset=digits"],
+                 ["ui"]):
+        out = sweeper(*args, "--storage", str(tmp_path))
+        text = " ".join(out.stderr.split())
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stdout, out.stderr[-2000:])
+        assert expected in text and "move this one aside" in text, (args, text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # nothing started, nothing written
+    # An empty file is one SQLite makes into a database: not refused.
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits", "--storage", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
