@@ -165,6 +165,12 @@ def epoch_rows(record: SweepRecord) -> list[dict[str, Any]]:
     return rows
 
 
+# Table formats a user may reach for that export does not write: such a suffix is a mistake, not
+# a dotted stem like run.v2 (which gets the format's extension added).
+_OTHER_TABLES = frozenset({"xlsx", "xls", "ods", "tsv", "txt", "feather", "arrow", "h5", "hdf5",
+                           "pkl", "pickle", "orc", "avro", "jsonl", "ndjson"})
+
+
 def export(record: SweepRecord, out: Path, *, fmt: str | None = None, epochs: bool = False) -> list[Path]:
     """Write the trials table (and the epochs table) to ``out`` (a file stem: ``out.csv``, or
     ``out.trials.csv`` and ``out.epochs.csv``; an existing folder gets ``<sweep>.csv`` in it);
@@ -174,6 +180,10 @@ def export(record: SweepRecord, out: Path, *, fmt: str | None = None, epochs: bo
     from sweeper.config import ConfigError
 
     named = out.suffix[1:].lower() if out.suffix[1:].lower() in FORMATS else None
+    if fmt is None and out.suffix[1:].lower() in _OTHER_TABLES:  # a.xlsx wrote a.xlsx.parquet, exit 0
+        raise ConfigError([f"--out {out}: export does not write .{out.suffix[1:]} files; it writes "
+                           f"{list(FORMATS)}: give --out {out.with_suffix('')}.csv (or --format to "
+                           "add its extension to this name)"])
     if fmt is None:
         fmt = named or "parquet"  # `--out runs.csv` wrote runs.csv.parquet
     if fmt not in FORMATS:

@@ -274,6 +274,12 @@ def test_export_paths_keep_the_stem_and_go_into_a_folder(tmp_path):
     assert export(record, out / "plain") == [out / "plain.parquet"]
     with pytest.raises(ConfigError, match=r"names a \.json file but --format is csv"):
         export(record, out / "clash.json", fmt="csv")
+    # A table format export does not write is a mistake, not a dotted stem (a.xlsx.parquet, exit 0).
+    with pytest.raises(ConfigError, match=r"a\.xlsx: export does not write \.xlsx files; it writes "
+                                          r"\['parquet', 'csv', 'json'\]: give --out .*/a\.csv"):
+        export(record, out / "a.xlsx")
+    assert not (out / "a.xlsx.parquet").exists()
+    assert export(record, out / "a.xlsx", fmt="csv") == [out / "a.xlsx.csv"]  # --format: as asked
     assert export(record, out, fmt="json") == [out / "paths.json"]  # a folder: <sweep>.json in it
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="afile is a file, not a directory"):
