@@ -139,6 +139,20 @@ def _png(path, colour, size=(40, 30)):
     Image.new("RGB", size, colour).save(path)
 
 
+def test_one_truncated_image_among_good_ones_is_named(tmp_path):
+    """'dataset ... is incomplete: Truncated File Read' named no file: a user with thousands of
+    images could not find the bad one."""
+    root = tmp_path / "images"  # not tmp_path: the test's cache is a folder there
+    for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        for i in range(4):
+            _png(root / cls / f"{i}.png", colour)
+    bad = root / "dog" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header survives, the pixel data does not
+    with pytest.raises(DatasetUnavailable) as info:
+        load_splits(DataConfig(name="imagefolder", dir=str(root), resolution=16), seed=0)
+    assert f"is incomplete: {bad}: " in str(info.value) and "remove or replace that file" in str(info.value)
+
+
 def test_imagefolder_with_train_and_test_folders(tmp_path):
     for split, n in (("train", 5), ("test", 2)):
         for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):

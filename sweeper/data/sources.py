@@ -193,13 +193,19 @@ def _image_loader(resolution: int) -> Callable[[str], torch.Tensor]:
     from PIL import Image, ImageOps
 
     def load(path: str) -> torch.Tensor:
-        with Image.open(path) as im:
-            # JPEG decodes at 1/2, 1/4 or 1/8 scale almost for free; ask for the smallest scale that
-            # still covers the target (a no-op for other formats). Food-101 decodes ~5x faster.
-            im.draft("RGB", (resolution, resolution))
-            im = ImageOps.fit(im.convert("RGB"), (resolution, resolution),
-                              method=Image.Resampling.BILINEAR)
-            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        try:
+            with Image.open(path) as im:
+                # JPEG decodes at 1/2, 1/4 or 1/8 scale almost for free; ask for the smallest scale
+                # that still covers the target (a no-op for other formats). Food-101 decodes ~5x faster.
+                im.draft("RGB", (resolution, resolution))
+                im = ImageOps.fit(im.convert("RGB"), (resolution, resolution),
+                                  method=Image.Resampling.BILINEAR)
+                return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        except OSError as exc:
+            # "Truncated File Read" named no file: in a folder of thousands the user could not find it.
+            if str(path) in str(exc):
+                raise
+            raise OSError(f"{path}: {exc}") from exc
 
     return load
 
@@ -221,7 +227,8 @@ def _decode_images(dataset: Any, name: str, directory: Path, resolution: int
             for _ in pool.map(one, range(n)):
                 pass
     except OSError as exc:  # a file listed but missing, or not an image (PIL's UnidentifiedImageError)
-        raise DatasetUnavailable(f"dataset {name!r} in {directory} is incomplete: {exc}") from None
+        raise DatasetUnavailable(f"dataset {name!r} in {directory} is incomplete: {exc} (remove or "
+                                 "replace that file)") from None
     return x, y
 
 
