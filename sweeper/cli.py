@@ -270,9 +270,11 @@ def export(
 ) -> None:
     """Write one row per trial (and per epoch) with pyarrow."""
     from sweeper.export import export as write
-    from sweeper.local import existing_record
+    from sweeper.local import as_readers_see, existing_record, left_running_note, resolve_storage
 
-    record = existing_record(name, storage)
+    record, left = as_readers_see(existing_record(name, storage), name, resolve_storage(name, storage))
+    if left:
+        error_console.print(left_running_note(name, resolve_storage(name, storage), left), style="yellow")
     for path in write(record, out or Path(name), fmt=format, epochs=epochs):
         console.print(f"wrote {path}")
 
@@ -319,13 +321,16 @@ def report(
     """Write the study report (tables, figures, text, one HTML file)."""
     import shutil
 
-    from sweeper.local import existing_record
+    from sweeper.local import as_readers_see, existing_record, left_running_note, resolve_storage
     from sweeper.report import build_report
 
     if out is not None and (problems := file_in_the_way("--out", out)):
         raise ConfigError(problems)
     record, mirror = existing_record(name, storage, with_mirror=True)
-    result = build_report(record, record.dir / "report" if mirror or out is None else out)
+    seen, left = as_readers_see(record, name, resolve_storage(name, storage))
+    if left:
+        error_console.print(left_running_note(name, resolve_storage(name, storage), left), style="yellow")
+    result = build_report(seen, record.dir / "report" if mirror or out is None else out)
     html = result.html
     if mirror is not None:  # beside the sweep on its storage, and here to open
         mirror.push()

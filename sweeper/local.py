@@ -408,11 +408,10 @@ def print_status(name: str, storage: str | None) -> None:
 
     where = resolve_storage(name, storage)
     state, live = _driver_state(record, name, where)
-    cut_off = 0
-    if not live:  # a trial left "running" by a driver that is gone is not running
-        cut_off = sum(1 for t in trials if _left_running(t))
-        trials = [{**t, "status": "interrupted"} if t.get("status") == "running" else t
-                  for t in trials]
+    # A trial left "running" by a driver that is gone is not running: shown as export and the
+    # report show it, stopped, as `sweeper sync` labels it.
+    seen, cut_off = as_readers_see(record, name, where)
+    trials = seen.trials()
     from sweeper.export import outcome_fields, status_outcome
 
     # The outcome as recorded (= MLflow's sweeper.outcome, export's `outcome`); counted by it alone,
@@ -430,9 +429,7 @@ def print_status(name: str, storage: str | None) -> None:
     console.print(f"sweep {name!r}: {state}; {len(trials)}/{meta.get('planned_trials', '?')} "
                   "trials started" + (f"; {outcomes}" if outcomes else ""))
     if cut_off:
-        console.print(f"{cut_off} trial(s) were running when the driver died, and their MLflow runs "
-                      f"still say RUNNING: {resume_command(name, where, verb='sync')} "
-                      "labels them stopped and ends them KILLED (a resume runs them again)")
+        console.print(left_running_note(name, where, cut_off))
     if "sweep_uid" in meta:
         tracker = _tracker_for(record, storage, None)
         pending = tracker.pending()
@@ -512,6 +509,46 @@ STOPPED_REASON = "stopped before its budget (the sweep was interrupted); it resu
 def _left_running(trial: dict) -> bool:
     """The record shows the trial running, with no outcome: only its driver could still end it."""
     return trial.get("status") == "running" and not trial.get("outcome")
+
+
+def _as_stopped(trial: dict) -> dict:
+    """A trial as :func:`mark_stopped` labels it."""
+    return {**trial, "status": "stopped", "outcome": "stopped", "reason": STOPPED_REASON}
+
+
+class _SeenAfterItsDriver:
+    """A record whose driver is gone, as the readers show it: the trials it left running read as
+    ``sweeper sync`` will label them (stopped). Without this, after a killed driver status said
+    "interrupted", export "running" and the report "still running" about the same trial."""
+
+    def __init__(self, record: SweepRecord) -> None:
+        self._record = record
+
+    def __getattr__(self, name: str):
+        return getattr(self._record, name)
+
+    def trials(self) -> list[dict]:
+        return [_as_stopped(t) if _left_running(t) else t for t in self._record.trials()]
+
+    def trial(self, trial_id: str) -> dict | None:
+        t = self._record.trial(trial_id)
+        return _as_stopped(t) if t is not None and _left_running(t) else t
+
+
+def as_readers_see(record: SweepRecord, name: str, storage: str | None):
+    """(the record as status, export and report show it, trials a dead driver left running): those
+    trials read as stopped, as ``sweeper sync`` labels them; the record itself is not changed."""
+    _, live = _driver_state(record, name, storage)
+    left = 0 if live else sum(1 for t in record.trials() if _left_running(t))
+    return (_SeenAfterItsDriver(record) if left else record), left
+
+
+def left_running_note(name: str, storage: str | None, left: int) -> str:
+    from sweeper.store import resume_command
+
+    return (f"{left} trial(s) were running when the driver died (interrupted): shown as stopped, as "
+            f"{resume_command(name, storage, verb='sync')} labels them; until then their MLflow runs "
+            "still say RUNNING (a resume runs them again)")
 
 
 def mark_stopped(record: SweepRecord, tracker) -> list[str]:

@@ -89,6 +89,37 @@ def test_a_reused_pid_is_not_the_driver_and_stop_never_signals_it(tmp_path):
         stand_in.wait()
 
 
+def test_after_a_killed_driver_status_export_and_report_say_the_same_of_its_running_trial(tmp_path):
+    """Before `sweeper sync`, status said "interrupted", export "running" with no outcome and the
+    report "1 running ... still running" about the same trial of a killed driver."""
+    import csv
+
+    record = _fake_sweep(tmp_path, "gone")
+    record.write_trial("t2", {"trial_id": "t2", "name": "b", "config": {"optim.lr": 0.01},
+                              "status": "finished", "outcome": "completed", "epochs": 1, "created": 2.0})
+    stand_in = _stand_in()
+    try:
+        _write_lease(record.dir, stand_in.pid, start_time="1")  # its pid is now another process's
+        status = run_sweeper("status", "gone", "--storage", str(tmp_path))
+        export = run_sweeper("export", "gone", "--storage", str(tmp_path), "-o", str(tmp_path / "t.csv"))
+        report = run_sweeper("report", "gone", "--storage", str(tmp_path), "--out", str(tmp_path / "r"))
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    for out in (status, export, report):
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = " ".join((out.stdout + out.stderr).split())
+        assert ("1 trial(s) were running when the driver died (interrupted): shown as stopped, as "
+                f"`sweeper sync gone --storage {tmp_path}` labels them") in text, text
+    assert "1 completed, 1 stopped" in " ".join(status.stdout.split())
+    rows = {r["trial_id"]: r for r in csv.DictReader((tmp_path / "t.csv").open())}
+    assert (rows["t1"]["status"], rows["t1"]["outcome"], rows["t2"]["outcome"]) == ("stopped", "stopped",
+                                                                                    "completed")
+    summary = " ".join(report.stdout.split())
+    assert "1 stopped" in summary and "1 running" not in summary and "still running" not in summary, summary
+    assert record.trial("t1")["status"] == "running"  # readers never write: sync labels the record
+
+
 def test_a_live_driver_is_asked_to_stop_through_the_record_not_signalled(tmp_path):
     record = _fake_sweep(tmp_path, "live")
     stand_in = _stand_in()

@@ -298,6 +298,12 @@ class Cell:
         return self.outcome.startswith("stalled")
 
     @property
+    def stopped(self) -> bool:
+        """Not judged because the sweep was interrupted: every trial of it not finished was stopped
+        (a cell with one finished and one stopped trial was said to be "still running")."""
+        return self.outcome == "running" and all(t.outcome == "stopped" for t in self.trials if t.running)
+
+    @property
     def mixed(self) -> bool:
         return self.outcome == "mixed"
 
@@ -365,7 +371,8 @@ class Cell:
         if running:
             # A trial of an interrupted sweep is "stopped" (its outcome), not running: the report said
             # "still running" beside the outcome line's "1 stopped" and status's "not running".
-            stopped = sum(r.verdict == "running" and all(t.outcome == "stopped" for t in r.trials)
+            stopped = sum(r.verdict == "running" and all(t.outcome == "stopped" for t in r.trials
+                                                         if t.running)
                           for r in self.replicates)
             if running - stopped:
                 parts.append(f"still running in {running - stopped}/{n}")

@@ -197,12 +197,13 @@ def by_init_lines(study: Study) -> list[str]:
             ok = [c for c in own if c.trained]
             bad = [c for c in own if c.stalled]
             mixed = [c for c in own if c.mixed]
-            run = [c for c in own if c.outcome == "running"]
+            run = [c for c in own if c.outcome == "running" and not c.stopped]
+            halted = [c for c in own if c.stopped]
             accs = join(f"{_where(c)}: {pct(c.stats('acc')[0])} in {seeds_text(c, 'trained')}" for c in ok)
             every = "every depth" if len({c.model for c in own}) > 1 else "its one depth"
-            if ok and not bad and not run and not mixed:
+            if ok and not bad and not run and not mixed and not halted:
                 text = f"{init} trains at {every} ({accs})"
-            elif bad and not ok and not run and not mixed:
+            elif bad and not ok and not run and not mixed and not halted:
                 text = (f"{init} stalls at {every} (" + join(f"{_where(c)} in {seeds_text(c, 'stalled')}: "
                                                              f"{c.reason}" for c in bad) + ")")
             else:
@@ -218,6 +219,8 @@ def by_init_lines(study: Study) -> list[str]:
                                                     for c in bad))
                 if run:
                     bits.append(f"is still running at {join(_where(c) for c in run)}")
+                if halted:
+                    bits.append(f"was stopped before its end at {join(_where(c) for c in halted)}")
                 text = f"{init} " + " but ".join(bits)
             parts.append(text)
         lines.append(f"- {'With BN' if bn else 'Without BN'}: " + ". ".join(parts) + ".")
@@ -423,10 +426,14 @@ def summary(study: Study, notes: list[str]) -> str:
         out += ["", "## Stalled cells", ""]
         out += stalled_lines(study) or ["- No cell stalled: every finished cell has a trial above the "
                                         "trained bar in every seed."]
-        running = [c for c in cells if c.outcome == "running"]
+        running = [c for c in cells if c.outcome == "running" and not c.stopped]
         if running:
             out.append("- Not judged yet (still running, not above the bar): "
                        + "; ".join(cell_label(c) for c in running) + ".")
+        halted = [c for c in cells if c.stopped]
+        if halted:
+            out.append("- Not judged (stopped before its end: the sweep was interrupted, and a resume "
+                       "runs it again): " + "; ".join(cell_label(c) for c in halted) + ".")
         out += ["", "## Which cells train", ""] + by_init_lines(study)
         best_line = best_by_depth_line(study)
         if best_line:
