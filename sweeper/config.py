@@ -336,7 +336,9 @@ class TrialConfig:
         if d.resolution is not None:
             _at_least(p, "data.resolution", d.resolution, 8)
         _in_range(p, "data.val_fraction", d.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
-        _at_least(p, "data.batch_size", d.batch_size, 1)
+        if d.batch_size < 2:  # a batch of one breaks BatchNorm's statistics: training drops it
+            p.append(f"data.batch_size={d.batch_size!r} must be >= 2 (a batch of one is skipped, as it "
+                     "breaks BatchNorm's batch statistics: no step would ever be taken)")
         if d.limit is not None:
             _at_least(p, "data.limit", d.limit, 2)
         _at_least(p, "data.crop_padding", d.crop_padding, 0)

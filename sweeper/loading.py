@@ -118,6 +118,18 @@ class _LoadTimeout(BaseException):
     """Raised into a space file that runs past its loading time limit."""
 
 
+class _OsExit(BaseException):
+    """os._exit called by a search-space file while it loads."""
+
+    def __init__(self, code: object) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _refuse_os_exit(code: object = 0) -> None:
+    raise _OsExit(code)
+
+
 def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
     """Run the file's code in a fresh module; every failure becomes a ConfigError naming its line."""
     filename = str(path)
@@ -146,12 +158,23 @@ def _exec_space(path: Path, data: bytes, limit: float) -> types.ModuleType:
     sys.modules[module_name] = module  # dataclasses and pickling look a class's module up here
     shadowed = {name: sys.modules.get(name, _ABSENT) for name in standin}
     sys.modules.update(standin)
+    # os._exit ends the process with no exception to catch: `validate a.py b.py` once exited 0 in
+    # silence, never checking b.py. While the file runs it raises instead; the file sees its own
+    # path as argv, not sweeper's command line.
+    real_exit, real_argv = os._exit, sys.argv
+    os._exit = _refuse_os_exit
+    sys.argv = [filename]
     try:
         try:
             timer.start()
             exec(code, module.__dict__)
         finally:
             timer.stop()
+            os._exit, sys.argv = real_exit, real_argv
+    except _OsExit as exc:
+        raise ConfigError([f"{_where(path, _line_in(exc.__traceback__, filename))}called "
+                           f"os._exit({exc.code!r}) while being loaded; a search-space file only "
+                           "defines SWEEP"]) from None
     except _LoadTimeout as exc:
         raise ConfigError([f"{_where(path, _line_in(exc.__traceback__, filename))}TimeoutError: took "
                            f"longer than {limit:g} s to load (an endless loop at import?); "

@@ -92,7 +92,7 @@ def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any]
         reason = last.get("stop_reason") or f"non-finite training loss in epoch {last.get('epoch')}"
         return Outcome("diverged", reason, False, None, chance_epochs)
     if decision is not None:
-        state = f"; at chance ({cause})" if at_chance else ""
+        state = (f"; at chance ({cause})" if cause else "; at chance") if at_chance else ""  # never "(None)"
         tie = decision.get("tie_break")
         if tie:
             reason = (f"ASHA rung {decision.get('rung')}: {metric}={_fmt(decision.get('value'))} tied "

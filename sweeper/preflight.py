@@ -70,6 +70,8 @@ def default_store_problems(storage: str | None, tracking_uri: str | None = None)
 
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return []  # checked as given (check_launch_options)
+    if not (Path(record_root(storage)) / "mlflow.db").exists():
+        return []  # made by the launch; an unwritable storage is the storage check's to name
     try:
         check_tracking_uri(default_tracking_uri(record_root(storage)), option="the MLflow store")
     except ConfigError as exc:

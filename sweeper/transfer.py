@@ -96,9 +96,10 @@ _TV_ARCHS = {"resnet18": "resnet18", "resnet34": "resnet34", "googlenet": "googl
 
 
 def is_file_ref(value: str) -> bool:
-    """A path or URI rather than a torchvision weights name."""
+    """A path or URI rather than a torchvision weights name (a bare name that is a file here is a
+    file: `model.pretrained=afile` was read as a weights name and refused for the wrong reason)."""
     return ("/" in value or "\\" in value or value.startswith(("~", ".")) or
-            value.endswith((".pt", ".pth", ".bin", ".ckpt")))
+            value.endswith((".pt", ".pth", ".bin", ".ckpt")) or os.path.isfile(value))
 
 
 def _tv_arch(m: "ModelConfig") -> str | None:

@@ -19,6 +19,8 @@ def sweeper(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     ("optim.lr=-0.1", "optim.lr=-0.1 must be > 0"),
     ("width=0", "model.width=0.0 must be > 0"),
     ("width=-1", "model.width=-1.0 must be > 0"),
+    # A batch of one is skipped (BatchNorm): batch_size=1 trained nothing and was called diverged.
+    ("data.batch_size=1", "data.batch_size=1 must be >= 2 (a batch of one is skipped"),
 ])
 def test_bad_input_is_one_clear_message_and_exit_2(setting, message):
     out = sweeper("debug", setting, "epochs=1")
@@ -422,3 +424,26 @@ def test_a_file_that_is_not_sqlite_where_the_mlflow_store_goes_is_refused_before
     (tmp_path / "mlflow.db").write_bytes(b"")
     out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits", "--storage", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_settings_and_surroundings_a_user_gets_wrong_are_exit_2_with_the_fix(tmp_path):
+    """Each was a traceback (exit 1): GoogLeNet below 15 px at launch (validate said it cleanly), a
+    SWEEPER_CACHE_DIR that is a file, and a bare model.pretrained file name read as a weights name."""
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--dry-run", "dataset=digits", "model.arch=googlenet",
+                  "data.resolution=8")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "GoogLeNet needs inputs of at least 15x15 px" in " ".join(out.stderr.split())
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    env = {**os.environ, "SWEEPER_CACHE_DIR": str(afile)}
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "launch", "search_spaces/vgg_depth.py",
+                          "--dry-run", "--local", "dataset=digits"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"the data cache {afile} (SWEEPER_CACHE_DIR" in text and "point SWEEPER_CACHE_DIR at a directory" in text
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "debug", "model.arch=smallcnn", "data.name=digits",
+                          "model.pretrained=afile", "--epochs", "1"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "torchvision has no weights" not in out.stderr and "empty" in out.stderr, out.stderr

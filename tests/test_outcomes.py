@@ -83,6 +83,13 @@ def test_pruned_at_chance_stays_pruned():
     assert "ASHA rung 2" in r.reason and "cutoff 0.5 of 4 peers" in r.reason and "at chance (dead_relu)" in r.reason
 
 
+def test_pruned_at_chance_with_no_cause_named_never_says_none():
+    """"at chance (None)" reached the launch's progress lines and the status table."""
+    r = classify(history([AT, AT], reasons=[None, None]), decision=DECISION)
+    assert r.outcome == "pruned" and r.at_chance is True and r.cause is None
+    assert r.reason.endswith("; at chance") and "None" not in r.reason, r.reason
+
+
 def test_pruned_while_learning():
     r = classify(history([2.0, 1.5], [0.3, 0.4]), decision=DECISION)
     assert r.outcome == "pruned" and r.at_chance is False and r.cause is None

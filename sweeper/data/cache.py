@@ -43,7 +43,14 @@ def cached(key: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     data = _load(path)
     if data is not None:
         return data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # SWEEPER_CACHE_DIR naming a file ended in a NotADirectoryError traceback
+        from sweeper.config import ConfigError
+
+        raise ConfigError([f"the data cache {cache_root()} (SWEEPER_CACHE_DIR, else ~/.cache/sweeper) "
+                           f"cannot hold decoded data: {path.parent} cannot be made "
+                           f"({exc.strerror or exc}); point SWEEPER_CACHE_DIR at a directory"]) from None
     lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
     try:
         with lock:

@@ -131,7 +131,10 @@ def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
 def _carve(n: int, fraction: float, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, carved) indices: a seeded random ``fraction`` of range(n), at least one each side."""
     if n < 2:
-        raise ValueError(f"cannot carve {what} ({fraction}) from {n} example(s): need at least 2")
+        from sweeper.config import ConfigError  # a ValueError: the user's data and setting, exit 2
+
+        raise ConfigError([f"cannot carve {what} ({fraction}) from {n} example(s): need at least 2 "
+                           "(add images, or use a dataset with more per class)"])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = min(max(1, round(fraction * n)), n - 1)
     return order[k:], order[:k]

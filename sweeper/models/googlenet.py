@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sweeper.config import ModelConfig
+from sweeper.config import ConfigError, ModelConfig
 from sweeper.models._common import norm2d, scaled
 
 __all__ = ["INCEPTION", "GoogLeNet", "GoogLeNetOutput", "googlenet"]
@@ -126,8 +126,10 @@ class GoogLeNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor | GoogLeNetOutput:
         if min(x.shape[-2:]) < 15:
             # Caught here because torch's own error ("output size is too small", deep inside) names no setting.
-            raise ValueError(f"GoogLeNet needs inputs of at least 15x15 px, got {tuple(x.shape[-2:])}: its "
-                             "ceil-mode stem pools reduce smaller ones to nothing (raise data.resolution)")
+            # A ConfigError (a ValueError): the user's setting, exit 2 at launch and debug alike.
+            raise ConfigError([f"GoogLeNet needs inputs of at least 15x15 px, got {tuple(x.shape[-2:])}: "
+                               "its ceil-mode stem pools reduce smaller ones to nothing (raise "
+                               "data.resolution)"])
         x = self.pool2(self.conv3(self.conv2(self.pool1(self.conv1(x)))))
         x = self.pool3(self.inception3b(self.inception3a(x)))
         x = self.inception4a(x)

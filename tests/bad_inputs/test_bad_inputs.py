@@ -55,6 +55,9 @@ CASES = [
     ("sys_exit", "validate {S}/sys_exit.py", "sys_exit.py:3: SystemExit: called sys.exit(0) while being loaded"),
     ("sys_exit_local", "launch {S}/sys_exit.py --local", "sys_exit.py:3: SystemExit: called sys.exit(0) while being loaded"),
     ("sys_exit_debug", "debug {S}/sys_exit.py", "sys_exit.py:3: SystemExit: called sys.exit(0) while being loaded"),
+    # os._exit ends a process with nothing to catch: validate exited 0 in silence, checking no more files.
+    ("os_exit", "validate {S}/os_exit.py {S}/good.py", "os_exit.py:3: called os._exit(0) while being loaded"),
+    ("os_exit_local", "launch {S}/os_exit.py --local", "os_exit.py:3: called os._exit(0) while being loaded"),
     ("keyboard_interrupt", "validate {S}/keyboard_interrupt.py", "keyboard_interrupt.py:3: KeyboardInterrupt: interrupted while being loaded"),
     ("endless_loop", f"{TIMEOUT} validate {{S}}/endless_loop.py", "endless_loop.py:3: TimeoutError: took longer than 1 s to load (an endless loop at import?)"),
     ("endless_loop_local", f"{TIMEOUT} launch {{S}}/endless_loop.py --local", "endless_loop.py:3: TimeoutError: took longer than 1 s to load"),
