@@ -83,11 +83,18 @@ def sweep_path_problems(root: str, name: str) -> list[str]:
     """The sweep's directory on a local storage is taken by a file (the launch once ended in a
     NotADirectoryError traceback there, while --dry-run passed)."""
     path = _local_path(root)
-    where = path / name if path is not None else None
-    if where is None or not where.exists() or where.is_dir():
+    if path is None:
         return []
-    return [f"name={name!r}: {where} is a file, not a sweep's directory: give the sweep another "
-            "name (--name NEW) or another --storage, or move the file"]
+    where = path / name
+    # The record's own folder too (SweepRecord.dir): a file there, in a folder another tool owns,
+    # ended the launch in a FileExistsError traceback.
+    for taken in (where, SweepRecord(where).dir):
+        if taken.exists() and not taken.is_dir():
+            return [f"name={name!r}: {taken} is a file, not a sweep's directory: give the sweep "
+                    "another name (--name NEW) or another --storage, or move the file"]
+        if not taken.exists():
+            break
+    return []
 
 
 # ---- storage ----------------------------------------------------------------------------------------

@@ -141,6 +141,13 @@ def test_a_file_where_the_sweeps_directory_goes_is_refused_by_dry_run_and_launch
         assert f"name='taken': {tmp_path / 'taken'} is a file, not a sweep's directory" in text, text
         assert "--name NEW" in text and "Traceback" not in out.stderr
     assert (tmp_path / "taken").read_text() == "not a sweep" and sorted(tmp_path.iterdir()) == [tmp_path / "taken"]
+    # A folder of another tool's files holding a file where the sweep's record folder goes: the same.
+    (tmp_path / "other" / "sweeper").parent.mkdir()
+    (tmp_path / "other" / "sweeper").write_text("")
+    out = sweeper("launch", "search_spaces/vgg_depth.py", "--local", "--num-cpus", "1", "dataset=digits",
+                  "--name", "other", "--storage", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"{tmp_path / 'other' / 'sweeper'} is a file, not a sweep's directory" in " ".join(out.stderr.split())
 
 
 def test_dry_run_lists_at_most_100_grid_cells_and_counts_the_rest(tmp_path):
