@@ -272,8 +272,9 @@ def test_driver_killed_mid_sweep_resumes_where_it_stopped(tmp_path, mlflow_serve
     cut = [t["trial_id"] for t in record.trials() if t.get("status") == "running"]
     status = run_sweeper("status", "killed", "--storage", str(storage))
     assert status.returncode == 0 and "died without finishing" in status.stdout, status.stdout
-    assert (f"{len(cut)} trial(s) were running when the driver died, and their MLflow runs still say "
-            f"RUNNING: `sweeper sync killed --storage {storage}`") in " ".join(status.stdout.split())
+    assert (f"{len(cut)} trial(s) were running when the driver died (interrupted): shown as stopped, as "
+            f"`sweeper sync killed --storage {storage}` labels them; until then their MLflow runs still "
+            "say RUNNING") in " ".join(status.stdout.split())
     synced = run_sweeper("sync", "killed", "--storage", str(storage))
     assert synced.returncode == 0, synced.stdout + synced.stderr
     assert f"died with {len(cut)} trial(s) running" in synced.stdout, synced.stdout
