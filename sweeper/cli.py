@@ -70,6 +70,11 @@ def _options(traceback: bool = typer.Option(
     _SHOW_TRACEBACK["on"] = traceback
 
 
+def _print_problems(problems: List[str]) -> None:
+    for problem in problems:
+        error_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+
+
 def user_errors(func: Callable) -> Callable:
     """Turn the errors a user can fix into messages and exit code 2; Ctrl-C into exit code 3."""
 
@@ -80,8 +85,7 @@ def user_errors(func: Callable) -> Callable:
         except ConfigError as exc:
             if _SHOW_TRACEBACK["on"]:
                 raise
-            for problem in exc.problems:
-                error_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+            _print_problems(exc.problems)
         except typer.Exit:
             raise
         except KeyboardInterrupt:
@@ -103,11 +107,10 @@ def user_errors(func: Callable) -> Callable:
             if _SHOW_TRACEBACK["on"]:
                 raise
             if isinstance(exc, DatasetUnavailable):
-                error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+                _print_problems([str(exc)])
             elif is_allocation_failure(exc):  # data.resolution=30000 in debug: a setting, not a bug
-                for problem in too_big(exc, "this trial", "lower data.resolution, model.width or "
-                                       "data.batch_size (--traceback shows where)").problems:
-                    error_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+                _print_problems(too_big(exc, "this trial", "lower data.resolution, model.width or "
+                                        "data.batch_size (--traceback shows where)").problems)
             else:
                 raise
         raise typer.Exit(EXIT_USAGE)
@@ -270,11 +273,9 @@ def export(
 ) -> None:
     """Write one row per trial (and per epoch) with pyarrow."""
     from sweeper.export import export as write
-    from sweeper.local import as_readers_see, existing_record, left_running_note, resolve_storage
+    from sweeper.local import existing_record, record_for_readers
 
-    record, left = as_readers_see(existing_record(name, storage), name, resolve_storage(name, storage))
-    if left:
-        error_console.print(left_running_note(name, resolve_storage(name, storage), left), style="yellow")
+    record = record_for_readers(existing_record(name, storage), name, storage)
     for path in write(record, out or Path(name), fmt=format, epochs=epochs):
         console.print(f"wrote {path}")
 
@@ -321,16 +322,14 @@ def report(
     """Write the study report (tables, figures, text, one HTML file)."""
     import shutil
 
-    from sweeper.local import as_readers_see, existing_record, left_running_note, resolve_storage
+    from sweeper.local import existing_record, record_for_readers
     from sweeper.report import build_report
 
     if out is not None and (problems := file_in_the_way("--out", out)):
         raise ConfigError(problems)
     record, mirror = existing_record(name, storage, with_mirror=True)
-    seen, left = as_readers_see(record, name, resolve_storage(name, storage))
-    if left:
-        error_console.print(left_running_note(name, resolve_storage(name, storage), left), style="yellow")
-    result = build_report(seen, record.dir / "report" if mirror or out is None else out)
+    result = build_report(record_for_readers(record, name, storage),
+                          record.dir / "report" if mirror or out is None else out)
     html = result.html
     if mirror is not None:  # beside the sweep on its storage, and here to open
         mirror.push()

@@ -402,7 +402,6 @@ def print_status(name: str, storage: str | None) -> None:
 
     record = existing_record(name, storage)
     meta = record.meta()
-    trials = record.trials()
     metric = meta.get("metric", "val_accuracy")
     from sweeper.store import resume_command
 
@@ -410,7 +409,7 @@ def print_status(name: str, storage: str | None) -> None:
     state, live = _driver_state(record, name, where)
     # A trial left "running" by a driver that is gone is not running: shown as export and the
     # report show it, stopped, as `sweeper sync` labels it.
-    seen, cut_off = as_readers_see(record, name, where)
+    seen, cut_off = as_readers_see(record, name, where, live=live)
     trials = seen.trials()
     from sweeper.export import outcome_fields, status_outcome
 
@@ -535,12 +534,24 @@ class _SeenAfterItsDriver:
         return _as_stopped(t) if t is not None and _left_running(t) else t
 
 
-def as_readers_see(record: SweepRecord, name: str, storage: str | None):
+def as_readers_see(record: SweepRecord, name: str, storage: str | None, *, live: bool | None = None):
     """(the record as status, export and report show it, trials a dead driver left running): those
-    trials read as stopped, as ``sweeper sync`` labels them; the record itself is not changed."""
-    _, live = _driver_state(record, name, storage)
+    trials read as stopped, as ``sweeper sync`` labels them; the record itself is not changed.
+    ``live``: whether the driver runs, when the caller already asked (None: asked here)."""
+    if live is None:
+        _, live = _driver_state(record, name, storage)
     left = 0 if live else sum(1 for t in record.trials() if _left_running(t))
     return (_SeenAfterItsDriver(record) if left else record), left
+
+
+def record_for_readers(record: SweepRecord, name: str, storage: str | None):
+    """export's and the report's record (:func:`as_readers_see`), saying on stderr which trials it
+    shows as stopped and how ``sweeper sync`` labels them so."""
+    where = resolve_storage(name, storage)
+    seen, left = as_readers_see(record, name, where)
+    if left:
+        error_console.print(left_running_note(name, where, left), style="yellow")
+    return seen
 
 
 def left_running_note(name: str, storage: str | None, left: int) -> str:

@@ -70,10 +70,11 @@ def default_store_problems(storage: str | None, tracking_uri: str | None = None)
 
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return []  # checked as given (check_launch_options)
-    if not (Path(record_root(storage)) / "mlflow.db").exists():
+    root = record_root(storage)
+    if not (Path(root) / "mlflow.db").exists():
         return []  # made by the launch; an unwritable storage is the storage check's to name
     try:
-        check_tracking_uri(default_tracking_uri(record_root(storage)), option="the MLflow store")
+        check_tracking_uri(default_tracking_uri(root), option="the MLflow store")
     except ConfigError as exc:
         return exc.problems
     return []
@@ -88,12 +89,12 @@ def sweep_path_problems(root: str, name: str) -> list[str]:
     where = path / name
     # The record's own folder too (SweepRecord.dir): a file there, in a folder another tool owns,
     # ended the launch in a FileExistsError traceback.
-    for taken in (where, SweepRecord(where).dir):
-        if taken.exists() and not taken.is_dir():
-            return [f"name={name!r}: {taken} is a file, not a sweep's directory: give the sweep "
-                    "another name (--name NEW) or another --storage, or move the file"]
+    for taken in (where, SweepRecord(where).dir):  # outermost first: a missing one ends the check
         if not taken.exists():
             break
+        if not taken.is_dir():
+            return [f"name={name!r}: {taken} is a file, not a sweep's directory: give the sweep "
+                    "another name (--name NEW) or another --storage, or move the file"]
     return []
 
 

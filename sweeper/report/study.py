@@ -256,6 +256,11 @@ class Replicate:
     def acc(self) -> float:
         return self.best.acc if self.best else math.nan
 
+    @property
+    def stopped(self) -> bool:
+        """Not judged because the sweep was interrupted: its trials not finished were all stopped."""
+        return self.verdict == "running" and all(t.outcome == "stopped" for t in self.trials if t.running)
+
 
 @dataclass
 class Cell:
@@ -299,9 +304,9 @@ class Cell:
 
     @property
     def stopped(self) -> bool:
-        """Not judged because the sweep was interrupted: every trial of it not finished was stopped
+        """Not judged because the sweep was interrupted: every seed of it not finished was stopped
         (a cell with one finished and one stopped trial was said to be "still running")."""
-        return self.outcome == "running" and all(t.outcome == "stopped" for t in self.trials if t.running)
+        return self.outcome == "running" and all(r.stopped for r in self.replicates if r.verdict == "running")
 
     @property
     def mixed(self) -> bool:
@@ -371,9 +376,7 @@ class Cell:
         if running:
             # A trial of an interrupted sweep is "stopped" (its outcome), not running: the report said
             # "still running" beside the outcome line's "1 stopped" and status's "not running".
-            stopped = sum(r.verdict == "running" and all(t.outcome == "stopped" for t in r.trials
-                                                         if t.running)
-                          for r in self.replicates)
+            stopped = sum(r.stopped for r in self.replicates)
             if running - stopped:
                 parts.append(f"still running in {running - stopped}/{n}")
             if stopped:
