@@ -287,6 +287,39 @@ def _line_in(tb: types.TracebackType | None, filename: str) -> int | None:
     return line
 
 
+def _key_of_failing_value(path: Path, tb: types.TracebackType | None) -> str | None:
+    """The space's key whose value raised, as in ``"optim.lr": tune.loguniform(0, 1)``: Ray's own
+    message ("LogUniform requires a lower bound greater than 0") names no field. Found from the
+    failing expression's column in the file's innermost frame (Python 3.11's code positions) and
+    the last ``"key":`` before it on its line, unless the value it begins has ended by then."""
+    last = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(path):
+            last = tb
+        tb = tb.tb_next
+    if last is None:
+        return None
+    try:
+        line, _, col, _ = list(last.tb_frame.f_code.co_positions())[last.tb_lasti // 2]
+    except (IndexError, ValueError):
+        return None
+    if line is None or col is None:
+        return None
+    import linecache
+
+    text = linecache.getline(str(path), line)[:col]
+    keys = list(re.finditer(r"""["']([A-Za-z_][\w.]*)["']\s*:""", text))
+    if not keys:
+        return None
+    depth = 0
+    for ch in text[keys[-1].end():]:  # a comma outside brackets: that key's value ended before
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth < 0 or (ch == "," and depth == 0):
+            return None
+    return keys[-1].group(1)
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
@@ -327,6 +360,8 @@ def _raised_problem(path: Path, exc: BaseException, *, ray_missing: bool = False
                     f"file may use only ray.tune's {', '.join(SAMPLING)})")
     elif isinstance(exc, ModuleNotFoundError):
         message += f" (is it installed in this Python, {sys.executable}?)"
+    if (key := _key_of_failing_value(path, exc.__traceback__)) is not None:
+        message += f" (in the value given for {key!r})"
     return f"{where}{name}: {message}" if message else f"{where}{name}"
 
 

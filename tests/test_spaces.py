@@ -168,6 +168,34 @@ def test_every_failure_at_import_names_the_file_line_and_error_type(tmp_path):
         assert expected in info.value.problems[0], info.value.problems[0]
 
 
+@pytest.mark.parametrize("space,key", [
+    ('{"optim.lr": tune.loguniform(0, 1)}', "optim.lr"),
+    ('{"data.name": "digits", "optim.momentum": tune.quniform(0, 1, 0.3)}', "optim.momentum"),
+    # The failing call inside another domain, after other keys on the line: the innermost value's key.
+    ('{"optim.momentum": 0.9, "optim.lr": tune.choice([0.1, tune.qloguniform(1e-3, 1, 0)])}', "optim.lr"),
+    ('{"optim.lr": 0.1,\n        "model.width": 1 / 0}', "model.width"),
+])
+def test_a_value_that_raises_while_loading_names_its_key(tmp_path, space, key):
+    """Ray's messages from its domain constructors ("LogUniform requires a lower bound greater than
+    0", a bare ZeroDivisionError for q=0) named no field: the file's line only."""
+    path = _write(tmp_path, f"from ray import tune\nfrom sweeper.spaces import Sweep\nSWEEP = Sweep(name='k', space={space})\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert info.value.problems[0].endswith(f" (in the value given for {key!r})"), info.value.problems[0]
+
+
+@pytest.mark.parametrize("body", [
+    "def f():\n    return 1 / 0\nSWEEP = f()\n",  # raised in a helper: no key on its line
+    "X = {'a': 1, 'b': 1 / 0}\n",  # 'a' ended at the comma; 'b' is found
+])
+def test_no_key_is_named_where_the_failing_value_has_none(tmp_path, body):
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    problem = info.value.problems[0]
+    assert "'a'" not in problem and ("'b'" in problem) == ("'b'" in body), problem
+
+
 def test_loading_has_a_time_limit_and_restores_the_alarm(tmp_path, monkeypatch):
     import signal
 
