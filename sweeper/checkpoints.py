@@ -45,12 +45,15 @@ import pyarrow.fs as pafs
 
 from sweeper.store import filesystem
 
-__all__ = ["Repair", "load_trial_state", "trial_checkpoint_location", "repair_restorable_checkpoints", "restorable_checkpoints"]
+__all__ = ["Repair", "load_trial_state", "trial_checkpoint_location", "repair_restorable_checkpoints",
+           "restorable_checkpoints", "tune_state_problems"]
 
 log = logging.getLogger(__name__)
 
-# Ray Tune's names (ray 2.60): TuneController.CKPT_FILE_TMPL and StorageContext's checkpoint dirs.
+# Ray Tune's names (ray 2.60): TuneController.CKPT_FILE_TMPL and StorageContext's checkpoint dirs,
+# and what ``Tuner.restore`` unpickles first (ray/tune/impl/tuner_internal.py, _TUNER_PKL).
 _STATE_GLOB = "experiment_state-*.json"
+_TUNER_PKL = "tuner.pkl"
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 
@@ -114,6 +117,39 @@ def _named_checkpoints(experiment_uri: str) -> dict[str, _Named] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.debug("experiment state of %s unreadable: %s", experiment_uri, exc)
         return None
+
+
+def tune_state_problems(experiment_uri: str) -> list[str]:
+    """What stops ``Tuner.restore`` from resuming the experiment at ``experiment_uri``: its
+    ``tuner.pkl`` or its newest ``experiment_state-*.json`` missing or unreadable. Ray finds out only
+    after it has started (an UnpicklingError or ValueError traceback), and with ``tuner.pkl`` gone
+    ``Tuner.can_restore`` is False and a launch started every trial again beside the recorded ones.
+    Read here, before Ray starts, as Ray reads them: each problem names the file and why."""
+    import ray.cloudpickle
+
+    fs, path = filesystem(experiment_uri)
+    problems = []
+    names = _names(fs, path)
+    if _TUNER_PKL not in names:
+        problems.append(f"{_TUNER_PKL} is missing")
+    else:
+        try:
+            with fs.open_input_stream(f"{path}/{_TUNER_PKL}") as f:
+                ray.cloudpickle.loads(f.read())
+        except Exception as exc:  # noqa: BLE001 - any failure to load is what Ray's restore would hit
+            problems.append(f"{_TUNER_PKL} cannot be read ({type(exc).__name__}: {exc})")
+    states = fnmatch.filter(names, _STATE_GLOB)
+    if not states:
+        problems.append(f"no {_STATE_GLOB} is there")
+    else:
+        try:  # Ray restores from the greatest name (its session timestamp)
+            with fs.open_input_stream(f"{path}/{max(states)}") as f:
+                state = json.loads(f.read())
+            if not isinstance(state, dict) or "trial_data" not in state:
+                raise ValueError("no trial_data in it")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{max(states)} cannot be read ({type(exc).__name__}: {exc})")
+    return problems
 
 
 def _checkpoint_names(runtime_json: str) -> tuple[str, tuple[str, ...]] | None:

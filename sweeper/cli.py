@@ -374,14 +374,13 @@ def ensemble(
     """Soft-voting ensemble of a sweep's best trials on the test split, logged under its MLflow run."""
     from sweeper.ensemble import run_ensemble
     from sweeper.local import existing_record, resolve_storage
-    from sweeper.tracking import check_tracking_uri, default_tracking_uri
-    from sweeper.store import record_root, storage_root
+    from sweeper.tracking import check_tracking_uri, sweep_tracking_uri
+    from sweeper.store import storage_root
 
     where_storage = resolve_storage(name, storage)
     record = existing_record(name, storage)
     check_tracking_uri(tracking_uri)
-    uri = (tracking_uri or record.meta().get("tracking_uri")
-           or default_tracking_uri(record_root(where_storage)))
+    uri = tracking_uri or sweep_tracking_uri(record.meta(), where_storage)
     if not run_ensemble(record, storage_root=storage_root(where_storage), tracking_uri=uri, top=top,
                         trials=trials, where=where, device=device):
         raise typer.Exit(EXIT_UNDELIVERED)

@@ -430,19 +430,22 @@ def print_status(name: str, storage: str | None) -> None:
     if cut_off:
         console.print(left_running_note(name, where, cut_off))
     if "sweep_uid" in meta:
-        tracker = _tracker_for(record, storage, None)
+        tracker = _tracker_for(record, where, None)
+        from sweeper.tracking import redact
+
+        store = redact(tracker.tracking_uri)  # the sweep's store as it is now (moved with a folder)
         pending = tracker.pending()
         if pending and live:  # the driver delivers them itself, in the background
-            console.print(f"MLflow: {pending} operation(s) on their way to {meta.get('tracking_uri')} "
+            console.print(f"MLflow: {pending} operation(s) on their way to {store} "
                           "(the running driver delivers them)")
         elif pending:
             error = tracker.last_error()
             error_console.print(f"[yellow]MLflow: {pending} operation(s) not yet delivered to "
-                                f"{meta.get('tracking_uri')}{f' ({error})' if error else ''}; "
+                                f"{store}{f' ({error})' if error else ''}; "
                                 f"{resume_command(name, where, verb='sync')} delivers them"
                                 "[/yellow]")
         else:
-            console.print(f"MLflow: all delivered to {meta.get('tracking_uri')}")
+            console.print(f"MLflow: all delivered to {store}")
     if not trials:
         console.print("no trial has started yet")
         return
@@ -486,20 +489,21 @@ def _varying_keys(configs: list[dict]) -> list[str]:
 
 
 def _tracker_for(record, storage: str | None, tracking_uri: str | None, *, check_store: bool = False):
-    from sweeper.tracking import Tracker, check_tracking_uri, default_tracking_uri
-    from sweeper.store import record_root
+    from sweeper.tracking import Tracker, check_tracking_uri, moved_store, sweep_tracking_uri
 
     check_tracking_uri(tracking_uri)
     meta = record.meta()
-    uri = tracking_uri or meta.get("tracking_uri") or default_tracking_uri(record_root(storage))
+    uri = tracking_uri or sweep_tracking_uri(meta, storage)
     if check_store and not tracking_uri:  # the sweep's own store: a damaged file is refused, not retried
         check_tracking_uri(uri, option="the sweep's tracking store")
     if not meta.get("sweep_uid"):  # every launch writes one: its MLflow runs are found by it
         raise ConfigError([f"{record.dir / 'sweep.json'}: has no sweep_uid, which every launch writes "
                            "(its MLflow runs are found by it); the record is damaged: restore it from "
                            "a copy"])
-    return Tracker(record.dir, uri, experiment=meta.get("name", record.experiment_dir.name),
-                   sweep_uid=meta["sweep_uid"])
+    tracker = Tracker(record.dir, uri, experiment=meta.get("name", record.experiment_dir.name),
+                      sweep_uid=meta["sweep_uid"])
+    tracker.moved_from = moved_store(meta, storage, uri)
+    return tracker
 
 
 STOPPED_REASON = "stopped before its budget (the sweep was interrupted); it resumes with the sweep"
@@ -608,7 +612,7 @@ def sync_tracking(name: str, storage: str | None, *, tracking_uri: str | None,
     if mirror is not None and lease is not None and lease.alive:
         raise ConfigError([f"sweep {name!r} is running (driver {lease.describe()}): its driver "
                            "delivers its own tracking; sync after it ends"])
-    tracker = _tracker_for(record, storage, tracking_uri, check_store=True)
+    tracker = _tracker_for(record, resolve_storage(name, storage), tracking_uri, check_store=True)
     if died_holding(record.dir, lease):
         # The driver died without releasing its lease: nothing else will end its runs.
         stopped = end_interrupted_runs(record, tracker)

@@ -53,7 +53,8 @@ from urllib.parse import unquote
 
 from sweeper.records import append_json_line, json_lines, scalar_metrics
 
-__all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "redact"]
+__all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "redact",
+           "sweep_tracking_uri"]
 
 SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
@@ -77,6 +78,46 @@ def redact(value: Any) -> Any:
 def default_tracking_uri(storage_root: str | Path) -> str:
     """The embedded store: SQLite beside the sweeps (no server needed on one machine)."""
     return f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
+
+
+def sweep_tracking_uri(meta: Mapping[str, Any], storage: str | None) -> str:
+    """Where a sweep's MLflow runs are, for the verbs that read its record (status, sync, ensemble).
+
+    The URI its launch recorded, except for the embedded store: a local storage folder that was
+    moved or copied takes its ``mlflow.db`` with it, and the absolute path the launch recorded names
+    the old place (status said "all delivered to" it and sync delivered there). So the default store
+    is found beside the storage as it is now. A launch marks it (``tracking_default``); an older
+    record is recognised by the recorded path being the default beside its ``experiment_dir``.
+    """
+    from sweeper.store import is_uri, record_root, storage_root
+
+    here = default_tracking_uri(record_root(storage))
+    uri = meta.get("tracking_uri")
+    if not uri:
+        return here
+    if is_uri(storage_root(storage)):  # the default is ./sweeps where the launch ran: keep its path
+        return uri
+    exp_dir = meta.get("experiment_dir")
+    was_default = meta.get("tracking_default")
+    if was_default is None and isinstance(exp_dir, str) and not is_uri(exp_dir):
+        was_default = uri == default_tracking_uri(Path(exp_dir).parent)
+    return here if was_default else uri
+
+
+def moved_store(meta: Mapping[str, Any], storage: str | None, uri: str) -> str | None:
+    """The path a launch recorded for the embedded store ``uri`` is now, if its folder has moved
+    since (see :func:`sweep_tracking_uri`); else None."""
+    recorded = meta.get("tracking_uri")
+    if recorded and recorded != uri and sweep_tracking_uri(meta, storage) == uri:
+        return recorded
+    return None
+
+
+def is_default_tracking_uri(uri: str, storage: str | None) -> bool:
+    """Whether ``uri`` is the embedded store beside a local storage (what a move carries along)."""
+    from sweeper.store import is_uri, record_root, storage_root
+
+    return not is_uri(storage_root(storage)) and uri == default_tracking_uri(record_root(storage))
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -222,6 +263,9 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.sweep_uid = sweep_uid
+        # The embedded store's path as a launch recorded it, when its storage folder has moved
+        # since (sweep_tracking_uri): the delivery state kept under that path is this store's.
+        self.moved_from: str | None = None
         self._client = None
         self._verified: set[str] = set()  # runs whose logged steps were read back in this process
         # trial_id -> run id of every trial run of this sweep on the server, read once per process
@@ -249,6 +293,7 @@ class Tracker:
         self.__dict__.update(state)
         self.__dict__.setdefault("_offset_seen", None)  # pickled before it existed
         self.__dict__.setdefault("_artifact_uris", {})  # likewise
+        self.__dict__.setdefault("moved_from", None)  # likewise
         self._lock, self._wake, self._closing = (_spool_lock(self.dir), threading.Event(),
                                                  threading.Event())
 
@@ -302,7 +347,10 @@ class Tracker:
         server's run ids are ever sent to the other. An embedded SQLite store is keyed by its file
         and host as well: the same relative path on two machines is two stores.
         """
-        key = redact(self.tracking_uri)
+        return self._state_path_for(self.tracking_uri)
+
+    def _state_path_for(self, uri: str) -> Path:
+        key = redact(uri)
         if key.startswith("sqlite:"):
             key = f"{key}@{socket.gethostname()}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -311,6 +359,10 @@ class Tracker:
     def _state(self) -> dict[str, Any]:
         if self.state_path.is_file():
             return json.loads(self.state_path.read_text())
+        if self.moved_from is not None and (before := self._state_path_for(self.moved_from)).is_file():
+            # The same store under its new path (its storage folder moved): what was delivered
+            # stays delivered, rather than every operation sent again and found again by tag.
+            return {**json.loads(before.read_text()), "tracking_uri": redact(self.tracking_uri)}
         legacy = self.dir / "mlflow_state.json"  # one unkeyed state, from before servers were keyed
         if legacy.is_file():
             state = json.loads(legacy.read_text())

@@ -28,7 +28,7 @@ from ray import tune
 
 from sweeper.callback import SweepCallback, trial_label
 from sweeper.local import end_interrupted_runs, mark_stopped
-from sweeper.checkpoints import repair_restorable_checkpoints
+from sweeper.checkpoints import repair_restorable_checkpoints, tune_state_problems
 from sweeper.driver import activate
 from sweeper.interrupts import SigtermStops, StopNotice, ray_children
 from sweeper.config import ConfigError, TrialConfig
@@ -44,7 +44,7 @@ from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 # The storage helpers live in sweeper.store (readers -- status, report, export, ui -- run without Ray).
 from sweeper.store import DEFAULT_STORAGE, index_remember, join_uri, open_sweep_record, record_root, \
     redacted_root, storage_root
-from sweeper.tracking import Tracker, default_tracking_uri, redact
+from sweeper.tracking import Tracker, default_tracking_uri, is_default_tracking_uri, moved_store, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_plan", "experiment_dir", "launch"]
 
@@ -205,12 +205,15 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
                                f"{experiment_dir(sweep.name, sweep.storage)}: launch without "
                                "--fresh to resume it, or pick another --name"])
         _check_space_unchanged(sweep, record)
-        if dry_run:
-            from sweeper.lease import read_lease
+        from sweeper.lease import read_lease
 
-            info = read_lease(record.dir)
-            if info is not None and info.alive:
+        info = read_lease(record.dir)
+        if info is not None and info.alive:
+            # Running: Tune's state may not be written yet. The launch's lease refuses it anyway.
+            if dry_run:
                 raise ConfigError([_running_message(sweep.name, info)])
+        else:
+            _check_tune_state(sweep, record)
     elif sweep.storage is None:  # before the storage probe below makes ./sweeps
         _refuse_a_second_sweep_of_the_name(sweep.name, root)
     if dry_run:
@@ -227,6 +230,23 @@ def _prepare(sweep: Sweep, record: SweepRecord, *, local: bool, num_cpus: int | 
         problems = _machine_problems(sweep, num_cpus) + _probe_storage(root) + sources
         if problems:
             raise ConfigError(problems)
+
+
+def _check_tune_state(sweep: Sweep, record: SweepRecord) -> None:
+    """A sweep that records trials resumes from Ray Tune's saved state, or not at all: with that
+    state gone a launch started every trial again beside the recorded ones (duplicate rows in
+    status, export and the report), and with it damaged Ray failed with a traceback once started."""
+    trials = record.trials()
+    if not trials:  # nothing ran yet: starting afresh loses and repeats nothing
+        return
+    exp_dir = experiment_dir(sweep.name, sweep.storage)
+    problems = tune_state_problems(exp_dir)
+    if problems:
+        raise ConfigError([
+            f"sweep {sweep.name!r} records {len(trials)} trial(s), but Ray Tune's saved state in "
+            f"{redacted_root(exp_dir)} cannot resume it: {'; '.join(problems)}. Put those files back "
+            "to resume the sweep, or launch it under another --name to start over (this record "
+            "stays readable by status, export and report)"])
 
 
 def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
@@ -352,7 +372,9 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
     tracker = Tracker(record.dir, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                       or default_tracking_uri(record_root(sweep.storage)),
                       experiment=sweep.name, sweep_uid=meta["sweep_uid"])
-    record.update_meta(tracking_uri=redact(tracker.tracking_uri))
+    tracker.moved_from = moved_store(meta, sweep.storage, tracker.tracking_uri)
+    record.update_meta(tracking_uri=redact(tracker.tracking_uri),
+                       tracking_default=is_default_tracking_uri(tracker.tracking_uri, sweep.storage))
     if tracker.tracking_uri.startswith("sqlite:") and (not local or "://" in root):
         # A cluster sweep, or one whose record lives on a URI: its runs are on this machine only.
         console.print(f"MLflow runs go to the embedded store {tracker.tracking_uri} on this machine "

@@ -454,3 +454,55 @@ def test_settings_and_surroundings_a_user_gets_wrong_are_exit_2_with_the_fix(tmp
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "torchvision has no weights" not in out.stderr and "empty" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("damage,why", [
+    ("no tuner.pkl", "tuner.pkl is missing"),
+    ("garbage tuner.pkl", "tuner.pkl cannot be read (UnpicklingError"),
+    ("no experiment state", "no experiment_state-*.json is there"),
+    ("torn experiment state", "experiment_state-2026-11-28_10-00-00.json cannot be read (JSONDecodeError"),
+])
+def test_a_sweep_whose_tune_state_is_gone_or_damaged_is_refused_not_run_twice(tmp_path, damage, why):
+    """With Ray Tune's tuner.pkl deleted a relaunch started every trial again beside the recorded ones
+    ("4/2 trials started", duplicate rows everywhere); a damaged one gave an UnpicklingError
+    traceback after Ray had started. Both now stop before Ray starts, naming the file."""
+    import ray.cloudpickle
+
+    from sweeper.loading import load_sweep
+    from sweeper.records import SweepRecord
+    from sweeper.spaces import space_signature
+
+    space = tmp_path / "twice.py"
+    space.write_text('"""Does lr matter?"""\nfrom ray import tune\nfrom sweeper.spaces import Sweep\n'
+                     'SWEEP = Sweep(name="twice", space={"data.name": "digits", "model.arch": "smallcnn", '
+                     '"optim.lr": tune.grid_search([0.01, 0.1])}, max_epochs=1)\n')
+    sweep, text = load_sweep(space, [f"storage={tmp_path}/store"])
+    exp = tmp_path / "store" / "twice"
+    record = SweepRecord(exp)
+    record.create({"name": "twice", "signature": space_signature(sweep)}, text)
+    (exp / "tuner.pkl").write_bytes(ray.cloudpickle.dumps({"a": "stand-in for Ray's state"}))
+    state = exp / "experiment_state-2026-11-28_10-00-00.json"
+    state.write_text('{"trial_data": [], "runner_data": {}}')
+    if damage == "no tuner.pkl":
+        (exp / "tuner.pkl").unlink()
+    elif damage == "garbage tuner.pkl":
+        (exp / "tuner.pkl").write_bytes(b"\x80\x05 not a pickle")
+    elif damage == "no experiment state":
+        state.unlink()
+    else:
+        state.write_text('{"trial_data": [["{\\"trial')
+
+    # No trial recorded yet: starting afresh repeats nothing, so the dry run passes.
+    out = sweeper("launch", str(space), "--dry-run", "--local", "--storage", f"{tmp_path}/store")
+    assert out.returncode == 0, out.stderr
+    record.write_trial("t1", {"trial_id": "t1", "name": "smallcnn-lr0.01", "status": "running"})
+    for extra in (["--dry-run"], []):
+        out = sweeper("launch", str(space), "--local", "--num-cpus", "1", "--storage", f"{tmp_path}/store",
+                      *extra)
+        text = " ".join(out.stderr.split())
+        assert out.returncode == 2, (extra, out.stdout, out.stderr)
+        assert f"sweep 'twice' records 1 trial(s), but Ray Tune's saved state in {exp} cannot resume it" in text
+        assert why in text and "launch it under another --name" in text, text
+        assert "Traceback" not in out.stderr and "starting sweep" not in out.stdout
+    assert "session_" not in " ".join(p.name for p in tmp_path.rglob("*"))  # no Ray was started
+    assert [t["trial_id"] for t in record.trials()] == ["t1"]

@@ -381,6 +381,8 @@ def test_status_says_who_delivers_what_tracking_has_not_received(built, capsys, 
     from sweeper.records import SweepRecord as Record
 
     class Pending:
+        tracking_uri = "sqlite:///m.db"
+
         def __init__(self, error):
             self.error = error
 

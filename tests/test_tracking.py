@@ -731,3 +731,48 @@ def test_params_are_the_sweeps_values_and_config_json_the_resolved_config(tmp_pa
     saved = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path / "got"))).read_text())
     assert saved["optim.momentum"] == 0.9 and saved["optim.lr"] == 0.01
     assert "secret" not in json.dumps(saved)
+
+
+def test_a_moved_storage_folder_keeps_its_embedded_store_for_status_and_sync(tmp_path):
+    """A storage folder moved elsewhere takes its mlflow.db along, but the record named the old
+    absolute path: status said "all delivered to" it and sync delivered there (re-creating it)."""
+    import shutil
+
+    from conftest import run_sweeper
+    from sweeper.records import SweepRecord
+    from sweeper.tracking import sweep_tracking_uri
+
+    old, new = tmp_path / "old", tmp_path / "moved"
+    record = SweepRecord(old / "mv")
+    # As a launch writes it, before `tracking_default` was recorded: recognised by its path.
+    record.create({"name": "mv", "sweep_uid": "uid-mv", "planned_trials": 1, "experiment_dir": str(old / "mv"),
+                   "tracking_uri": default_tracking_uri(old)}, "")
+    t = Tracker(record.dir, default_tracking_uri(old), "mv", "uid-mv")
+    t.start_sweep(run_name="mv", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
+    assert t.flush()
+    t.log_result("t1", _result(1, train_loss=1.0))  # spooled, not delivered before the move
+    t.finish("t1", "FINISHED")
+    shutil.move(old, new)
+
+    moved = SweepRecord(new / "mv")
+    assert sweep_tracking_uri(moved.meta(), str(new)) == default_tracking_uri(new)
+    # Another store named by the launch stays what it named, moved folder or not.
+    assert sweep_tracking_uri({"tracking_uri": "http://h:5000", "tracking_default": False}, str(new)) \
+        == "http://h:5000"
+    assert sweep_tracking_uri({"tracking_uri": "sqlite:////elsewhere/mlflow.db",
+                               "experiment_dir": str(old / "mv")}, str(new)) == "sqlite:////elsewhere/mlflow.db"
+    out = run_sweeper("status", "mv", "--storage", str(new))
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 0, text
+    # What was delivered before the move stays delivered: only the epoch and the end are pending.
+    assert f"2 operation(s) not yet delivered to {default_tracking_uri(new)}" in text, text
+    out = run_sweeper("sync", "mv", "--storage", str(new))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not old.exists()  # nothing was delivered to, or made at, the old place
+    client = MlflowClient(default_tracking_uri(new))
+    run = client.search_runs([client.get_experiment_by_name("mv").experiment_id],
+                             "tags.`sweeper.role` = 'trial'")[0]
+    assert run.info.status == "FINISHED" and run.data.metrics["train_loss"] == 1.0
+    out = run_sweeper("status", "mv", "--storage", str(new))
+    assert f"MLflow: all delivered to {default_tracking_uri(new)}" in " ".join(out.stdout.split()), out.stdout
