@@ -122,8 +122,11 @@ def classify(epochs: Sequence[Mapping[str, Any]], *, decision: Mapping[str, Any]
                        f"(accuracy {_fmt(last.get('val_accuracy'))})", False, None, chance_epochs)
     if longest >= stall_epochs and not at_chance:
         start = _run_end_epoch(epochs, flags)
-        return Outcome("late_start", f"at chance for {longest} epochs, then escaped after epoch "
-                       f"{start}", False, _cause_of_run(epochs, flags), chance_epochs)
+        # The count is chance_epochs, export's column (all epochs at chance): the longest stretch
+        # alone, which decides late_start, read "3" beside an exported 5 when there were two.
+        apart = "" if longest == chance_epochs else " (not all in a row)"
+        return Outcome("late_start", f"at chance for {chance_epochs} epochs{apart}, then escaped "
+                       f"after epoch {start}", False, _cause_of_run(epochs, flags), chance_epochs)
     return Outcome("completed", None, at_chance, cause, chance_epochs)
 
 

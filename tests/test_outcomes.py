@@ -62,6 +62,16 @@ def test_late_start_is_its_own_outcome():
     assert "3 epochs" in r.reason and "epoch 3" in r.reason
 
 
+def test_a_late_start_states_the_epochs_at_chance_that_export_gives():
+    """Two stretches at chance (3, then 2): the reason said "at chance for 3 epochs, then escaped
+    after epoch 9" -- the first stretch's length with the second's end -- beside chance_epochs=5
+    in export, status and MLflow's stop reason alike."""
+    r = classify(history([AT, AT, AT, 2.2, 2.1, 2.05, 2.15, AT, AT, 1.4, 0.9, 0.7],
+                         [.1, .1, .1, .22, .25, .27, .24, .12, .11, .5, .7, .78]))
+    assert r.outcome == "late_start" and r.chance_epochs == 5
+    assert r.reason == "at chance for 5 epochs (not all in a row), then escaped after epoch 9"
+
+
 def test_two_epochs_at_chance_then_learning_is_completed():
     r = classify(history([AT, AT, 1.5, 0.8]))
     assert r.outcome == "completed" and r.chance_epochs == 2
