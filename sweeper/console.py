@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any, Mapping
 
@@ -11,10 +12,27 @@ from rich.table import Table
 
 __all__ = ["EpochPrinter", "config_table", "console", "error_console", "fmt"]
 
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of the output went away (`sweeper status NAME | head -1`): the rest of the
+        output is dropped and the command goes on to its own end and exit status. Rich's default
+        (rich 15, ``Console.on_broken_pipe``) exits 1, which reads as an internal error, and would
+        have ended a launch mid-sweep when the pipe it printed into closed."""
+        self.quiet = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.file.fileno())  # later writes, rich's or print's, go nowhere
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no real descriptor (a test's capture)
+            pass
+
+
 # A log file or pipe gets whole lines and full tables, not rich's default 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 200
-console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
-error_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
+console = _Console(highlight=False, soft_wrap=True, width=_WIDTH)
+error_console = _Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
 _OUTCOME_STYLE = {"completed": "green", "running": "", "diverged": "red", "stalled": "yellow",
                   "pruned": "cyan", "failed": "red"}
