@@ -410,7 +410,8 @@ def _print_summary(result) -> None:
     if result.interrupted:
         from sweeper.store import resume_command
 
-        console.print(f"stopped before its end: {resume_command(result.name, result.storage)} (or the same "
+        console.print(f"stopped before its end: "
+                      f"{resume_command(result.name, result.storage, cluster=result.cluster)} (or the same "
                       "launch command) continues it", style="yellow")
     if result.best:
         console.print(f"best: {result.best['name']} "

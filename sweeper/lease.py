@@ -79,6 +79,11 @@ class LeaseInfo:
     started: float
     heartbeat: float
     session_dir: str | None = None  # the local Ray this driver started, if any
+    # Where the driver's record was, when this lease was read from another folder: a copy (cp -r)
+    # of a running sweep's storage. Its driver runs the original, never this copy: it is not this
+    # copy's live driver (status called the copy running; stop asked it, to no effect), and its Ray
+    # is not this copy's to end (a launch of the copy takes over as from a dead driver).
+    copied_from: str | None = None
 
     @property
     def local(self) -> bool:
@@ -86,6 +91,14 @@ class LeaseInfo:
 
     @property
     def alive(self) -> bool:
+        return self.copied_from is None and self._running()
+
+    @property
+    def runs_the_original(self) -> bool:
+        """Read from a copy, and its driver still runs the folder it was copied from."""
+        return self.copied_from is not None and self._running()
+
+    def _running(self) -> bool:
         if self.local:
             # The same pid with the same start time is the same process; a reused pid is not.
             return self.start_time is not None and process_start_time(self.pid) == self.start_time
@@ -103,10 +116,14 @@ def read_lease(record_dir: str | Path) -> LeaseInfo | None:
     except (OSError, ValueError):
         return None
     try:
+        record = data.get("record")  # absent for a record mirrored from a URI (its copy is local)
+        here = str(Path(record_dir).resolve())
         return LeaseInfo(pid=int(data["pid"]), host=str(data["host"]),
                          start_time=data.get("start_time"), started=float(data["started"]),
                          heartbeat=float(data.get("heartbeat", data["started"])),
-                         session_dir=data.get("session_dir"))
+                         session_dir=data.get("session_dir"),
+                         copied_from=record if isinstance(record, str) and record != here
+                         and data.get("host") == socket.gethostname() else None)
     except (KeyError, TypeError, ValueError):
         return None  # an older record's driver.json: no start time, treated as stale below
 
@@ -131,8 +148,10 @@ class LeaseHeld(Exception):
 class DriverLease:
     """The running driver's claim on a sweep; ``with`` it, or ``claim()`` then ``release()``."""
 
-    def __init__(self, record_dir: str | Path):
+    def __init__(self, record_dir: str | Path, *, mirrored: bool = False):
         self.dir = Path(record_dir)
+        # A record mirrored from a URI lives in a temporary folder of this process: no identity.
+        self.mirrored = mirrored
         self.path = self.dir / LEASE_FILE
         self.session_dir: str | None = None
         self.previous: LeaseInfo | None = None  # a stale lease this one took over
@@ -190,6 +209,8 @@ class DriverLease:
         data = {"pid": os.getpid(), "host": socket.gethostname(),
                 "start_time": process_start_time(os.getpid()),
                 "started": self._started, "heartbeat": now, "session_dir": self.session_dir}
+        if not self.mirrored:  # read_lease tells a copy of the folder by it (LeaseInfo.copied_from)
+            data["record"] = str(self.dir.resolve())
         tmp = self.path.with_name(f".{LEASE_FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.path)
@@ -232,7 +253,7 @@ def clean_orphans(info: LeaseInfo) -> list[int]:
     command line names that driver's Ray session directory (Ray's agents carry it), so nothing but
     what that driver started can match.
     """
-    if not info.session_dir or not info.local or info.alive:
+    if not info.session_dir or not info.local or info.alive or info.copied_from is not None:
         return []
     # The directory itself or a path inside it, never a longer name that starts the same
     # (session_..._555 is a prefix of session_..._5556).

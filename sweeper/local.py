@@ -5,6 +5,7 @@ MLflow and no Ray reaches a sweep on shared storage."""
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -318,8 +319,17 @@ def resolve_storage(name: str, storage: str | None) -> str | None:
         shown = redacted_root(elsewhere)
         raise ConfigError([f"two sweeps are named {name!r}: one in {here} (this directory's ./sweeps) "
                            f"and one in {shown} (where this machine last launched {name!r}); pass "
-                           f"--storage {DEFAULT_STORAGE} or --storage {shown} to say which"])
+                           f"--storage {DEFAULT_STORAGE} or --storage {shlex.quote(shown)} to say which"])
     return None
+
+
+def open_record_if_any(name: str, storage: str | None):
+    """The sweep's record, or None where there is none (an MLflow experiment of that name may
+    still be there: `ui NAME` opens it)."""
+    from sweeper.store import open_sweep_record
+
+    record, _ = open_sweep_record(name, storage)
+    return record if record.exists() else None
 
 
 def existing_record(name: str, storage: str | None, *, with_mirror: bool = False, read_meta: bool = True):
@@ -366,12 +376,27 @@ def stop_sweep(name: str, storage: str | None) -> str:
         else:
             request_stop(record.dir)
         return (f"asked sweep {name!r} (driver {info.describe()}) to save its state and stop; "
-                f"`sweeper launch` or {resume_command(name, storage)} continues it")
+                f"`sweeper launch` or {resume_command(name, storage, cluster=_cluster(record))} "
+                "continues it")
+    if info is not None and info.runs_the_original:
+        original = Path(info.copied_from).parent  # the record is <storage>/<name>/sweeper
+        return (f"sweep {name!r} is not running here: this folder is a copy of {original}, whose "
+                f"driver ({info.describe()}) runs that one: "
+                f"{resume_command(name, str(original.parent), verb='stop')} stops it")
     if died_holding(record.dir, info):
         who = info.describe() if info else "an older driver"
         return (f"sweep {name!r} is not running: its driver ({who}) died without releasing it; "
-                f"{resume_command(name, storage)} continues it")
+                f"{resume_command(name, storage, cluster=_cluster(record))} continues it")
     return f"sweep {name!r} is not running"
+
+
+def _cluster(record) -> str | None:
+    """The Ray the sweep's last launch used, for a resume hint (None if unknown or unreadable:
+    `stop` answers even with a damaged sweep.json)."""
+    try:
+        return record.meta().get("cluster")
+    except (ConfigError, OSError):
+        return None
 
 
 def saved_sweep(name: str, storage: str | None):
@@ -474,10 +499,16 @@ def _driver_state(record, name: str, storage: str | None) -> tuple[str, bool]:
     info = read_lease(record.dir)
     if info is not None and info.alive:
         return f"running (driver {info.describe()})", True
+    if info is not None and info.runs_the_original:
+        return (f"not running here: this folder is a copy of {Path(info.copied_from).parent}, "
+                "whose driver "
+                f"({info.describe()}) runs that one, not this copy; "
+                f"{resume_command(name, storage, cluster=_cluster(record))} continues the copy "
+                "on its own"), False
     if died_holding(record.dir, info):
         who = info.describe() if info else "an older driver"
         return (f"not running: its driver ({who}) died without finishing; "
-                f"{resume_command(name, storage)} continues it"), False
+                f"{resume_command(name, storage, cluster=_cluster(record))} continues it"), False
     return "not running", False
 
 
@@ -670,17 +701,28 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
     import sys
     import time
 
-    from sweeper.tracking import check_tracking_uri, default_tracking_uri
+    from sweeper.tracking import _sqlite_path, check_tracking_uri, default_tracking_uri, redact, \
+        sweep_tracking_uri
     from sweeper.store import record_root
 
     if not 1 <= port <= 65535:
         raise ConfigError([f"--port {port}: a TCP port is 1-65535"])
     _check_bindable(host, port)
-    # A named sweep is found where `status` finds it: --storage, ./sweeps, or where it was launched.
+    # A named sweep is found where `status` finds it: --storage, ./sweeps, or where it was launched,
+    # and its runs in the store its launch recorded (status's and sync's): a sweep on a URI storage
+    # has its embedded store in ./sweeps of the directory it was launched from, not this one.
     root = Path(record_root(resolve_storage(name, storage) if name else storage))
     uri = default_tracking_uri(root)
-    if not (root / "mlflow.db").is_file():
-        raise ConfigError([f"no MLflow store at {root / 'mlflow.db'}: launch a sweep first "
+    record = open_record_if_any(name, resolve_storage(name, storage)) if name else None
+    if record is not None:
+        uri = sweep_tracking_uri(record.meta(), resolve_storage(name, storage))
+        if _sqlite_path(uri) is None:  # a tracking server or a database a server fronts
+            raise ConfigError([f"sweep {name!r} records its runs in {redact(uri)}, not in an embedded "
+                               "store: open that server's UI (or `mlflow ui --backend-store-uri` with "
+                               "the database's URI)"])
+    db = _sqlite_path(uri)
+    if not db.is_file():
+        raise ConfigError([f"no MLflow store at {db}: launch a sweep first "
                            "(or pass --storage where it was launched)"])
     check_tracking_uri(uri, option="the MLflow store")
     url = f"http://{host}:{port}/#/experiments"

@@ -12,6 +12,7 @@ where the trials will run. Nothing here starts or configures Ray: that is :mod:`
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -380,7 +381,8 @@ def _check_space_unchanged(sweep: Sweep, record: SweepRecord) -> None:
         f"sweep {sweep.name!r} already exists with a different space, and a relaunch would "
         "resume the old one without running the new trials:\n" + "\n".join(lines) + "\n"
         f"  Launch the new space under another name (--name {sweep.name}-v2), "
-        f"or continue the old one as launched ({resume_command(sweep.name, sweep.storage)})"])
+        f"or continue the old one as launched "
+        f"({resume_command(sweep.name, sweep.storage, cluster=record.meta().get('cluster'))})"])
 
 
 def _refuse_a_second_sweep_of_the_name(name: str, root: str) -> None:
@@ -394,8 +396,9 @@ def _refuse_a_second_sweep_of_the_name(name: str, root: str) -> None:
         return
     if SweepRecord(Path(elsewhere) / name).exists():
         raise ConfigError([f"a sweep named {name!r} already lives in {elsewhere} (launched from this "
-                           f"machine): pass --storage {elsewhere} to resume it, --name to start "
-                           f"another, or --storage {root} to start a second {name!r} here"])
+                           f"machine): pass --storage {shlex.quote(elsewhere)} to resume it, --name "
+                           f"to start another, or --storage {shlex.quote(root)} to start a second "
+                           f"{name!r} here"])
 
 
 # ---- on the cluster, once connected -----------------------------------------------------------------

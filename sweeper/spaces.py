@@ -24,6 +24,7 @@ import itertools
 import math
 import random
 import re
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -273,7 +274,8 @@ def name_problem(name: Any) -> str | None:
     if isinstance(name, str) and "/" in name.rstrip("/"):  # a path where a name goes
         path = name.rstrip("/")
         parent, _, last = path.rpartition("/")
-        problem += f"; for the sweep in {path}, give its name and storage: {last} --storage {parent or '/'}"
+        problem += (f"; for the sweep in {path}, give its name and storage: {shlex.quote(last)} "
+                    f"--storage {shlex.quote(parent or '/')}")
     return problem
 
 

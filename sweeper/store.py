@@ -296,16 +296,27 @@ def open_sweep_record(name: str, storage: str | None) -> tuple[SweepRecord, Mirr
         raise ConfigError([f"storage={redacted_root(root)!r} cannot be read: {storage_error(exc)}"]) from None
 
 
-def resume_command(name: str, storage: str | None, *, verb: str = "resume") -> str:
+def resume_command(name: str, storage: str | None, *, verb: str = "resume",
+                   cluster: str | None = None) -> str:
     """`sweeper resume NAME` (or another ``verb``), with ``--storage`` unless the sweep lives in this
     directory's ./sweeps: the bare hint, printed for a sweep on another storage, resumed a finished
-    namesake in ./sweeps."""
+    namesake in ./sweeps. ``cluster``: the Ray its last launch used (``--local``, ``--address A``,
+    the record's ``cluster``), which `resume` needs as launch does: the hint without it was refused
+    ("no Ray cluster given")."""
     import shlex
 
     root = storage_root(storage)
-    if root == storage_root(DEFAULT_STORAGE):
-        return f"`sweeper {verb} {name}`"
-    return f"`sweeper {verb} {name} --storage {shlex.quote(redacted_root(root))}`"
+    where = "" if root == storage_root(DEFAULT_STORAGE) else f" --storage {shlex.quote(redacted_root(root))}"
+    ray = f" {cluster}" if cluster and verb == "resume" else ""
+    return f"`sweeper {verb} {shlex.quote(name)}{where}{ray}`"
+
+
+def cluster_flag(local: bool, address: str | None) -> str | None:
+    """How a launch reached Ray, as `resume` takes it (None: $RAY_ADDRESS, which the hint leaves
+    to the environment)."""
+    import shlex
+
+    return "--local" if local else (f"--address {shlex.quote(address)}" if address else None)
 
 
 # Query keys whose values are secrets (pyarrow's access_key, secret_key, session_token, ...).

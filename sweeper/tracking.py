@@ -53,8 +53,8 @@ from urllib.parse import unquote
 
 from sweeper.records import append_json_line, json_lines, scalar_metrics
 
-__all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "redact",
-           "sweep_tracking_uri"]
+__all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "launch_tracking_uri",
+           "redact", "sweep_tracking_uri", "write_artifact"]
 
 SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
@@ -102,6 +102,35 @@ def sweep_tracking_uri(meta: Mapping[str, Any], storage: str | None) -> str:
     if was_default is None and isinstance(exp_dir, str) and not is_uri(exp_dir):
         was_default = uri == default_tracking_uri(Path(exp_dir).parent)
     return here if was_default else uri
+
+
+def launch_tracking_uri(meta: Mapping[str, Any], storage: str | None,
+                        given: str | None) -> tuple[str, str | None]:
+    """The store a launch delivers to, and a note when a resumed sweep's runs change store.
+
+    ``given``: --tracking-uri, else $MLFLOW_TRACKING_URI. A resume given neither keeps the store its
+    runs are in (:func:`sweep_tracking_uri`): it took the default, and a sweep launched with
+    --tracking-uri, or on a URI storage from another working directory, had its runs split between
+    two stores (the first left with KILLED runs). Where that store cannot be reached from here (an
+    embedded one on another machine, a recorded URI whose credentials were not kept), the default
+    is used, and said.
+    """
+    from sweeper.store import record_root
+
+    default = default_tracking_uri(record_root(storage))
+    if not meta.get("tracking_uri"):  # a new sweep
+        return given or default, None
+    where = sweep_tracking_uri(meta, storage)
+    uri = given or where
+    reason = ""
+    if not given and "***@" in where:
+        uri, reason = default, " (its credentials are not kept: pass --tracking-uri to keep it)"
+    elif not given and (db := _sqlite_path(where)) is not None and not db.parent.is_dir():
+        uri, reason = default, " (not on this machine)"
+    if uri == where:
+        return uri, None
+    return uri, (f"MLflow: this sweep's runs so far are in {redact(where)}{reason}; this launch records "
+                 f"to {redact(uri)}, where its runs are made anew from the sweep's record")
 
 
 def moved_store(meta: Mapping[str, Any], storage: str | None, uri: str) -> str | None:
@@ -660,7 +689,7 @@ class Tracker:
                 self._log_params(run_id, {k: v for k, v in op["params"].items()
                                           if _truncate(str(k), _MAX_KEY) not in existing})
                 for name, text in op["texts"].items():
-                    self.client.log_text(run_id, redact(text), name)
+                    write_artifact(self.client, self.tracking_uri, run_id, text=redact(text), name=name)
             if run_id is not None:
                 # A resumed sweep: the interrupted launch ended its run KILLED (or a killed driver
                 # left it RUNNING); it runs again until this launch ends it.
@@ -668,13 +697,14 @@ class Tracker:
             else:
                 tags = {"sweeper.sweep_uid": self.sweep_uid, "sweeper.role": "sweep",
                         **{k: str(redact(v)) for k, v in op["tags"].items()}}
-                run_id = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
-                                                start_time=op.get("time"),
-                                                tags=_tag_values(tags)).info.run_id
+                info = self.client.create_run(self._experiment_id(state), run_name=op["run_name"],
+                                              start_time=op.get("time"), tags=_tag_values(tags)).info
+                run_id = info.run_id
                 self._started_at_delivery(state, run_id, op)
                 self._log_params(run_id, op["params"])
                 for name, text in op["texts"].items():
-                    self.client.log_text(run_id, redact(text), name)
+                    write_artifact(self.client, self.tracking_uri, run_id, text=redact(text), name=name,
+                                   artifact_uri=info.artifact_uri)
             state["parent"] = run_id
         elif kind == "child":
             trial_id = op["trial_id"]
@@ -734,8 +764,8 @@ class Tracker:
         elif kind == "artifacts":
             local = Path(op["local_dir"])
             if local.is_dir():
-                self.client.log_artifacts(self._run_for(state, op["trial_id"]), str(local),
-                                          op["artifact_path"])
+                write_artifact(self.client, self.tracking_uri, self._run_for(state, op["trial_id"]),
+                               local=local, artifact_path=op["artifact_path"])
         elif kind == "figure":
             self._deliver_figure(op, state)
         elif kind == "parent_metrics":
@@ -757,15 +787,11 @@ class Tracker:
         For a run this process created, create_run already said where that store is. A run found
         again by tag, or an MLflow without the artifact-repository registry, takes ``log_dict``."""
         uri = self._artifact_uris.pop(run_id, None)
-        repo = _artifact_repository(uri, self.tracking_uri) if uri else None
-        if repo is None:
+        if uri is None and _sqlite_path(self.tracking_uri) is None:
             self.client.log_dict(run_id, config, "config.json")
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.json"
-            with open(path, "w") as f:
-                json.dump(config, f, indent=2, default=str)  # log_dict's format
-            repo.log_artifact(str(path))
+        write_artifact(self.client, self.tracking_uri, run_id, name="config.json", artifact_uri=uri,
+                       text=json.dumps(config, indent=2, default=str))  # log_dict's format
 
     @staticmethod
     def _started_at_delivery(state: dict[str, Any], run_id: str, op: Mapping[str, Any]) -> None:
@@ -796,7 +822,8 @@ class Tracker:
         done = state.setdefault("figures", {})
         if done.get(trial_id) == digest:
             return
-        if self.client.get_run(run_id).data.tags.get(_PROFILE_TAG) != digest:
+        run = self.client.get_run(run_id)
+        if run.data.tags.get(_PROFILE_TAG) != digest:
             path = self.figure_path(trial_id)
             try:
                 layer_profile(op["initial"], op["last"], path, title=op.get("title"))
@@ -814,7 +841,8 @@ class Tracker:
             with tempfile.TemporaryDirectory() as tmp:
                 upload = Path(tmp) / "profile.png"
                 shutil.copyfile(path, upload)
-                self.client.log_artifact(run_id, str(upload))
+                write_artifact(self.client, self.tracking_uri, run_id, local=upload,
+                               artifact_uri=run.info.artifact_uri)
             self.client.set_tag(run_id, _PROFILE_TAG, digest)
         done[trial_id] = digest
 
@@ -940,6 +968,54 @@ def _size(entity: Any) -> int:
     # As JSON writes them: a non-ASCII character is six bytes (\uXXXX), not one.
     text = json.dumps(entity.key) + (json.dumps(value) if isinstance(value, str) else "0" * 24)
     return 64 + len(text)
+
+
+def _moved_artifact_uri(tracking_uri: str, artifact_uri: str) -> str | None:
+    """Where a run's files go when its embedded store was moved or copied with its storage folder.
+
+    MLflow keeps the absolute artifact path a run was made with (``file:///OLD/mlartifacts/EXP/RUN/
+    artifacts``; new runs take the experiment's, as old). Writing there from a copy's resume or sync
+    wrote into the original folder: it overwrote the original sweep's report, and after a move it
+    made the old folder again. The same layout beside the store as it is now; None where nothing
+    moved, or the store is not an embedded one laid out by sweeper (``_experiment_id``).
+    """
+    db = _sqlite_path(tracking_uri)
+    if db is None or not artifact_uri.startswith("file:"):
+        return None
+    head, sep, tail = artifact_uri.partition("/mlartifacts/")
+    here = db.parent.resolve().as_uri()
+    return f"{here}/mlartifacts/{tail}" if sep and head != here else None
+
+
+def write_artifact(client, tracking_uri: str, run_id: str, *, text: str | None = None,
+                   name: str | None = None, local: str | Path | None = None,
+                   artifact_path: str | None = None, artifact_uri: str | None = None) -> None:
+    """A run's file: ``text`` as ``name`` (as ``log_text`` writes it), or the file or folder
+    ``local`` under ``artifact_path`` -- where it belongs now (:func:`_moved_artifact_uri`), else
+    through the client. ``artifact_uri``: the run's, where the caller already has it (create_run
+    returned it), which saves reading the run back."""
+    repo = None
+    if _sqlite_path(tracking_uri) is not None:  # a server's artifact paths are its own
+        uri = artifact_uri or client.get_run(run_id).info.artifact_uri
+        repo = _artifact_repository(_moved_artifact_uri(tracking_uri, uri) or uri, tracking_uri)
+    if repo is None:
+        if text is not None:
+            client.log_text(run_id, text, name)
+        elif Path(local).is_dir():
+            client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            client.log_artifact(run_id, str(local), artifact_path)
+        return
+    if text is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_text(text, encoding="utf-8")  # log_text's encoding
+            parent = str(Path(name).parent)
+            repo.log_artifact(str(path), None if parent == "." else parent)
+    elif Path(local).is_dir():
+        repo.log_artifacts(str(local), artifact_path)
+    else:
+        repo.log_artifact(str(local), artifact_path)
 
 
 def _artifact_repository(artifact_uri: str, tracking_uri: str):

@@ -21,6 +21,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import ray
@@ -42,9 +43,9 @@ from sweeper.records import SweepRecord
 from sweeper.schedulers import make_scheduler, make_searcher
 from sweeper.spaces import Sweep, grid_cells, trial_count, trial_resources
 # The storage helpers live in sweeper.store (readers -- status, report, export, ui -- run without Ray).
-from sweeper.store import DEFAULT_STORAGE, index_remember, join_uri, open_sweep_record, record_root, \
+from sweeper.store import DEFAULT_STORAGE, cluster_flag, index_remember, join_uri, open_sweep_record, \
     redacted_root, storage_root
-from sweeper.tracking import Tracker, default_tracking_uri, is_default_tracking_uri, moved_store, redact
+from sweeper.tracking import Tracker, is_default_tracking_uri, launch_tracking_uri, moved_store, redact
 
 __all__ = ["DEFAULT_STORAGE", "LaunchResult", "check_plan", "experiment_dir", "launch"]
 
@@ -72,6 +73,7 @@ class LaunchResult:
     best: dict[str, Any] | None = None
     undelivered: int = 0  # tracking operations still in the spool
     tracking_error: str | None = None
+    cluster: str | None = None  # the Ray it used, as `resume` takes it (store.cluster_flag)
 
 
 # ---- storage ------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     _prepare(sweep, record, local=local, num_cpus=num_cpus, restore=restore, address=address)
 
     created = _dirs_to_create(record.dir)
-    lease = DriverLease(record.dir)
+    lease = DriverLease(record.dir, mirrored=mirror is not None)
     try:
         lease.claim()
     except LeaseHeld as held:
@@ -289,7 +291,11 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     started = False
     sigterm = SigtermStops()  # SIGTERM stops the sweep as Ctrl-C does (sweeper.interrupts)
     try:  # from here on, a failure undoes what this launch started and created
-        if lease.previous is not None:
+        if lease.previous is not None and lease.previous.copied_from is not None:
+            console.print(f"this folder was copied or moved from {Path(lease.previous.copied_from).parent}: "
+                          f"its lease names the driver there ({lease.previous.describe()}), which "
+                          "does not run this folder: taking it over", style="yellow")
+        elif lease.previous is not None:
             ended = clean_orphans(lease.previous)
             console.print(f"the previous driver of {sweep.name!r} ({lease.previous.describe()}) "
                           "died without releasing the sweep: taking it over"
@@ -326,6 +332,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     logging.getLogger("ray.tune.tune").addFilter(notice)
     try:
         return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
+                    cluster=cluster_flag(local, address),
                     quiet=quiet, overrides=overrides, restore=restore, tracking_uri=tracking_uri,
                     tracking_wait_s=tracking_wait_s, gpu_available=gpu_available,
                     signature=space_signature(sweep), provenance=provenance,
@@ -347,6 +354,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
 
 
 def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_dir: str, local: bool,
+         cluster: str | None,
          quiet: bool, overrides: Mapping[str, Any], restore: bool, tracking_uri: str | None,
          tracking_wait_s: float, gpu_available: bool, signature: dict[str, str], provenance,
          trainable_fn, lease, sigterm: SigtermStops | None = None) -> LaunchResult:
@@ -369,11 +377,13 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
                        "overrides": dict(overrides), "experiment_dir": exp_dir,
                        "created": time.time(), **provenance()}, file_text)
     meta = record.meta()
-    tracker = Tracker(record.dir, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                      or default_tracking_uri(record_root(sweep.storage)),
-                      experiment=sweep.name, sweep_uid=meta["sweep_uid"])
+    uri, switched = launch_tracking_uri(meta, sweep.storage,
+                                        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if switched:
+        console.print(switched, style="yellow")
+    tracker = Tracker(record.dir, uri, experiment=sweep.name, sweep_uid=meta["sweep_uid"])
     tracker.moved_from = moved_store(meta, sweep.storage, tracker.tracking_uri)
-    record.update_meta(tracking_uri=redact(tracker.tracking_uri),
+    record.update_meta(tracking_uri=redact(tracker.tracking_uri), cluster=cluster,
                        tracking_default=is_default_tracking_uri(tracker.tracking_uri, sweep.storage))
     if tracker.tracking_uri.startswith("sqlite:") and (not local or "://" in root):
         # A cluster sweep, or one whose record lives on a URI: its runs are on this machine only.
@@ -460,7 +470,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
         )
     activate(tracker=tracker, quiet=quiet, record_dir=str(record.experiment_dir))
     if sigterm is not None:
-        sigterm.cut_short = _end_cut_short(sweep, record, tracker)
+        sigterm.cut_short = _end_cut_short(sweep, record, tracker, cluster)
         sigterm.then.insert(0, lambda: (tracker.close(timeout=2.0), tracker.flush_until(5.0)))
     try:
         tuner.fit()
@@ -478,6 +488,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
         if sigterm is not None:
             sigterm.reinstall()
     result = _summarise(sweep, record, exp_dir, restored=restored)
+    result.cluster = cluster
     # After a SIGTERM the last delivery waits seconds, not minutes (a SIGKILL follows); the sweep
     # counts as interrupted only if trials were left unfinished (a SIGTERM at its very end is not).
     hurry = sigterm is not None and sigterm.hurry
@@ -489,7 +500,8 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
     return result
 
 
-def _end_cut_short(sweep: Sweep, record: SweepRecord, tracker: Tracker) -> Callable[[bool], None]:
+def _end_cut_short(sweep: Sweep, record: SweepRecord, tracker: Tracker,
+                   cluster: str | None) -> Callable[[bool], None]:
     """How a launch cut short ends (a second Ctrl-C or SIGTERM; a SIGTERM that also ended the local
     Ray, see sweeper.interrupts): the trials it was running labelled stopped, their runs' and the
     sweep's ends and its summary spooled, as ``sweeper sync`` ends a dead driver's, and the resume
@@ -504,7 +516,8 @@ def _end_cut_short(sweep: Sweep, record: SweepRecord, tracker: Tracker) -> Calla
         # All of them: after a second Ctrl-C, the interrupted fit's own cleanup labelled them first.
         stopped = summary.outcomes.get("stopped", 0)
         console.print(f"{stopped} trial(s) labelled stopped; the sweep resumes from Ray's last "
-                      f"saved state: {resume_command(sweep.name, sweep.storage)} (or the same launch "
+                      f"saved state: {resume_command(sweep.name, sweep.storage, cluster=cluster)} "
+                      "(or the same launch "
                       "command) continues it" + ("" if delivering else f"; {sync} delivers its "
                                                  "tracking"), style="yellow")
 

@@ -351,6 +351,14 @@ def test_the_resume_hint_names_the_storage_unless_it_is_this_directorys(tmp_path
     assert resume_command("tiny", "s3://AKIA:s3cr3t@bucket/p?access_key=AKIA&secret_key=s3cr3t"
                                   "&session_token=t0k&region=eu-west-1", verb="status") == \
         "`sweeper status tiny --storage 's3://bucket/p?region=eu-west-1'`"
+    # `resume` needs the Ray the launch used: the hint without it was refused ("no Ray cluster given").
+    from sweeper.store import cluster_flag
+
+    assert cluster_flag(True, None) == "--local" and cluster_flag(False, None) is None
+    assert cluster_flag(False, "10.0.0.5:6379") == "--address 10.0.0.5:6379"
+    assert resume_command("tiny", str(other), cluster="--local") == \
+        f"`sweeper resume tiny --storage '{other}' --local`"
+    assert resume_command("tiny", None, verb="sync", cluster="--local") == "`sweeper sync tiny`"
 
 
 def test_the_readers_of_a_sweep_work_where_ray_is_not_installed(tmp_path):
@@ -506,3 +514,60 @@ def test_a_sweep_whose_tune_state_is_gone_or_damaged_is_refused_not_run_twice(tm
         assert "Traceback" not in out.stderr and "starting sweep" not in out.stdout
     assert "session_" not in " ".join(p.name for p in tmp_path.rglob("*"))  # no Ray was started
     assert [t["trial_id"] for t in record.trials()] == ["t1"]
+
+
+def test_ui_of_a_named_sweep_opens_the_store_its_launch_recorded(tmp_path):
+    """`ui NAME` looked for mlflow.db beside --storage only: a sweep on an s3:// storage keeps its
+    embedded store in ./sweeps of the directory it was launched from, so ui refused it from anywhere
+    else while status named the store; a sweep tracked on a server got "no MLflow store"."""
+    from sweeper.records import SweepRecord
+
+    record = SweepRecord(tmp_path / "store" / "far")
+    elsewhere = tmp_path / "launched-from" / "sweeps" / "mlflow.db"
+    record.create({"name": "far", "sweep_uid": "u", "tracking_uri": f"sqlite:///{elsewhere}",
+                   "tracking_default": False, "experiment_dir": str(tmp_path / "store" / "far")}, "")
+    from conftest import free_port
+
+    out = sweeper("ui", "far", "--storage", str(tmp_path / "store"), "--port", str(free_port()))
+    assert out.returncode == 2 and f"no MLflow store at {elsewhere}" in " ".join(out.stderr.split()), out.stderr
+    record.update_meta(tracking_uri="http://***@mlflow.lab:5000")
+    out = sweeper("ui", "far", "--storage", str(tmp_path / "store"), "--port", str(free_port()))
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "sweep 'far' records its runs in http://***@mlflow.lab:5000" in text, text
+    assert "open that server's UI" in text and "Traceback" not in out.stderr
+
+
+def test_hints_that_name_a_path_with_a_space_can_be_pasted(tmp_path, monkeypatch):
+    """"give its name and storage: sp.1 --storage rel dir/st" and "pass --storage /x/rel dir/st to
+    resume it" were not commands a shell runs as meant; resume_command already quoted."""
+    from sweeper.config import ConfigError
+    from sweeper.local import resolve_storage
+    from sweeper.records import SweepRecord
+    from sweeper.spaces import name_problem
+    from sweeper.store import index_remember
+
+    assert "give its name and storage: sp.1 --storage 'rel dir/st'" in name_problem("rel dir/st/sp.1")
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
+    first, cwd = tmp_path / "rel dir" / "st", tmp_path / "cwd"
+    SweepRecord(first / "taken").create({"name": "taken"}, "")
+    SweepRecord(cwd / "sweeps" / "taken").create({"name": "taken"}, "")
+    index_remember("taken", str(first))
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError) as err:
+        resolve_storage("taken", None)
+    assert f"or --storage '{first}' to say which" in err.value.problems[0]
+
+
+def test_a_reader_that_closes_the_pipe_early_is_no_internal_error(tmp_path):
+    """`sweeper status NAME | head -1` exited 1 (rich's default on a broken pipe), which the exit
+    statuses call an internal error; a launch printing into a closed pipe would have ended mid-sweep.
+    The rest of the output is dropped and the command ends as it would have."""
+    from sweeper.records import SweepRecord
+
+    SweepRecord(tmp_path / "piped").create({"name": "piped", "planned_trials": 1}, "")
+    # A reader that has closed its end before anything is written: the first write fails, every time.
+    script = (f"{sys.executable} -m sweeper.cli status piped --storage '{tmp_path}' | (exec <&-; sleep 2); "
+              "exit ${PIPESTATUS[0]}")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

@@ -20,8 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run_sweeper
-from sweeper.lease import (HEARTBEAT_S, DriverLease, LeaseHeld, LeaseInfo, clean_orphans, process_start_time,
-                           read_lease, request_stop)
+from sweeper.lease import (HEARTBEAT_S, DriverLease, LeaseHeld, LeaseInfo, clean_orphans, died_holding,
+                           process_start_time, read_lease, request_stop)
 from sweeper.records import SweepRecord
 from sweeper.trial import with_metric, worst_value
 
@@ -537,6 +537,8 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path, how):
         else:
             stop = run_sweeper("stop", "stoppable", "--storage", str(storage))
             assert "asked sweep 'stoppable'" in stop.stdout, stop.stdout + stop.stderr
+            # the hint is a command that works: resume needs the Ray the launch used, as launch does
+            assert f"`sweeper resume stoppable --storage {storage} --local`" in " ".join(stop.stdout.split())
         out, _ = driver.communicate(timeout=240)
         took = time.monotonic() - signalled
     finally:
@@ -559,7 +561,8 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path, how):
         assert synced.returncode == 0, synced.stdout + synced.stderr
     assert driver.returncode == 3 or first_by_ray, out.decode()[-3000:]
     # sweeper's own hint, not Tune's Python one (a filter drops it: see tuner._NoTuneRestoreHint)
-    assert "sweeper resume stoppable" in out.decode() and "Tuner.restore" not in out.decode()
+    assert f"sweeper resume stoppable --storage {storage} --local`" in " ".join(out.decode().split()) \
+        and "Tuner.restore" not in out.decode(), out.decode()
     # what happened, not Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C) ... Press CTRL+C"
     said = ("SIGTERM: stopping this sweep: saving its state one last time" if how.startswith("SIGTERM")
             else "`sweeper stop` asked this sweep to stop: saving its state")
@@ -594,8 +597,10 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path, how):
                                                               if tid not in cut}, "sweep": "KILLED"}
     if how == "SIGTERM":
         return  # the resume below is the same after either stop (Tune's own interrupted state)
+    # Without --tracking-uri: a resume keeps the store the sweep's runs are in (it took the default
+    # beside the storage, splitting the runs between two stores).
     resumed = run_sweeper("resume", "stoppable", "--local", "--num-cpus", "2", "--storage",
-                          str(storage), "--tracking-uri", uri, "--quiet")
+                          str(storage), "--quiet")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert ("taking it over" in resumed.stdout) == first_by_ray, resumed.stdout
     # Every trial ran its whole budget across the stop (what it learned is not this test's business).
@@ -798,3 +803,54 @@ def test_an_interrupted_launch_labels_its_unfinished_trials_stopped_until_they_r
     assert [op["tags"] for op in _spooled(tracker) if op["op"] == "tags"][-1] == {
         "sweeper.outcome": "running"}
     tracker.close()
+
+
+def test_a_copy_of_a_running_sweeps_folder_is_not_run_by_that_driver(tmp_path):
+    """`cp -r` of a running sweep's storage: the copy's lease named the live driver, so status called
+    the copy running, `stop` on it claimed to ask that driver (which never reads the copy), and a
+    launch of the copy would have counted it as the driver's. The driver, its lease and its Ray
+    are the original's: nothing done to the copy may reach them."""
+    import shutil
+
+    from conftest import run_sweeper
+
+    session = f"/tmp/ray/session_test_{uuid.uuid4().hex}"
+    its_ray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                                f"--session-dir={session}"])
+    record = _fake_sweep(tmp_path / "orig", "cp")
+    lease = DriverLease(record.dir).claim()  # this process is the original's live driver
+    try:
+        lease.set_session_dir(session)
+        shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+        copy = SweepRecord(tmp_path / "copy" / "cp")
+        seen = read_lease(copy.dir)
+        assert seen.copied_from == str(record.dir.resolve()) and not seen.alive
+        assert read_lease(record.dir).alive and read_lease(record.dir).copied_from is None
+        assert clean_orphans(seen) == [] and its_ray.poll() is None  # never the original's Ray
+
+        status = run_sweeper("status", "cp", "--storage", str(tmp_path / "copy"))
+        text = " ".join(status.stdout.split())
+        assert status.returncode == 0 and f"not running here: this folder is a copy of {record.experiment_dir}" \
+            in text, text
+        stop = run_sweeper("stop", "cp", "--storage", str(tmp_path / "copy"))
+        text = " ".join(stop.stdout.split())
+        assert stop.returncode == 0 and "is not running here" in text, text
+        assert f"`sweeper stop cp --storage {tmp_path / 'orig'}` stops it" in text, text
+        assert not (copy.dir / "stop_request.json").exists() and not (record.dir / "stop_request.json").exists()
+        # The original's own status is unchanged: its driver runs it.
+        status = run_sweeper("status", "cp", "--storage", str(tmp_path / "orig"))
+        assert "'cp': running (driver pid" in " ".join(status.stdout.split()), status.stdout
+    finally:
+        lease.release()
+        its_ray.kill()
+        its_ray.wait()
+    # A folder moved (or copied) after its driver died: that driver's lease is a dead one, as ever.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    moved = tmp_path / "moved" / "cp" / "sweeper"
+    moved.mkdir(parents=True)
+    (moved / "driver.json").write_text(json.dumps({
+        "pid": dead.pid, "host": socket.gethostname(), "start_time": "1", "started": 1.0,
+        "heartbeat": 1.0, "record": str(record.dir.resolve())}))
+    seen = read_lease(moved)
+    assert seen.copied_from and not seen.alive and not seen.runs_the_original and died_holding(moved, seen)

@@ -753,6 +753,10 @@ def test_a_moved_storage_folder_keeps_its_embedded_store_for_status_and_sync(tmp
     assert t.flush()
     t.log_result("t1", _result(1, train_loss=1.0))  # spooled, not delivered before the move
     t.finish("t1", "FINISHED")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.md").write_text("after the move")
+    t.log_artifacts(None, report, "report")
     shutil.move(old, new)
 
     moved = SweepRecord(new / "mv")
@@ -765,8 +769,8 @@ def test_a_moved_storage_folder_keeps_its_embedded_store_for_status_and_sync(tmp
     out = run_sweeper("status", "mv", "--storage", str(new))
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 0, text
-    # What was delivered before the move stays delivered: only the epoch and the end are pending.
-    assert f"2 operation(s) not yet delivered to {default_tracking_uri(new)}" in text, text
+    # What was delivered before the move stays delivered: only the epoch, the end and the report.
+    assert f"3 operation(s) not yet delivered to {default_tracking_uri(new)}" in text, text
     out = run_sweeper("sync", "mv", "--storage", str(new))
     assert out.returncode == 0, out.stdout + out.stderr
     assert not old.exists()  # nothing was delivered to, or made at, the old place
@@ -774,5 +778,69 @@ def test_a_moved_storage_folder_keeps_its_embedded_store_for_status_and_sync(tmp
     run = client.search_runs([client.get_experiment_by_name("mv").experiment_id],
                              "tags.`sweeper.role` = 'trial'")[0]
     assert run.info.status == "FINISHED" and run.data.metrics["train_loss"] == 1.0
+    # MLflow keeps the runs' artifact paths as made (under old/): the files go beside the store now.
+    parent = run.data.tags["mlflow.parentRunId"]
+    assert (new / "mlartifacts" / "mv" / parent / "artifacts" / "report" / "summary.md").read_text() == "after the move"
     out = run_sweeper("status", "mv", "--storage", str(new))
     assert f"MLflow: all delivered to {default_tracking_uri(new)}" in " ".join(out.stdout.split()), out.stdout
+
+
+def test_a_resume_keeps_the_store_its_runs_are_in_and_says_when_it_cannot(tmp_path):
+    """`sweeper resume NAME` (the command sweeper suggests) took the default store: a sweep launched
+    with --tracking-uri, or on a URI storage from another directory, was split between two stores,
+    the first left with KILLED runs and the second given a full copy, without a word."""
+    from sweeper.tracking import launch_tracking_uri
+
+    storage = str(tmp_path / "store")
+    default = default_tracking_uri(tmp_path / "store")
+    custom = f"sqlite:///{tmp_path / 'track' / 'custom.db'}"
+    (tmp_path / "track").mkdir()
+    assert launch_tracking_uri({}, storage, None) == (default, None)  # a new sweep
+    assert launch_tracking_uri({}, storage, custom) == (custom, None)
+    meta = {"tracking_uri": custom, "experiment_dir": f"{storage}/s", "tracking_default": False}
+    assert launch_tracking_uri(meta, storage, None) == (custom, None)
+    assert launch_tracking_uri(meta, storage, custom) == (custom, None)
+    uri, note = launch_tracking_uri(meta, storage, default)  # told to change: done, and said
+    assert uri == default and note == (f"MLflow: this sweep's runs so far are in {custom}; this launch "
+                                       f"records to {default}, where its runs are made anew from the "
+                                       "sweep's record")
+    gone = {**meta, "tracking_uri": "sqlite:////no/such/machine/dir/mlflow.db"}
+    uri, note = launch_tracking_uri(gone, storage, None)
+    assert uri == default and "/no/such/machine/dir/mlflow.db (not on this machine)" in note
+    secret = {**meta, "tracking_uri": "http://***@mlflow.lab:5000"}
+    uri, note = launch_tracking_uri(secret, storage, None)
+    assert uri == default and "credentials are not kept: pass --tracking-uri" in note
+    # The embedded store of a moved storage folder is the one beside it now: no note.
+    moved = {"tracking_uri": default_tracking_uri(tmp_path / "old"), "experiment_dir": str(tmp_path / "old" / "s")}
+    assert launch_tracking_uri(moved, storage, None) == (default, None)
+
+
+def test_a_copy_of_a_storage_folder_never_writes_into_the_original(tmp_path):
+    """A copy's resume wrote its report and figures through the runs' recorded artifact paths,
+    into the original folder: it overwrote the original sweep's report/summary.md."""
+    import shutil
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    t = Tracker(orig / "rec", default_tracking_uri(orig), "cp", "uid-cp")
+    t.start_sweep(run_name="cp", tags={}, params={}, texts={"sweep_file.py": "SWEEP = ..."})
+    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.md").write_text("the original's")
+    t.log_artifacts(None, report, "report")
+    assert t.flush() and t.pending() == 0
+    shutil.copytree(orig, copy)
+    before = {p: p.read_bytes() for p in orig.rglob("*") if p.is_file() and p.suffix != ".db"}
+
+    c = Tracker(copy / "rec", default_tracking_uri(copy), "cp", "uid-cp")
+    c.moved_from = default_tracking_uri(orig)
+    (report / "summary.md").write_text("the copy's")
+    c.log_artifacts(None, report, "report")
+    c.log_figure("t1", {"init/act_std/l00_conv": 1.0, "init/act_std/l01_conv": 0.1},
+                 {"epoch": 1, "act_std/l00_conv": 1.0, "act_std/l01_conv": 0.2})
+    assert c.flush() and c.pending() == 0
+    after = {p: p.read_bytes() for p in orig.rglob("*") if p.is_file() and p.suffix != ".db"}
+    assert after == before  # nothing written into, or added to, the original
+    runs = copy / "mlartifacts" / "cp"
+    assert [p.read_text() for p in runs.glob("*/artifacts/report/summary.md")] == ["the copy's"]
+    assert len(list(runs.glob("*/artifacts/profile.png"))) == 1
