@@ -193,23 +193,33 @@ def test_a_name_this_machine_launched_elsewhere_is_not_taken_over_without_storag
         assert list(cwd.iterdir()) == []  # refused before anything was written
 
 
-def test_a_name_in_two_storages_is_not_guessed_by_resume_status_or_report(tmp_path, monkeypatch):
-    """./sweeps holds 'taken' and this machine last launched 'taken' on another storage: `resume
-    taken` continued the ./sweeps one (a finished namesake) without a word. Now every verb asks."""
-    from conftest import run_sweeper
+def _two_sweeps_named_taken(first, cwd, tmp_path, monkeypatch):
+    """'taken' in ``first`` (where this machine last launched it) and in ``cwd``/sweeps, run from
+    ``cwd``: what resolve_storage raised."""
     from sweeper.config import ConfigError
     from sweeper.local import resolve_storage
     from sweeper.records import SweepRecord
     from sweeper.store import index_remember
 
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
-    first, cwd = tmp_path / "first", tmp_path / "cwd"
     SweepRecord(first / "taken").create({"name": "taken"}, "")
     SweepRecord(cwd / "sweeps" / "taken").create({"name": "taken"}, "")
     index_remember("taken", str(first))
     monkeypatch.chdir(cwd)
     with pytest.raises(ConfigError) as err:
         resolve_storage("taken", None)
+    return err
+
+
+def test_a_name_in_two_storages_is_not_guessed_by_resume_status_or_report(tmp_path, monkeypatch):
+    """./sweeps holds 'taken' and this machine last launched 'taken' on another storage: `resume
+    taken` continued the ./sweeps one (a finished namesake) without a word. Now every verb asks."""
+    from conftest import run_sweeper
+    from sweeper.local import resolve_storage
+    from sweeper.store import index_remember
+
+    first, cwd = tmp_path / "first", tmp_path / "cwd"
+    err = _two_sweeps_named_taken(first, cwd, tmp_path, monkeypatch)
     assert err.value.problems == [
         f"two sweeps are named 'taken': one in {cwd / 'sweeps'} (this directory's ./sweeps) and one in "
         f"{first} (where this machine last launched 'taken'); pass --storage sweeps or --storage "
@@ -540,21 +550,11 @@ def test_ui_of_a_named_sweep_opens_the_store_its_launch_recorded(tmp_path):
 def test_hints_that_name_a_path_with_a_space_can_be_pasted(tmp_path, monkeypatch):
     """"give its name and storage: sp.1 --storage rel dir/st" and "pass --storage /x/rel dir/st to
     resume it" were not commands a shell runs as meant; resume_command already quoted."""
-    from sweeper.config import ConfigError
-    from sweeper.local import resolve_storage
-    from sweeper.records import SweepRecord
     from sweeper.spaces import name_problem
-    from sweeper.store import index_remember
 
     assert "give its name and storage: sp.1 --storage 'rel dir/st'" in name_problem("rel dir/st/sp.1")
-    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
-    first, cwd = tmp_path / "rel dir" / "st", tmp_path / "cwd"
-    SweepRecord(first / "taken").create({"name": "taken"}, "")
-    SweepRecord(cwd / "sweeps" / "taken").create({"name": "taken"}, "")
-    index_remember("taken", str(first))
-    monkeypatch.chdir(cwd)
-    with pytest.raises(ConfigError) as err:
-        resolve_storage("taken", None)
+    first = tmp_path / "rel dir" / "st"
+    err = _two_sweeps_named_taken(first, tmp_path / "cwd", tmp_path, monkeypatch)
     assert f"or --storage '{first}' to say which" in err.value.problems[0]
 
 
