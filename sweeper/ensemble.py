@@ -503,7 +503,7 @@ def log_ensemble(result: EnsembleResult, *, tracking_uri: str, experiment: str,
     from mlflow.tracking import MlflowClient
 
     from sweeper.store import resume_command
-    from sweeper.tracking import redact, write_artifact
+    from sweeper.tracking import artifact_relocation, redact, write_artifact
 
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
@@ -575,14 +575,15 @@ def log_ensemble(result: EnsembleResult, *, tracking_uri: str, experiment: str,
         for row in rows:
             row["mlflow_run_id"] = trial_runs.get(row["trial_id"]) if row["trial_id"] else run_id
         # Beside the store as it is now where it was moved or copied (tracking.write_artifact)
-        write_artifact(client, tracking_uri, run_id, text=_csv(rows), name="members.csv")
+        moved = artifact_relocation(client, tracking_uri, exp.experiment_id)
+        write_artifact(client, tracking_uri, run_id, text=_csv(rows), name="members.csv", relocation=moved)
         summary = {"ensemble_id": result.id, "sweep": result.sweep, "sweep_uid": result.sweep_uid,
                    "selection": result.selection, "combine": COMBINE, "views": VIEWS,
                    "device": result.device,
                    "members": [asdict(m) | {"location": redact(m.location)} for m in result.members],
                    "member_scores": result.member_scores, "ensemble": result.ensemble,
                    "gains": result.gains()}
-        write_artifact(client, tracking_uri, run_id, name="ensemble.json",
+        write_artifact(client, tracking_uri, run_id, name="ensemble.json", relocation=moved,
                        text=json.dumps(summary, indent=2, default=str))  # log_dict's format
         client.set_terminated(run_id, status="FINISHED")
     except TrackingUnavailable:

@@ -79,10 +79,11 @@ class LeaseInfo:
     started: float
     heartbeat: float
     session_dir: str | None = None  # the local Ray this driver started, if any
-    # Where the driver's record was, when this lease was read from another folder: a copy (cp -r)
-    # of a running sweep's storage. Its driver runs the original, never this copy: it is not this
-    # copy's live driver (status called the copy running; stop asked it, to no effect), and its Ray
-    # is not this copy's to end (a launch of the copy takes over as from a dead driver).
+    # Where the driver's record was, when this lease was read from a copy of that folder (cp -r of
+    # a running sweep's storage; told by the folder's inode, not its path). Its driver runs the
+    # original, never this copy: it is not this copy's live driver (status called the copy running;
+    # stop asked it, to no effect), and while it runs its Ray is not this copy's to end (a launch of
+    # the copy takes over as from a dead driver).
     copied_from: str | None = None
 
     @property
@@ -116,16 +117,27 @@ def read_lease(record_dir: str | Path) -> LeaseInfo | None:
     except (OSError, ValueError):
         return None
     try:
-        record = data.get("record")  # absent for a record mirrored from a URI (its copy is local)
-        here = str(Path(record_dir).resolve())
+        # Absent for a record mirrored from a URI (its local copy is this process's own).
+        record, inode = data.get("record"), data.get("record_inode")
+        copied = (isinstance(record, str) and isinstance(inode, list)
+                  and data.get("host") == socket.gethostname() and _inode(record_dir) not in (None, inode))
         return LeaseInfo(pid=int(data["pid"]), host=str(data["host"]),
                          start_time=data.get("start_time"), started=float(data["started"]),
                          heartbeat=float(data.get("heartbeat", data["started"])),
-                         session_dir=data.get("session_dir"),
-                         copied_from=record if isinstance(record, str) and record != here
-                         and data.get("host") == socket.gethostname() else None)
+                         session_dir=data.get("session_dir"), copied_from=record if copied else None)
     except (KeyError, TypeError, ValueError):
         return None  # an older record's driver.json: no start time, treated as stale below
+
+
+def _inode(directory: str | Path) -> list[int] | None:
+    """The folder's identity on this host: (device, inode). A copy gets a new one; the same folder
+    reached by another path (a bind mount, NFS mounted twice, a symlink) keeps it, and so does a
+    move within one file system."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
 
 
 def died_holding(record_dir: str | Path, info: LeaseInfo | None) -> bool:
@@ -210,7 +222,7 @@ class DriverLease:
                 "start_time": process_start_time(os.getpid()),
                 "started": self._started, "heartbeat": now, "session_dir": self.session_dir}
         if not self.mirrored:  # read_lease tells a copy of the folder by it (LeaseInfo.copied_from)
-            data["record"] = str(self.dir.resolve())
+            data.update(record=str(self.dir.resolve()), record_inode=_inode(self.dir))
         tmp = self.path.with_name(f".{LEASE_FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.path)
@@ -253,7 +265,7 @@ def clean_orphans(info: LeaseInfo) -> list[int]:
     command line names that driver's Ray session directory (Ray's agents carry it), so nothing but
     what that driver started can match.
     """
-    if not info.session_dir or not info.local or info.alive or info.copied_from is not None:
+    if not info.session_dir or not info.local or info.alive or info.runs_the_original:
         return []
     # The directory itself or a path inside it, never a longer name that starts the same
     # (session_..._555 is a prefix of session_..._5556).

@@ -299,9 +299,10 @@ def _key_of_failing_value(path: Path, tb: types.TracebackType | None) -> str | N
         tb = tb.tb_next
     if last is None:
         return None
+    positions = getattr(last.tb_frame.f_code, "co_positions", None)  # Python >= 3.11
     try:
-        line, _, col, _ = list(last.tb_frame.f_code.co_positions())[last.tb_lasti // 2]
-    except (IndexError, ValueError):
+        line, _, col, _ = list(positions())[last.tb_lasti // 2]
+    except (TypeError, IndexError, ValueError):  # 3.10 (None), or no position for the instruction
         return None
     if line is None or col is None:
         return None

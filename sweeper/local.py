@@ -703,7 +703,7 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
 
     from sweeper.tracking import _sqlite_path, check_tracking_uri, default_tracking_uri, redact, \
         sweep_tracking_uri
-    from sweeper.store import record_root
+    from sweeper.store import record_root, resume_command
 
     if not 1 <= port <= 65535:
         raise ConfigError([f"--port {port}: a TCP port is 1-65535"])
@@ -722,8 +722,10 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
                                "the database's URI)"])
     db = _sqlite_path(uri)
     if not db.is_file():
-        raise ConfigError([f"no MLflow store at {db}: launch a sweep first "
-                           "(or pass --storage where it was launched)"])
+        raise ConfigError([f"no MLflow store at {db}: " + (
+            f"{resume_command(name, resolve_storage(name, storage), verb='sync')} writes sweep "
+            f"{name!r}'s runs there" if record is not None
+            else "launch a sweep first (or pass --storage where it was launched)")])
     check_tracking_uri(uri, option="the MLflow store")
     url = f"http://{host}:{port}/#/experiments"
     if name:

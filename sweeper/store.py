@@ -311,12 +311,14 @@ def resume_command(name: str, storage: str | None, *, verb: str = "resume",
     return f"`sweeper {verb} {shlex.quote(name)}{where}{ray}`"
 
 
-def cluster_flag(local: bool, address: str | None) -> str | None:
+def cluster_flag(local: bool, address: str | None, num_cpus: int | None = None) -> str | None:
     """How a launch reached Ray, as `resume` takes it (None: $RAY_ADDRESS, which the hint leaves
-    to the environment)."""
+    to the environment); a local Ray's --num-cpus with it."""
     import shlex
 
-    return "--local" if local else (f"--address {shlex.quote(address)}" if address else None)
+    if local:
+        return "--local" + (f" --num-cpus {num_cpus}" if num_cpus else "")
+    return f"--address {shlex.quote(address)}" if address else None
 
 
 # Query keys whose values are secrets (pyarrow's access_key, secret_key, session_token, ...).

@@ -54,7 +54,7 @@ from urllib.parse import unquote
 from sweeper.records import append_json_line, json_lines, scalar_metrics
 
 __all__ = ["SENTINELS", "Tracker", "check_tracking_uri", "default_tracking_uri", "launch_tracking_uri",
-           "redact", "sweep_tracking_uri", "write_artifact"]
+           "redact", "sweep_tracking_uri", "write_artifact", "artifact_relocation"]
 
 SENTINELS = {0: "initial_loss"}  # step -> the key logged last; "epoch" for every other step
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
@@ -65,6 +65,7 @@ _INIT = "init/"
 _PROFILE_TAG = "sweeper.profile"  # digest of the profile inputs whose figure the run holds
 _BATCHED = {"metrics", "tags"}  # a trial's run of these is one log_batch (see _plan)
 _CHUNK = 500  # operations delivered between two saves of the delivery state
+_UNSET = "not asked yet"  # a string: it survives pickling as itself
 _GATHER_S = 0.5  # the delivery thread waits this long after a wake-up, so that ops arrive together
 
 
@@ -295,6 +296,7 @@ class Tracker:
         # The embedded store's path as a launch recorded it, when its storage folder has moved
         # since (sweep_tracking_uri): the delivery state kept under that path is this store's.
         self.moved_from: str | None = None
+        self._relocation: Any = _UNSET  # artifact_relocation's answer, once asked
         self._client = None
         self._verified: set[str] = set()  # runs whose logged steps were read back in this process
         # trial_id -> run id of every trial run of this sweep on the server, read once per process
@@ -315,7 +317,8 @@ class Tracker:
         state = dict(self.__dict__)
         state.update(_client=None, _verified=set(), _existing=None, _artifact_uris={},
                      _next_try=0.0, _backoff=1.0,
-                     _lock=None, _wake=None, _closing=None, _thread=None, _offset_seen=None)
+                     _lock=None, _wake=None, _closing=None, _thread=None, _offset_seen=None,
+                     _relocation=_UNSET)
         return state
 
     def __setstate__(self, state):
@@ -323,6 +326,7 @@ class Tracker:
         self.__dict__.setdefault("_offset_seen", None)  # pickled before it existed
         self.__dict__.setdefault("_artifact_uris", {})  # likewise
         self.__dict__.setdefault("moved_from", None)  # likewise
+        self.__dict__.setdefault("_relocation", _UNSET)  # likewise
         self._lock, self._wake, self._closing = (_spool_lock(self.dir), threading.Event(),
                                                  threading.Event())
 
@@ -390,8 +394,14 @@ class Tracker:
             return json.loads(self.state_path.read_text())
         if self.moved_from is not None and (before := self._state_path_for(self.moved_from)).is_file():
             # The same store under its new path (its storage folder moved): what was delivered
-            # stays delivered, rather than every operation sent again and found again by tag.
-            return {**json.loads(before.read_text()), "tracking_uri": redact(self.tracking_uri)}
+            # stays delivered, rather than every operation sent again and found again by tag --
+            # once delivery has seen the store hold the state's runs (_flush): a sweep's folder
+            # copied on its own into another storage finds no store, or another one, there.
+            return {**json.loads(before.read_text()), "tracking_uri": redact(self.tracking_uri),
+                    "carried_from": redact(self.moved_from)}
+        return self._fresh_state()
+
+    def _fresh_state(self) -> dict[str, Any]:
         legacy = self.dir / "mlflow_state.json"  # one unkeyed state, from before servers were keyed
         if legacy.is_file():
             state = json.loads(legacy.read_text())
@@ -527,6 +537,8 @@ class Tracker:
         if not force and time.time() < self._next_try:
             return False
         state = self._state()
+        if state.get("carried_from") is not None:
+            state = self._carried_if_here(state)
         if state["offset"] != self._offset_seen:
             # Another process (`sweeper sync`, a previous driver) delivered since this one last did:
             # the runs it created are not in this process's list of the sweep's runs.
@@ -551,6 +563,21 @@ class Tracker:
         self._backoff = 1.0
         self._offset_seen = state["offset"]
         return True
+
+    def _carried_if_here(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The state carried from the store's old path if this store holds its sweep run, else a
+        fresh one (every operation delivered again; runs made by an earlier delivery here are found
+        by tag, never made twice)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            held = state.get("parent") is not None and self.client.get_run(state["parent"]) is not None
+        except MlflowException:
+            held = False
+        if not held:
+            return self._fresh_state()
+        state.pop("carried_from")
+        return state
 
     def flush_until(self, deadline_s: float) -> bool:
         """Keep trying for up to ``deadline_s`` seconds (end of a sweep: give a restart a chance)."""
@@ -689,7 +716,7 @@ class Tracker:
                 self._log_params(run_id, {k: v for k, v in op["params"].items()
                                           if _truncate(str(k), _MAX_KEY) not in existing})
                 for name, text in op["texts"].items():
-                    write_artifact(self.client, self.tracking_uri, run_id, text=redact(text), name=name)
+                    self._write(state, run_id, text=redact(text), name=name)
             if run_id is not None:
                 # A resumed sweep: the interrupted launch ended its run KILLED (or a killed driver
                 # left it RUNNING); it runs again until this launch ends it.
@@ -703,7 +730,7 @@ class Tracker:
                 self._started_at_delivery(state, run_id, op)
                 self._log_params(run_id, op["params"])
                 for name, text in op["texts"].items():
-                    write_artifact(self.client, self.tracking_uri, run_id, text=redact(text), name=name,
+                    self._write(state, run_id, text=redact(text), name=name,
                                    artifact_uri=info.artifact_uri)
             state["parent"] = run_id
         elif kind == "child":
@@ -746,7 +773,7 @@ class Tracker:
             self._verify_steps(state, trial_id, run_id)
             if trial_id in unconfigured:
                 saved = op.get("resolved") or op["config"]  # the resolved config, where given
-                self._log_config(run_id, {k: redact(v) for k, v in saved.items()})
+                self._log_config(state, run_id, {k: redact(v) for k, v in saved.items()})
                 if not op.get("params_later"):  # else the trial's next log_batch carries them
                     self._log_params(run_id, op["config"])
                     unconfigured.pop(trial_id)
@@ -764,7 +791,7 @@ class Tracker:
         elif kind == "artifacts":
             local = Path(op["local_dir"])
             if local.is_dir():
-                write_artifact(self.client, self.tracking_uri, self._run_for(state, op["trial_id"]),
+                self._write(state, self._run_for(state, op["trial_id"]),
                                local=local, artifact_path=op["artifact_path"])
         elif kind == "figure":
             self._deliver_figure(op, state)
@@ -779,7 +806,7 @@ class Tracker:
         else:
             raise ValueError(f"unknown spool operation {kind!r}")
 
-    def _log_config(self, run_id: str, config: dict[str, Any]) -> None:
+    def _log_config(self, state: dict[str, Any], run_id: str, config: dict[str, Any]) -> None:
         """``config.json`` in a trial's run, as ``MlflowClient.log_dict`` writes it.
 
         ``log_dict`` reads the whole run back to find its artifact store (on the SQL store ~3 of
@@ -790,8 +817,16 @@ class Tracker:
         if uri is None and _sqlite_path(self.tracking_uri) is None:
             self.client.log_dict(run_id, config, "config.json")
             return
-        write_artifact(self.client, self.tracking_uri, run_id, name="config.json", artifact_uri=uri,
+        self._write(state, run_id, name="config.json", artifact_uri=uri,
                        text=json.dumps(config, indent=2, default=str))  # log_dict's format
+
+    def _write(self, state: dict[str, Any], run_id: str, **file: Any) -> None:
+        """A run's file (:func:`write_artifact`), beside the store where it was moved or copied:
+        asked of the experiment once per process."""
+        if self._relocation == _UNSET:
+            self._relocation = artifact_relocation(self.client, self.tracking_uri,
+                                                   self._experiment_id(state))
+        write_artifact(self.client, self.tracking_uri, run_id, relocation=self._relocation, **file)
 
     @staticmethod
     def _started_at_delivery(state: dict[str, Any], run_id: str, op: Mapping[str, Any]) -> None:
@@ -841,7 +876,7 @@ class Tracker:
             with tempfile.TemporaryDirectory() as tmp:
                 upload = Path(tmp) / "profile.png"
                 shutil.copyfile(path, upload)
-                write_artifact(self.client, self.tracking_uri, run_id, local=upload,
+                self._write(state, run_id, local=upload,
                                artifact_uri=run.info.artifact_uri)
             self.client.set_tag(run_id, _PROFILE_TAG, digest)
         done[trial_id] = digest
@@ -970,34 +1005,46 @@ def _size(entity: Any) -> int:
     return 64 + len(text)
 
 
-def _moved_artifact_uri(tracking_uri: str, artifact_uri: str) -> str | None:
-    """Where a run's files go when its embedded store was moved or copied with its storage folder.
+def artifact_relocation(client, tracking_uri: str, experiment_id: str) -> tuple[str, str] | None:
+    """(old root, new root) of an embedded store's files when the store was moved or copied with
+    its storage folder; None where nothing moved, or the store is not an embedded one.
 
-    MLflow keeps the absolute artifact path a run was made with (``file:///OLD/mlartifacts/EXP/RUN/
-    artifacts``; new runs take the experiment's, as old). Writing there from a copy's resume or sync
-    wrote into the original folder: it overwrote the original sweep's report, and after a move it
-    made the old folder again. The same layout beside the store as it is now; None where nothing
-    moved, or the store is not an embedded one laid out by sweeper (``_experiment_id``).
+    MLflow keeps the absolute artifact path an experiment and its runs were made with
+    (``file:///OLD/mlartifacts/EXP``; new runs take the experiment's, as old). Writing there from a
+    copy's resume or sync wrote into the original folder: it overwrote the original sweep's report,
+    and after a move it made the old folder again. Told by the experiment's location not being
+    where sweeper lays it out beside the store now (``Tracker._experiment_id``).
     """
     db = _sqlite_path(tracking_uri)
-    if db is None or not artifact_uri.startswith("file:"):
+    if db is None:
         return None
-    head, sep, tail = artifact_uri.partition("/mlartifacts/")
-    here = db.parent.resolve().as_uri()
-    return f"{here}/mlartifacts/{tail}" if sep and head != here else None
+    exp = client.get_experiment(experiment_id)
+    location = exp.artifact_location or ""
+    here = (db.parent / "mlartifacts" / exp.name).resolve().as_uri()
+    if location == here or not location.startswith("file:"):
+        return None
+    old_root, _, old_name = location.rpartition("/")
+    new_root, _, new_name = here.rpartition("/")
+    if old_name != new_name or not old_root.endswith("/mlartifacts"):  # not laid out by sweeper
+        return None
+    return old_root + "/", new_root + "/"
 
 
 def write_artifact(client, tracking_uri: str, run_id: str, *, text: str | None = None,
                    name: str | None = None, local: str | Path | None = None,
-                   artifact_path: str | None = None, artifact_uri: str | None = None) -> None:
+                   artifact_path: str | None = None, artifact_uri: str | None = None,
+                   relocation: tuple[str, str] | None = None) -> None:
     """A run's file: ``text`` as ``name`` (as ``log_text`` writes it), or the file or folder
-    ``local`` under ``artifact_path`` -- where it belongs now (:func:`_moved_artifact_uri`), else
-    through the client. ``artifact_uri``: the run's, where the caller already has it (create_run
-    returned it), which saves reading the run back."""
+    ``local`` under ``artifact_path``; under the new root where ``relocation``
+    (:func:`artifact_relocation`) says the store moved, else where MLflow says. ``artifact_uri``:
+    the run's, where the caller already has it (create_run returned it): no reading it back."""
     repo = None
-    if _sqlite_path(tracking_uri) is not None:  # a server's artifact paths are its own
+    if relocation is not None:
         uri = artifact_uri or client.get_run(run_id).info.artifact_uri
-        repo = _artifact_repository(_moved_artifact_uri(tracking_uri, uri) or uri, tracking_uri)
+        if uri.startswith(relocation[0]):
+            repo = _artifact_repository(relocation[1] + uri[len(relocation[0]):], tracking_uri)
+    elif artifact_uri is not None:
+        repo = _artifact_repository(artifact_uri, tracking_uri)
     if repo is None:
         if text is not None:
             client.log_text(run_id, text, name)

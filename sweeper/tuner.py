@@ -248,7 +248,8 @@ def _check_tune_state(sweep: Sweep, record: SweepRecord) -> None:
             f"sweep {sweep.name!r} records {len(trials)} trial(s), but Ray Tune's saved state in "
             f"{redacted_root(exp_dir)} cannot resume it: {'; '.join(problems)}. Put those files back "
             "to resume the sweep, or launch it under another --name to start over (this record "
-            "stays readable by status, export and report)"])
+            f"stays readable by status, export and report), or remove {redacted_root(exp_dir)} to "
+            "start this name afresh"])
 
 
 def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: bool = False,
@@ -291,10 +292,10 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     started = False
     sigterm = SigtermStops()  # SIGTERM stops the sweep as Ctrl-C does (sweeper.interrupts)
     try:  # from here on, a failure undoes what this launch started and created
-        if lease.previous is not None and lease.previous.copied_from is not None:
-            console.print(f"this folder was copied or moved from {Path(lease.previous.copied_from).parent}: "
-                          f"its lease names the driver there ({lease.previous.describe()}), which "
-                          "does not run this folder: taking it over", style="yellow")
+        if lease.previous is not None and lease.previous.runs_the_original:
+            console.print(f"this folder is a copy of {Path(lease.previous.copied_from).parent}: "
+                          f"its lease names the driver running there ({lease.previous.describe()}), "
+                          "which does not run this copy: taking it over", style="yellow")
         elif lease.previous is not None:
             ended = clean_orphans(lease.previous)
             console.print(f"the previous driver of {sweep.name!r} ({lease.previous.describe()}) "
@@ -332,7 +333,7 @@ def launch(sweep: Sweep, file_text: str, *, address: str | None = None, local: b
     logging.getLogger("ray.tune.tune").addFilter(notice)
     try:
         return _run(sweep, file_text, record=record, root=root, exp_dir=exp_dir, local=local,
-                    cluster=cluster_flag(local, address),
+                    cluster=cluster_flag(local, address, num_cpus),
                     quiet=quiet, overrides=overrides, restore=restore, tracking_uri=tracking_uri,
                     tracking_wait_s=tracking_wait_s, gpu_available=gpu_available,
                     signature=space_signature(sweep), provenance=provenance,
@@ -383,7 +384,7 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
         console.print(switched, style="yellow")
     tracker = Tracker(record.dir, uri, experiment=sweep.name, sweep_uid=meta["sweep_uid"])
     tracker.moved_from = moved_store(meta, sweep.storage, tracker.tracking_uri)
-    record.update_meta(tracking_uri=redact(tracker.tracking_uri), cluster=cluster,
+    record.update_meta(tracking_uri=redact(_absolute(tracker.tracking_uri)), cluster=cluster,
                        tracking_default=is_default_tracking_uri(tracker.tracking_uri, sweep.storage))
     if tracker.tracking_uri.startswith("sqlite:") and (not local or "://" in root):
         # A cluster sweep, or one whose record lives on a URI: its runs are on this machine only.
@@ -498,6 +499,15 @@ def _run(sweep: Sweep, file_text: str, *, record: SweepRecord, root: str, exp_di
     result.undelivered = tracker.pending()
     result.tracking_error = tracker.last_error()
     return result
+
+
+def _absolute(uri: str) -> str:
+    """A relative ``sqlite:///x.db`` as its absolute path: the record is read from other working
+    directories (a resume there would have made another store and split the runs)."""
+    from sweeper.tracking import _sqlite_path
+
+    db = _sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
 
 
 def _end_cut_short(sweep: Sweep, record: SweepRecord, tracker: Tracker,

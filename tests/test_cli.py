@@ -365,6 +365,7 @@ def test_the_resume_hint_names_the_storage_unless_it_is_this_directorys(tmp_path
     from sweeper.store import cluster_flag
 
     assert cluster_flag(True, None) == "--local" and cluster_flag(False, None) is None
+    assert cluster_flag(True, None, 2) == "--local --num-cpus 2"
     assert cluster_flag(False, "10.0.0.5:6379") == "--address 10.0.0.5:6379"
     assert resume_command("tiny", str(other), cluster="--local") == \
         f"`sweeper resume tiny --storage '{other}' --local`"
@@ -521,6 +522,7 @@ def test_a_sweep_whose_tune_state_is_gone_or_damaged_is_refused_not_run_twice(tm
         assert out.returncode == 2, (extra, out.stdout, out.stderr)
         assert f"sweep 'twice' records 1 trial(s), but Ray Tune's saved state in {exp} cannot resume it" in text
         assert why in text and "launch it under another --name" in text, text
+        assert f"or remove {exp} to start this name afresh" in text, text
         assert "Traceback" not in out.stderr and "starting sweep" not in out.stdout
     assert "session_" not in " ".join(p.name for p in tmp_path.rglob("*"))  # no Ray was started
     assert [t["trial_id"] for t in record.trials()] == ["t1"]
@@ -539,7 +541,9 @@ def test_ui_of_a_named_sweep_opens_the_store_its_launch_recorded(tmp_path):
     from conftest import free_port
 
     out = sweeper("ui", "far", "--storage", str(tmp_path / "store"), "--port", str(free_port()))
-    assert out.returncode == 2 and f"no MLflow store at {elsewhere}" in " ".join(out.stderr.split()), out.stderr
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2 and f"no MLflow store at {elsewhere}: `sweeper sync far --storage {tmp_path / 'store'}` " \
+        "writes sweep 'far''s runs there" in text, text
     record.update_meta(tracking_uri="http://***@mlflow.lab:5000")
     out = sweeper("ui", "far", "--storage", str(tmp_path / "store"), "--port", str(free_port()))
     text = " ".join(out.stderr.split())

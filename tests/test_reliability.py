@@ -538,7 +538,7 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path, how):
             stop = run_sweeper("stop", "stoppable", "--storage", str(storage))
             assert "asked sweep 'stoppable'" in stop.stdout, stop.stdout + stop.stderr
             # the hint is a command that works: resume needs the Ray the launch used, as launch does
-            assert f"`sweeper resume stoppable --storage {storage} --local`" in " ".join(stop.stdout.split())
+            assert f"`sweeper resume stoppable --storage {storage} --local --num-cpus 2`" in " ".join(stop.stdout.split())
         out, _ = driver.communicate(timeout=240)
         took = time.monotonic() - signalled
     finally:
@@ -561,7 +561,7 @@ def test_stop_exits_3_and_resume_finishes_with_0(tmp_path, how):
         assert synced.returncode == 0, synced.stdout + synced.stderr
     assert driver.returncode == 3 or first_by_ray, out.decode()[-3000:]
     # sweeper's own hint, not Tune's Python one (a filter drops it: see tuner._NoTuneRestoreHint)
-    assert f"sweeper resume stoppable --storage {storage} --local`" in " ".join(out.decode().split()) \
+    assert f"sweeper resume stoppable --storage {storage} --local --num-cpus 2`" in " ".join(out.decode().split()) \
         and "Tuner.restore" not in out.decode(), out.decode()
     # what happened, not Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C) ... Press CTRL+C"
     said = ("SIGTERM: stopping this sweep: saving its state one last time" if how.startswith("SIGTERM")
@@ -813,6 +813,7 @@ def test_a_copy_of_a_running_sweeps_folder_is_not_run_by_that_driver(tmp_path):
     import shutil
 
     from conftest import run_sweeper
+    from sweeper.lease import _inode
 
     session = f"/tmp/ray/session_test_{uuid.uuid4().hex}"
     its_ray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
@@ -826,6 +827,12 @@ def test_a_copy_of_a_running_sweeps_folder_is_not_run_by_that_driver(tmp_path):
         seen = read_lease(copy.dir)
         assert seen.copied_from == str(record.dir.resolve()) and not seen.alive
         assert read_lease(record.dir).alive and read_lease(record.dir).copied_from is None
+        # The same folder by another path (a symlink here; a bind mount, NFS mounted twice) is the
+        # original, driver and all: a second launch through it is still refused.
+        (tmp_path / "alias").symlink_to(tmp_path / "orig")
+        assert read_lease(tmp_path / "alias" / "cp" / "sweeper").alive
+        with pytest.raises(LeaseHeld):
+            DriverLease(tmp_path / "alias" / "cp" / "sweeper").claim()
         assert clean_orphans(seen) == [] and its_ray.poll() is None  # never the original's Ray
 
         status = run_sweeper("status", "cp", "--storage", str(tmp_path / "copy"))
@@ -851,6 +858,6 @@ def test_a_copy_of_a_running_sweeps_folder_is_not_run_by_that_driver(tmp_path):
     moved.mkdir(parents=True)
     (moved / "driver.json").write_text(json.dumps({
         "pid": dead.pid, "host": socket.gethostname(), "start_time": "1", "started": 1.0,
-        "heartbeat": 1.0, "record": str(record.dir.resolve())}))
+        "heartbeat": 1.0, "record": str(record.dir.resolve()), "record_inode": list(_inode(record.dir))}))
     seen = read_lease(moved)
     assert seen.copied_from and not seen.alive and not seen.runs_the_original and died_holding(moved, seen)

@@ -844,3 +844,56 @@ def test_a_copy_of_a_storage_folder_never_writes_into_the_original(tmp_path):
     runs = copy / "mlartifacts" / "cp"
     assert [p.read_text() for p in runs.glob("*/artifacts/report/summary.md")] == ["the copy's"]
     assert len(list(runs.glob("*/artifacts/profile.png"))) == 1
+
+
+def test_a_sweeps_folder_copied_alone_into_another_storage_gets_a_store_of_its_own(tmp_path):
+    """`cp -r sweeps/cp /archive/sweeps/`: no mlflow.db came along, and the delivery state carried
+    from the old path named runs the new store lacks: sync failed for good ("Run ... not found")."""
+    import shutil
+
+    from conftest import run_sweeper
+    from sweeper.records import SweepRecord
+
+    orig, archive = tmp_path / "orig", tmp_path / "archive"
+    record = SweepRecord(orig / "cp")
+    record.create({"name": "cp", "sweep_uid": "uid-cp", "planned_trials": 1, "experiment_dir": str(orig / "cp"),
+                   "tracking_uri": default_tracking_uri(orig), "tracking_default": True}, "")
+    t = Tracker(record.dir, default_tracking_uri(orig), "cp", "uid-cp")
+    t.start_sweep(run_name="cp", tags={}, params={}, texts={})
+    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
+    t.log_result("t1", _result(1, train_loss=1.0))
+    t.finish("t1", "FINISHED")
+    assert t.flush() and t.pending() == 0
+    archive.mkdir()
+    shutil.copytree(orig / "cp", archive / "cp")
+    db_before = (orig / "mlflow.db").read_bytes()
+
+    out = run_sweeper("sync", "cp", "--storage", str(archive))
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_sweeper("status", "cp", "--storage", str(archive))
+    assert f"MLflow: all delivered to {default_tracking_uri(archive)}" in " ".join(out.stdout.split()), out.stdout
+    client = MlflowClient(default_tracking_uri(archive))
+    runs = client.search_runs([client.get_experiment_by_name("cp").experiment_id])
+    assert sorted(r.data.tags["sweeper.role"] for r in runs) == ["sweep", "trial"]
+    trial = next(r for r in runs if r.data.tags["sweeper.role"] == "trial")
+    assert trial.data.metrics["train_loss"] == 1.0 and trial.info.status == "FINISHED"
+    assert (orig / "mlflow.db").read_bytes() == db_before  # the original's store is not touched
+
+
+def test_files_of_a_store_under_a_folder_named_mlartifacts_go_where_mlflow_reads_them(tmp_path):
+    """Nothing moved, but the storage path holds 'mlartifacts' itself: the files must land at the
+    runs' own artifact paths (a split at the first '/mlartifacts/' sent them elsewhere)."""
+    store = tmp_path / "mlartifacts" / "sweeps"
+    t = Tracker(store / "rec", default_tracking_uri(store), "exp", "uid-1")
+    t.start_sweep(run_name="s", tags={}, params={}, texts={"sweep_file.py": "SWEEP = ..."})
+    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.md").write_text("here")
+    t.log_artifacts(None, report, "report")
+    assert t.flush() and t.pending() == 0
+    client = MlflowClient(default_tracking_uri(store))
+    parent, child = t.parent_run_id(), t.run_ids()["t1"]
+    assert [f.path for f in client.list_artifacts(parent, "report")] == ["report/summary.md"]
+    assert "sweep_file.py" in [f.path for f in client.list_artifacts(parent)]
+    assert [f.path for f in client.list_artifacts(child)] == ["config.json"]

@@ -410,3 +410,14 @@ def test_the_undelivered_tracking_hint_at_the_end_of_a_launch_names_the_sweeps_s
     text = " ".join(capsys.readouterr().err.split())
     assert "7 tracking operation(s) not delivered (connection refused)" in text, text
     assert f"run `sweeper sync far --storage {storage}` when the tracking server is back" in text, text
+
+
+def test_a_relative_sqlite_store_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """The record is read from other working directories: a relative sqlite:///ml.db there named
+    another file, and a resume from there split the runs between two stores."""
+    from sweeper.tuner import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert _absolute("sqlite:///ml.db") == f"sqlite:///{tmp_path / 'ml.db'}"
+    assert _absolute(f"sqlite:///{tmp_path / 'a.db'}") == f"sqlite:///{tmp_path / 'a.db'}"
+    assert _absolute("http://mlflow.lab:5000") == "http://mlflow.lab:5000"
