@@ -815,20 +815,27 @@ def test_a_resume_keeps_the_store_its_runs_are_in_and_says_when_it_cannot(tmp_pa
     assert launch_tracking_uri(moved, storage, None) == (default, None)
 
 
+def _sweep_with_a_report(tmp_path, store, name, text):
+    """A sweep run, a trial run, the sweep file and report/summary.md (``text``), all delivered to
+    the embedded store in ``store``; the report's folder."""
+    t = Tracker(store / "rec", default_tracking_uri(store), name, f"uid-{name}")
+    t.start_sweep(run_name=name, tags={}, params={}, texts={"sweep_file.py": "SWEEP = ..."})
+    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
+    report = tmp_path / "report"
+    report.mkdir(exist_ok=True)
+    (report / "summary.md").write_text(text)
+    t.log_artifacts(None, report, "report")
+    assert t.flush() and t.pending() == 0
+    return report
+
+
 def test_a_copy_of_a_storage_folder_never_writes_into_the_original(tmp_path):
     """A copy's resume wrote its report and figures through the runs' recorded artifact paths,
     into the original folder: it overwrote the original sweep's report/summary.md."""
     import shutil
 
     orig, copy = tmp_path / "orig", tmp_path / "copy"
-    t = Tracker(orig / "rec", default_tracking_uri(orig), "cp", "uid-cp")
-    t.start_sweep(run_name="cp", tags={}, params={}, texts={"sweep_file.py": "SWEEP = ..."})
-    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
-    report = tmp_path / "report"
-    report.mkdir()
-    (report / "summary.md").write_text("the original's")
-    t.log_artifacts(None, report, "report")
-    assert t.flush() and t.pending() == 0
+    report = _sweep_with_a_report(tmp_path, orig, "cp", "the original's")
     shutil.copytree(orig, copy)
     before = {p: p.read_bytes() for p in orig.rglob("*") if p.is_file() and p.suffix != ".db"}
 
@@ -884,14 +891,8 @@ def test_files_of_a_store_under_a_folder_named_mlartifacts_go_where_mlflow_reads
     """Nothing moved, but the storage path holds 'mlartifacts' itself: the files must land at the
     runs' own artifact paths (a split at the first '/mlartifacts/' sent them elsewhere)."""
     store = tmp_path / "mlartifacts" / "sweeps"
-    t = Tracker(store / "rec", default_tracking_uri(store), "exp", "uid-1")
-    t.start_sweep(run_name="s", tags={}, params={}, texts={"sweep_file.py": "SWEEP = ..."})
-    t.start_trial("t1", run_name="r", config={"optim.lr": 0.1})
-    report = tmp_path / "report"
-    report.mkdir()
-    (report / "summary.md").write_text("here")
-    t.log_artifacts(None, report, "report")
-    assert t.flush() and t.pending() == 0
+    _sweep_with_a_report(tmp_path, store, "exp", "here")
+    t = Tracker(store / "rec", default_tracking_uri(store), "exp", "uid-exp")
     client = MlflowClient(default_tracking_uri(store))
     parent, child = t.parent_run_id(), t.run_ids()["t1"]
     assert [f.path for f in client.list_artifacts(parent, "report")] == ["report/summary.md"]
