@@ -13,7 +13,6 @@ from rich.table import Table
 __all__ = ["EpochPrinter", "config_table", "console", "error_console", "fmt"]
 
 
-
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         """The reader of the output went away (`sweeper status NAME | head -1`): the rest of the

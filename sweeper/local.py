@@ -711,11 +711,11 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
     # A named sweep is found where `status` finds it: --storage, ./sweeps, or where it was launched,
     # and its runs in the store its launch recorded (status's and sync's): a sweep on a URI storage
     # has its embedded store in ./sweeps of the directory it was launched from, not this one.
-    root = Path(record_root(resolve_storage(name, storage) if name else storage))
-    uri = default_tracking_uri(root)
-    record = open_record_if_any(name, resolve_storage(name, storage)) if name else None
+    where = resolve_storage(name, storage) if name else storage
+    uri = default_tracking_uri(record_root(where))
+    record = open_record_if_any(name, where) if name else None
     if record is not None:
-        uri = sweep_tracking_uri(record.meta(), resolve_storage(name, storage))
+        uri = sweep_tracking_uri(record.meta(), where)
         if _sqlite_path(uri) is None:  # a tracking server or a database a server fronts
             raise ConfigError([f"sweep {name!r} records its runs in {redact(uri)}, not in an embedded "
                                "store: open that server's UI (or `mlflow ui --backend-store-uri` with "
@@ -723,7 +723,7 @@ def run_ui(name: str | None, storage: str | None, *, host: str, port: int) -> in
     db = _sqlite_path(uri)
     if not db.is_file():
         raise ConfigError([f"no MLflow store at {db}: " + (
-            f"{resume_command(name, resolve_storage(name, storage), verb='sync')} writes sweep "
+            f"{resume_command(name, where, verb='sync')} writes sweep "
             f"{name!r}'s runs there" if record is not None
             else "launch a sweep first (or pass --storage where it was launched)")])
     check_tracking_uri(uri, option="the MLflow store")

@@ -730,8 +730,7 @@ class Tracker:
                 self._started_at_delivery(state, run_id, op)
                 self._log_params(run_id, op["params"])
                 for name, text in op["texts"].items():
-                    self._write(state, run_id, text=redact(text), name=name,
-                                   artifact_uri=info.artifact_uri)
+                    self._write(state, run_id, text=redact(text), name=name, artifact_uri=info.artifact_uri)
             state["parent"] = run_id
         elif kind == "child":
             trial_id = op["trial_id"]
@@ -791,8 +790,8 @@ class Tracker:
         elif kind == "artifacts":
             local = Path(op["local_dir"])
             if local.is_dir():
-                self._write(state, self._run_for(state, op["trial_id"]),
-                               local=local, artifact_path=op["artifact_path"])
+                self._write(state, self._run_for(state, op["trial_id"]), local=local,
+                            artifact_path=op["artifact_path"])
         elif kind == "figure":
             self._deliver_figure(op, state)
         elif kind == "parent_metrics":
@@ -812,13 +811,10 @@ class Tracker:
         ``log_dict`` reads the whole run back to find its artifact store (on the SQL store ~3 of
         the ~20 ms of CPU a trial's run costs the driver, on the trials' cores in a local sweep).
         For a run this process created, create_run already said where that store is. A run found
-        again by tag, or an MLflow without the artifact-repository registry, takes ``log_dict``."""
-        uri = self._artifact_uris.pop(run_id, None)
-        if uri is None and _sqlite_path(self.tracking_uri) is None:
-            self.client.log_dict(run_id, config, "config.json")
-            return
-        self._write(state, run_id, name="config.json", artifact_uri=uri,
-                       text=json.dumps(config, indent=2, default=str))  # log_dict's format
+        again by tag, or an MLflow without the artifact-repository registry, goes through the
+        client (``log_text`` of the same text: ``log_dict``'s file)."""
+        self._write(state, run_id, name="config.json", artifact_uri=self._artifact_uris.pop(run_id, None),
+                    text=json.dumps(config, indent=2, default=str))  # log_dict's format
 
     def _write(self, state: dict[str, Any], run_id: str, **file: Any) -> None:
         """A run's file (:func:`write_artifact`), beside the store where it was moved or copied:
@@ -876,8 +872,7 @@ class Tracker:
             with tempfile.TemporaryDirectory() as tmp:
                 upload = Path(tmp) / "profile.png"
                 shutil.copyfile(path, upload)
-                self._write(state, run_id, local=upload,
-                               artifact_uri=run.info.artifact_uri)
+                self._write(state, run_id, local=upload, artifact_uri=run.info.artifact_uri)
             self.client.set_tag(run_id, _PROFILE_TAG, digest)
         done[trial_id] = digest
 
